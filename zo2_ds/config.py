@@ -1,0 +1,98 @@
+"""The ``"zo2"`` block of a DeepSpeed config: one typed model, validated once at initialize.
+
+Example::
+
+    "zo2": {"enabled": true, "eps": 1e-3, "seed": 0, "num_perturbations": 1,
+            "offload": {"enabled": false}}
+
+Learning rate and weight decay are not here: they come from DeepSpeed's standard ``optimizer`` block
+(``{"type": "SGD", "params": {"lr": 1e-6, "weight_decay": 0.0}}``), and DeepSpeed's ``scheduler``
+block drives the lr, as in any DeepSpeed job.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from pydantic import ConfigDict, Field, ValidationError
+
+__all__ = ["ZO2Config", "OffloadConfig", "parse_zo2_config", "ZO2_KEY"]
+
+ZO2_KEY = "zo2"
+
+
+class OffloadConfig(DeepSpeedConfigModel):
+    """``zo2.offload``: stream transformer blocks through the GPU from pinned host memory (ZO2)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, validate_assignment=True)
+
+    enabled: bool = False
+    """Keep the transformer blocks in pinned CPU memory and upload one at a time."""
+
+    prefetch_depth: int = Field(1, ge=1, le=8)
+    """How many blocks are uploaded ahead of the one computing (the GPU slot ring holds depth + 1)."""
+
+    max_gpu_memory: int | str | None = None
+    """Bytes of GPU memory blocks may keep permanently resident (int, or a string like "8GB");
+    the rest are streamed. None streams every block."""
+
+    num_resident_blocks: int | None = Field(None, ge=0)
+    """Alternative to max_gpu_memory: keep this many blocks permanently on the GPU."""
+
+    transfer_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """dtype blocks cross the link in; "auto" is the parameters' own dtype (exact)."""
+
+    blocks_attr: str | None = None
+    """Dotted path from the model to its nn.ModuleList of repeated blocks (e.g. "model.decoder.layers"),
+    for models where automatic discovery fails."""
+
+
+class ZO2Config(DeepSpeedConfigModel):
+    """``zo2``: zeroth-order (MeZO / ZO-SGD) training in place of backward + optimizer."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, validate_assignment=True)
+
+    enabled: bool = False
+    """Turn ZO training on."""
+
+    eps: float = Field(1e-3, gt=0.0, le=1.0)
+    """Perturbation scale: the two forwards run at theta + eps*z and theta - eps*z."""
+
+    seed: int = Field(0, ge=0, lt=2**63)
+    """Base seed of the perturbation directions z (z is keyed by seed, step, index, parameter name)."""
+
+    num_perturbations: int = Field(1, ge=1, le=64)
+    """q: directions per step; the update averages the q estimates g_i z_i (n-SPSA)."""
+
+    offload: OffloadConfig = Field(default_factory=OffloadConfig)
+    """CPU offloading of the transformer blocks (ZO2)."""
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in (ZO2_KEY, *err["loc"]))
+    if err["type"] == "extra_forbidden":
+        parent = ZO2Config
+        for part in err["loc"][:-1]:
+            parent = parent.model_fields[part].annotation
+        allowed = ", ".join(sorted(parent.model_fields))
+        return f"{key}: unknown key; allowed keys are: {allowed}"
+    value = err.get("input")
+    return f"{key}: {err['msg']} (got {value!r})"
+
+
+def parse_zo2_config(param_dict: dict[str, Any] | None) -> ZO2Config:
+    """Validate the ``zo2`` block of a full DeepSpeed config dict. A missing block means disabled.
+
+    Raises ValueError naming every bad key and what is allowed.
+    """
+    block = (param_dict or {}).get(ZO2_KEY)
+    if block is None:
+        return ZO2Config()
+    if not isinstance(block, dict):
+        raise ValueError(f"{ZO2_KEY}: expected a JSON object, got {type(block).__name__}")
+    try:
+        return ZO2Config(strict=True, **block)
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe(e) for e in exc.errors())
+        raise ValueError(f"invalid '{ZO2_KEY}' block in the DeepSpeed config:\n  {problems}") from None

@@ -1,0 +1,283 @@
+"""ZOEngine: a thin DeepSpeedEngine subclass whose training forward is the seeded dual forward.
+
+What it overrides, and why (everything else is DeepSpeed's own behaviour):
+
+- ``forward``: in train mode, runs the 2q perturbed forwards (no autograd) and records the
+  projected gradients g_i; returns the model's output with the loss replaced by the mean of L+, L-.
+  In eval mode, one plain forward under ``no_grad``.
+- ``backward``: no autograd work; kept so HF Trainer / accelerate loops run unchanged.
+- ``step``: at the accumulation boundary, averages g over micro-batches and data-parallel ranks
+  (one all-reduce of q floats), then lets DeepSpeed's own ``step`` run: it calls our
+  :class:`ZOOptimizer`'s ``step`` (the ZO-SGD update), steps the lr scheduler, counts
+  ``global_steps`` / ``global_samples`` and writes the monitor and ``steps_per_print`` output.
+- ``_configure_optimizer``: builds a :class:`ZOOptimizer` (param groups holding lr and weight decay,
+  no state) instead of DeepSpeed's optimizer and its fp16/bf16 wrappers, so no fp32 master copies,
+  moments or gradients are ever allocated.
+- ``save_checkpoint`` / ``load_checkpoint``: flush pending (offloaded) updates and carry the ZO state.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from deepspeed import comm as dist
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.utils import logger
+
+from zo2_ds import zo
+from zo2_ds.config import ZO2Config, parse_zo2_config
+from zo2_ds.perturb import ResidentRunner, UpdateGroup, trainable_params
+
+__all__ = ["ZOEngine", "ZOOptimizer"]
+
+_IGNORED_OPTIMIZER_KEYS = ("momentum", "betas", "eps", "nesterov", "dampening", "amsgrad", "torch_adam", "adam_w_mode")
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Param groups (lr, weight_decay) that DeepSpeed's and torch's schedulers can drive; no state.
+
+    ``step()`` applies the ZO-SGD update through the engine. ``overflow`` tells DeepSpeed's step to
+    skip the scheduler and count a skipped step (set when g is not finite).
+    """
+
+    def __init__(self, params: Any, lr: float, weight_decay: float = 0.0):
+        if lr is None or not isinstance(lr, (int, float)) or lr < 0:
+            raise ValueError(f"optimizer.params.lr: expected a non-negative number, got {lr!r}")
+        super().__init__(params, {"lr": float(lr), "weight_decay": float(weight_decay)})
+        self.overflow = False
+        self.apply_update: Callable[[], None] | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> None:  # noqa: D102
+        if self.apply_update is None:
+            raise RuntimeError("ZOOptimizer.step() is driven by ZOEngine.step(); call engine.step()")
+        self.apply_update()
+
+    def load_state_dict(self, state_dict: dict, load_optimizer_states: bool = True) -> None:  # noqa: D102
+        # DeepSpeed passes load_optimizer_states for fp16/bf16 runs; there is no state to skip.
+        super().load_state_dict(state_dict)
+
+
+class ZOEngine(DeepSpeedEngine):
+    """DeepSpeed engine for zeroth-order training. Build it with ``zo2_ds.initialize`` or, after
+    ``import zo2_ds``, with ``deepspeed.initialize`` and a config whose ``zo2.enabled`` is true."""
+
+    def __init__(self, *args: Any, config_class: Any = None, **kwargs: Any):
+        # Validate before DeepSpeed builds anything: a bad zo2 block fails here, naming the key.
+        self.zo_config: ZO2Config = parse_zo2_config(config_class._param_dict)
+        _check_compatible(config_class)
+        super().__init__(*args, config_class=config_class, **kwargs)
+        if self.optimizer is None:
+            raise ValueError(
+                "zo2 needs a learning rate: add an optimizer block to the DeepSpeed config, e.g. "
+                '"optimizer": {"type": "SGD", "params": {"lr": 1e-6, "weight_decay": 0.0}}, '
+                "or pass optimizer= to initialize"
+            )
+        self.zo_params = trainable_params(self.module)
+        if not self.zo_params:
+            raise ValueError("zo2: the model has no parameter with requires_grad=True; nothing to train")
+        self.zo_runner = self._build_runner()
+        self.optimizer.apply_update = self._apply_update
+        self.zo_skipped_steps = 0
+        self._g_sum: torch.Tensor | None = None  # sum over micro-batches of g_i, shape [q], on device
+        self._g_count = 0
+        self._last_g: list[float] = []
+
+    # -- construction ----------------------------------------------------------------------------
+    def _build_runner(self) -> Any:
+        cfg = self.zo_config
+        if cfg.offload.enabled:
+            from zo2_ds.offload import OffloadRunner
+
+            return OffloadRunner(self, cfg)
+        return ResidentRunner(self.module, self.zo_params, cfg.eps, cfg.seed)
+
+    def _configure_optimizer(self, client_optimizer: Any, model_parameters: Any) -> None:
+        if client_optimizer is not None:
+            if not isinstance(client_optimizer, torch.optim.Optimizer):
+                client_optimizer = client_optimizer(model_parameters)
+            if type(client_optimizer).__name__ not in ("SGD", "ZOOptimizer"):
+                logger.warning(
+                    f"zo2: the client optimizer {type(client_optimizer).__name__} only provides lr and "
+                    "weight_decay (and their schedule); the update is ZO-SGD"
+                )
+            optimizer = ZOOptimizer(client_optimizer.param_groups, lr=client_optimizer.defaults.get("lr", 0.0))
+            # Share the group dicts so a client scheduler built on client_optimizer drives our lr.
+            optimizer.param_groups = client_optimizer.param_groups
+        else:
+            params = dict(self.optimizer_params() or {})
+            if "lr" not in params:
+                raise ValueError('zo2: optimizer.params.lr is required (e.g. {"type": "SGD", "params": {"lr": 1e-6}})')
+            ignored = sorted(k for k in params if k not in ("lr", "weight_decay"))
+            if ignored or self.optimizer_name().lower() != "sgd":
+                logger.warning(
+                    f"zo2: optimizer type {self.optimizer_name()!r} and params {ignored} are ignored; "
+                    "zo2 runs ZO-SGD with optimizer.params.lr and weight_decay"
+                )
+            optimizer = ZOOptimizer(model_parameters, lr=params["lr"], weight_decay=params.get("weight_decay", 0.0))
+        for group in optimizer.param_groups:
+            group.setdefault("weight_decay", 0.0)
+        self.basic_optimizer = optimizer
+        self.optimizer = optimizer
+
+    def gradient_clipping(self) -> float:
+        value = super().gradient_clipping()
+        if value and not getattr(self, "_warned_clipping", False):
+            self._warned_clipping = True
+            logger.warning("zo2: gradient_clipping is ignored (there are no gradients to clip)")
+        return 0.0
+
+    # -- forward / backward / step ---------------------------------------------------------------
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        """Train mode: the seeded dual forward. Eval mode: one plain forward."""
+        if not self.module.training:
+            with torch.no_grad():
+                return super().forward(*inputs, **kwargs)
+        cfg = self.zo_config
+        # Dropout off for the perturbed passes (as MeZO does): L+ and L- must see the same network
+        # up to the perturbation, or g measures dropout noise.
+        self.module.train(False)
+        try:
+            with torch.no_grad():
+                pairs = self.zo_runner.run(
+                    self.global_steps, cfg.num_perturbations, lambda: DeepSpeedEngine.forward(self, *inputs, **kwargs)
+                )
+        finally:
+            self.module.train(True)
+        plus_losses = torch.stack([_loss_of(p) for p, _ in pairs])
+        minus_losses = torch.stack([_loss_of(m) for _, m in pairs])
+        g = zo.projected_grad(plus_losses, minus_losses, cfg.eps)
+        self._g_sum = g if self._g_sum is None else self._g_sum + g
+        self._g_count += 1
+        mean_loss = (plus_losses.float().mean() + minus_losses.float().mean()) / 2
+        return _with_loss(pairs[0][0], mean_loss.to(plus_losses.dtype))
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
+        """No autograd work: the projected gradient was measured in forward."""
+        if self._g_sum is None or self._g_count == 0:
+            raise RuntimeError("ZOEngine.backward() called without a training forward (engine.train(); engine(batch))")
+        return loss / self.gradient_accumulation_steps() if scale_wrt_gas else loss
+
+    def step(self, lr_kwargs: dict | None = None) -> None:
+        """At the accumulation boundary, all-reduce g and apply the update through DeepSpeed's step."""
+        if self.is_gradient_accumulation_boundary():
+            self._finalize_projected_grad()
+        super().step(lr_kwargs)
+
+    def _finalize_projected_grad(self) -> None:
+        if self._g_sum is None:
+            raise RuntimeError("ZOEngine.step() at a boundary without any training forward since the last step")
+        g = self._g_sum.float() / self._g_count
+        if self.dp_world_size > 1:
+            # The only communication of data-parallel ZO: q floats per step.
+            dist.all_reduce(g, group=self.data_parallel_group)
+            g = g / self.dp_world_size
+        values = g.tolist()  # the one host sync per step: the update needs g as kernel arguments
+        self._g_sum, self._g_count = None, 0
+        self._last_g = values
+        finite = all(math.isfinite(v) for v in values)
+        self.optimizer.overflow = not finite
+        if not finite:
+            self.zo_skipped_steps += 1
+            warnings.warn(
+                f"zo2: non-finite projected gradient {values} at step {self.global_steps}; update skipped "
+                f"(parameters unchanged; {self.zo_skipped_steps} skipped so far)",
+                stacklevel=3,
+            )
+
+    def _apply_update(self) -> None:
+        """ZOOptimizer.step(): theta <- theta - lr (mean_i g_i z_i + wd theta), per param group."""
+        if self.optimizer.overflow:
+            return
+        q = len(self._last_g)
+        coefs = [v / q for v in self._last_g]
+        trainable = {id(tp.param) for tp in self.zo_params}
+        groups = []
+        for group in self.optimizer.param_groups:
+            params = tuple(p for p in group["params"] if id(p) in trainable)
+            if params:
+                groups.append(UpdateGroup(params, float(group["lr"]), float(group.get("weight_decay", 0.0))))
+        self.zo_runner.update(self.global_steps, coefs, groups)
+
+    @property
+    def last_projected_grad(self) -> list[float]:
+        """The g values (one per perturbation) of the last completed step, averaged over ranks."""
+        return list(self._last_g)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: dict | None = None, **kwargs: Any) -> Any:
+        self.zo_runner.flush()
+        state = dict(client_state or {})
+        state["zo2_state"] = {"zo_skipped_steps": self.zo_skipped_steps, "config": self.zo_config.model_dump()}
+        return super().save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
+
+    def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any) -> Any:
+        self.zo_runner.flush()
+        load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
+        if client_state is not None:
+            zo_state = client_state.pop("zo2_state", None)
+            if zo_state is not None:
+                self.zo_skipped_steps = zo_state["zo_skipped_steps"]
+                saved_seed = zo_state["config"].get("seed")
+                if saved_seed != self.zo_config.seed:
+                    logger.warning(f"zo2: checkpoint was trained with seed {saved_seed}, resuming with "
+                                   f"{self.zo_config.seed}: the trajectory will differ")
+        self._g_sum, self._g_count = None, 0
+        return load_path, client_state
+
+    def eval(self) -> None:  # noqa: D102
+        self.zo_runner.flush()
+        super().eval()
+
+    def destroy(self) -> None:  # noqa: D102
+        runner = getattr(self, "zo_runner", None)
+        if runner is not None:
+            runner.flush()
+            runner.close()
+        super().destroy()
+
+
+def _check_compatible(config_class: Any) -> None:
+    """ZO replaces the optimizer and the backward pass; settings built around them cannot apply."""
+    cfg = parse_zo2_config(config_class._param_dict)
+    if not cfg.enabled:
+        raise ValueError("ZOEngine needs zo2.enabled = true in the DeepSpeed config")
+    stage = config_class.zero_optimization_stage
+    if stage and stage > 0:
+        raise ValueError(
+            f"zo2 is incompatible with zero_optimization.stage={stage}: ZO keeps no gradients or optimizer "
+            "state to partition; use stage 0 and zo2.offload to save memory"
+        )
+    if config_class.hybrid_engine.enabled:
+        raise ValueError("zo2 is incompatible with hybrid_engine")
+
+
+def _loss_of(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        loss = output
+    elif getattr(output, "loss", None) is not None:
+        loss = output.loss
+    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        loss = output[0]
+    else:
+        raise TypeError(
+            "zo2: the model's forward must return a scalar loss tensor, an object with a .loss (e.g. an HF "
+            f"ModelOutput: pass labels= to the model), or a tuple starting with the loss; got {type(output).__name__}"
+            + (" with loss=None" if hasattr(output, "loss") else "")
+        )
+    if loss.numel() != 1:
+        raise TypeError(f"zo2: the loss must be a scalar tensor, got shape {tuple(loss.shape)}")
+    return loss.reshape(())
+
+
+def _with_loss(output: Any, loss: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return loss
+    if getattr(output, "loss", None) is not None:
+        output.loss = loss
+        return output
+    return type(output)((loss, *output[1:]))

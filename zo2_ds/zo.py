@@ -1,0 +1,126 @@
+"""The zeroth-order maths: seeded perturbation, projected gradient, update.
+
+Everything here is a plain function of explicit arguments. The engine and the offloader call these
+functions and nothing else touches parameter values, so "offload on" and "offload off" run the very
+same arithmetic on every tensor.
+
+Keying of z. The random direction for one tensor is a function of
+``(seed, step, perturbation index, parameter name)`` only: :func:`z_seed` hashes those four into one
+64-bit integer and z is drawn from a generator seeded with it. Nothing depends on execution order,
+on which other parameters exist or are resident, or on the rank, which is what lets the offloader
+(perturbing a block when it arrives) and data-parallel ranks regenerate identical z.
+
+Precision. z is drawn in fp32 and all arithmetic is done in fp32; the result is rounded once to the
+parameter's dtype. The canonical formulas (the CPU path computes exactly these expressions, and the
+tests' reference repeats them):
+
+    perturbed = theta + scale * z                         (scale = +eps or -eps)
+    direction = sum_i coef_i * z_i                        (coef_i = g_i / q, summed in order i)
+    theta     = theta - lr * (direction + weight_decay * theta)
+
+On CUDA the same formulas run in fused Triton kernels (`zo2_ds.kernels`), which never materialise z
+and make one pass over memory; there z comes from Triton's Philox generator, so z differs from the
+CPU's, but is again a pure function of the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "param_key",
+    "z_seed",
+    "generate_z",
+    "perturbed_into",
+    "apply_update_",
+    "projected_grad",
+    "uses_weight_decay",
+]
+
+_MASK64 = (1 << 64) - 1
+
+
+def param_key(name: str) -> int:
+    """A stable 64-bit integer for a parameter name (identical across processes and runs)."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def z_seed(seed: int, step: int, perturbation: int, key: int) -> int:
+    """The generator seed of z for one tensor: a 63-bit hash of (seed, step, perturbation, key).
+
+    63 bits (not 64) so the value is a valid non-negative int64 for every backend.
+    """
+    packed = struct.pack("<QQQQ", seed & _MASK64, step & _MASK64, perturbation & _MASK64, key & _MASK64)
+    digest = hashlib.blake2b(packed, digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _use_kernels(t: torch.Tensor) -> bool:
+    if t.device.type != "cuda":
+        return False
+    from zo2_ds import kernels
+
+    return kernels.available()
+
+
+def generate_z(seed: int, shape: Sequence[int] | torch.Size, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Materialise z (fp32) for one tensor. The CPU path uses this; CUDA kernels draw z in place."""
+    device = torch.device(device)
+    if device.type == "cuda" and _use_kernels(torch.empty(0, device=device)):
+        from zo2_ds import kernels
+
+        return kernels.generate_z(seed, shape, device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32)
+
+
+def perturbed_into(out: torch.Tensor, theta: torch.Tensor, seed: int, scale: float) -> torch.Tensor:
+    """Write ``theta + scale * z(seed)`` into ``out`` (same shape; any float dtype). Returns ``out``.
+
+    ``theta`` is only read, so restoring the clean value is exact by construction: the caller swaps
+    ``out`` in for the forward and swaps ``theta`` back afterwards.
+    """
+    if _use_kernels(theta):
+        from zo2_ds import kernels
+
+        return kernels.perturbed_into(out, theta, seed, scale)
+    z = generate_z(seed, theta.shape, theta.device)
+    out.copy_(theta.float() + scale * z)
+    return out
+
+
+def apply_update_(
+    theta: torch.Tensor,
+    seeds: Sequence[int],
+    coefs: Sequence[float],
+    lr: float,
+    weight_decay: float,
+) -> torch.Tensor:
+    """In place: ``theta = theta - lr * (sum_i coefs[i] * z(seeds[i]) + weight_decay * theta)``."""
+    if len(seeds) != len(coefs) or not seeds:
+        raise ValueError(f"need one coefficient per seed, got {len(seeds)} seeds and {len(coefs)} coefs")
+    if _use_kernels(theta):
+        from zo2_ds import kernels
+
+        return kernels.apply_update_(theta, seeds, coefs, lr, weight_decay)
+    direction = coefs[0] * generate_z(seeds[0], theta.shape, theta.device)
+    for seed, coef in zip(seeds[1:], coefs[1:]):
+        direction += coef * generate_z(seed, theta.shape, theta.device)
+    master = theta.float()
+    theta.copy_(master - lr * (direction + weight_decay * master))
+    return theta
+
+
+def projected_grad(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> torch.Tensor:
+    """g = (L+ - L-) / (2 eps), kept on the device as an fp32 scalar (no host sync)."""
+    return (loss_plus.detach().float() - loss_minus.detach().float()) / (2.0 * eps)
+
+
+def uses_weight_decay(param: torch.Tensor) -> bool:
+    """MeZO decays no biases and no norm weights; those are exactly the 1-D parameters."""
+    return param.dim() >= 2

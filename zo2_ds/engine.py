@@ -136,7 +136,7 @@ class ZOEngine(DeepSpeedEngine):
         """Train mode: the seeded dual forward. Eval mode: one plain forward."""
         if not self.module.training:
             with torch.no_grad():
-                return super().forward(*inputs, **kwargs)
+                return self.zo_runner.run_plain(lambda: DeepSpeedEngine.forward(self, *inputs, **kwargs))
         cfg = self.zo_config
         # Dropout off for the perturbed passes (as MeZO does): L+ and L- must see the same network
         # up to the perturbation, or g measures dropout noise.

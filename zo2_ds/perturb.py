@@ -146,6 +146,10 @@ class ResidentRunner:
             outputs.append((plus, minus))
         return outputs
 
+    def run_plain(self, forward: Callable[[], Any]) -> Any:
+        """One unperturbed forward (eval mode)."""
+        return forward()
+
     def update(self, step: int, coefs: Sequence[float], groups: Sequence[UpdateGroup]) -> None:
         """theta <- theta - lr * (sum_i coefs[i] z_i + wd * theta), once per distinct tensor."""
         for group in groups:

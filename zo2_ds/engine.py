@@ -126,7 +126,8 @@ class ZOEngine(DeepSpeedEngine):
 
     def gradient_clipping(self) -> float:
         value = super().gradient_clipping()
-        if value and not getattr(self, "_warned_clipping", False):
+        explicit = "gradient_clipping" in self._config._param_dict
+        if value and explicit and not getattr(self, "_warned_clipping", False):
             self._warned_clipping = True
             logger.warning("zo2: gradient_clipping is ignored (there are no gradients to clip)")
         return 0.0

@@ -1,0 +1,54 @@
+"""The config-flag route through the HF Trainer (and so accelerate): unchanged Trainer code trains with ZO."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+import zo2_ds  # noqa: F401  (the import is the one line a Trainer user adds)
+from zo2_ds.testing import tiny_causal_lm
+
+
+class RandomTokens(Dataset):
+    def __init__(self, n: int, seq: int = 12, vocab: int = 96):
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_hf_trainer_trains_with_zo(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_causal_lm("opt")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ds = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "optimizer": {"type": "SGD", "params": {"lr": "auto", "weight_decay": "auto"}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto",
+                                                     "warmup_num_steps": "auto"}},
+        "zero_optimization": {"stage": 0},  # accelerate insists on the block; ZO needs stage 0
+        "zo2": {"enabled": True, "eps": 1e-3, "num_perturbations": 1},
+    }
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
+        learning_rate=1e-2, warmup_steps=1, logging_steps=1, save_strategy="no", report_to=[], deepspeed=ds,
+        use_cpu=True, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(64))
+    result = trainer.train()
+
+    engine = trainer.model_wrapped
+    assert isinstance(engine, zo2_ds.ZOEngine)
+    assert engine.global_steps == 4 and engine.gradient_accumulation_steps() == 2
+    assert result.global_step == 4
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
+    assert all(p.grad is None for p in model.parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert len(engine.optimizer.state) == 0

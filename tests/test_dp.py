@@ -25,8 +25,23 @@ sys.path.insert(0, str(WORKER.parent))
 def test_two_ranks_agree_and_match_one_rank_with_the_full_batch(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env["DS_ACCELERATOR"] = "cpu"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(WORKER), "--out", str(tmp_path),
-           "--steps", "3", "--global-batch", "4"]
+    # `python -m deepspeed.launcher.runner` is the `deepspeed` command itself, without relying on PATH.
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(WORKER),
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "3",
+        "--global-batch",
+        "4",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))

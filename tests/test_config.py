@@ -71,6 +71,8 @@ def test_every_shipped_config_is_valid():
     assert {p.name for p in SHIPPED} >= {"zo2.json", "zo2_bf16.json", "zo2_fp16.json", "zo2_dp.json"}
     for path in SHIPPED:
         raw = json.loads(path.read_text())
+        if path.name == "zo2_trainer.json":
+            continue  # "auto" values are the HF Trainer's to fill in; tests/test_trainer.py runs it
         zo = parse_zo2_config(raw)
         assert zo.enabled, path.name
         DeepSpeedConfig(raw)  # DeepSpeed's own validation of everything else
@@ -79,6 +81,8 @@ def test_every_shipped_config_is_valid():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_initializes(path, tmp_path, monkeypatch):
     raw = json.loads(path.read_text())
+    if path.name == "zo2_trainer.json":
+        pytest.skip("filled in and run by tests/test_trainer.py")
     accel = get_accelerator()
     if raw.get("fp16", {}).get("enabled") and not accel.is_fp16_supported():
         pytest.skip(f"fp16 is not supported by the {accel.device_name()} accelerator")

@@ -294,3 +294,15 @@ def test_missing_learning_rate_is_a_clear_error():
 def test_zero_stage_is_rejected():
     with pytest.raises(ValueError, match="zero_optimization.stage=2"):
         zo2_ds.initialize(model=tiny_causal_lm("opt"), config=ds_config(zero_optimization={"stage": 2}))
+
+
+def test_monitor_receives_loss_lr_and_g(tmp_path):
+    config = ds_config(csv_monitor={"enabled": True, "output_path": str(tmp_path), "job_name": "zo"},
+                       zo2={"num_perturbations": 2})
+    engine, _ = run_engine_steps(zo2_ds.initialize(model=tiny_causal_lm("opt"), config=config)[0], 3)
+    files = {p.name: p for p in (tmp_path / "zo").glob("*.csv")}
+    for name in ("Train_Samples_train_loss.csv", "Train_Samples_lr.csv", "Train_Samples_zo_projected_grad_1.csv"):
+        assert name in files, sorted(files)
+    rows = files["Train_Samples_train_loss.csv"].read_text().strip().splitlines()
+    assert len(rows) == 1 + 3  # header + one row per step
+    assert float(rows[-1].split(",")[1]) == pytest.approx(engine.last_loss)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch.utils.data import Dataset
 
@@ -26,15 +29,8 @@ def test_hf_trainer_trains_with_zo(tmp_path):
 
     model = tiny_causal_lm("opt")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ds = {
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "optimizer": {"type": "SGD", "params": {"lr": "auto", "weight_decay": "auto"}},
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": "auto",
-                                                     "warmup_num_steps": "auto"}},
-        "zero_optimization": {"stage": 0},  # accelerate insists on the block; ZO needs stage 0
-        "zo2": {"enabled": True, "eps": 1e-3, "num_perturbations": 1},
-    }
+    # The shipped Trainer config: "auto" values are filled in by the Trainer.
+    ds = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / "zo2_trainer.json").read_text())
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
         learning_rate=1e-2, warmup_steps=1, logging_steps=1, save_strategy="no", report_to=[], deepspeed=ds,

@@ -86,6 +86,7 @@ class ZOEngine(DeepSpeedEngine):
         self._g_sum: torch.Tensor | None = None  # sum over micro-batches of g_i, shape [q], on device
         self._g_count = 0
         self._last_g: list[float] = []
+        self._last_loss = float("nan")
 
     # -- construction ----------------------------------------------------------------------------
     def _build_runner(self) -> Any:
@@ -95,6 +96,34 @@ class ZOEngine(DeepSpeedEngine):
 
             return OffloadRunner(self, cfg)
         return ResidentRunner(self.module, self.zo_params, cfg.eps, cfg.seed)
+
+    def _configure_distributed_model(self, model: Any) -> None:
+        """With zo2.offload, DeepSpeed casts the model but does not move it (the blocks may not fit the GPU):
+        :func:`zo2_ds.offload.build_store` then puts the blocks' masters in pinned host memory (replacing
+        their storage block by block) and moves everything else to the device; the broadcast follows."""
+        offload = self.zo_config.offload
+        if not offload.enabled:
+            return super()._configure_distributed_model(model)
+        from zo2_ds.offload import broadcast_store, build_store
+
+        keep_device, self.dont_change_device = self.dont_change_device, True
+        self._zo_defer_broadcast = True  # DeepSpeed broadcasts at the end of super(); blocks are not placed yet
+        try:
+            super()._configure_distributed_model(model)
+        finally:
+            self.dont_change_device, self._zo_defer_broadcast = keep_device, False
+        self.zo_offload_store = build_store(self.module, offload, self.device, move_rest=not keep_device)
+        broadcast_store(self, self.zo_offload_store)
+
+    def _broadcast_model(self) -> None:
+        if getattr(self, "_zo_defer_broadcast", False):
+            return
+        store = getattr(self, "zo_offload_store", None)
+        if store is None:
+            return super()._broadcast_model()
+        from zo2_ds.offload import broadcast_store
+
+        broadcast_store(self, store)
 
     def _configure_optimizer(self, client_optimizer: Any, model_parameters: Any) -> None:
         if client_optimizer is not None:
@@ -152,9 +181,11 @@ class ZOEngine(DeepSpeedEngine):
         plus_losses = torch.stack([_loss_of(p) for p, _ in pairs])
         minus_losses = torch.stack([_loss_of(m) for _, m in pairs])
         g = zo.projected_grad(plus_losses, minus_losses, cfg.eps)
-        self._g_sum = g if self._g_sum is None else self._g_sum + g
-        self._g_count += 1
         mean_loss = (plus_losses.float().mean() + minus_losses.float().mean()) / 2
+        # g_i and the reported loss, summed over the micro-batches of this step (kept on device).
+        stats = torch.cat([g, mean_loss.reshape(1)])
+        self._g_sum = stats if self._g_sum is None else self._g_sum + stats
+        self._g_count += 1
         return _with_loss(pairs[0][0], mean_loss.to(plus_losses.dtype))
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
@@ -165,19 +196,41 @@ class ZOEngine(DeepSpeedEngine):
 
     def step(self, lr_kwargs: dict | None = None) -> None:
         """At the accumulation boundary, all-reduce g and apply the update through DeepSpeed's step."""
-        if self.is_gradient_accumulation_boundary():
+        boundary = self.is_gradient_accumulation_boundary()
+        if boundary:
             self._finalize_projected_grad()
         super().step(lr_kwargs)
+        if boundary:
+            self._report_zo()
+
+    def _report_zo(self) -> None:
+        """The ZO figures next to DeepSpeed's own: monitor events and the steps_per_print line."""
+        if self.global_rank != 0:
+            return
+        if self.monitor.enabled:
+            events = [("Train/Samples/train_loss", self._last_loss, self.global_samples)]
+            events += [
+                (f"Train/Samples/zo_projected_grad_{i}", g, self.global_samples) for i, g in enumerate(self._last_g)
+            ]
+            events.append(("Train/Samples/zo_skipped_steps", self.zo_skipped_steps, self.global_samples))
+            self.monitor.write_events(events)
+        every = self.steps_per_print()
+        if every and self.global_steps % every == 0:
+            g = ", ".join(f"{v:.4g}" for v in self._last_g)
+            logger.info(
+                f"zo2: step={self.global_steps} loss={self._last_loss:.5g} g=[{g}] lr={self.get_lr()} "
+                f"zo_skipped={self.zo_skipped_steps}"
+            )
 
     def _finalize_projected_grad(self) -> None:
         if self._g_sum is None:
             raise RuntimeError("ZOEngine.step() at a boundary without any training forward since the last step")
-        g = self._g_sum.float() / self._g_count
+        stats = self._g_sum.float() / self._g_count
         if self.dp_world_size > 1:
-            # The only communication of data-parallel ZO: q floats per step.
-            dist.all_reduce(g, group=self.data_parallel_group)
-            g = g / self.dp_world_size
-        values = g.tolist()  # the one host sync per step: the update needs g as kernel arguments
+            # The only communication of data-parallel ZO: q + 1 floats per step (g_i and the loss).
+            dist.all_reduce(stats, group=self.data_parallel_group)
+            stats = stats / self.dp_world_size
+        *values, self._last_loss = stats.tolist()  # the one host sync per step: g are kernel arguments
         self._g_sum, self._g_count = None, 0
         self._last_g = values
         finite = all(math.isfinite(v) for v in values)
@@ -205,6 +258,11 @@ class ZOEngine(DeepSpeedEngine):
         self.zo_runner.update(self.global_steps, coefs, groups)
 
     @property
+    def last_loss(self) -> float:
+        """The reported loss of the last completed step, averaged over micro-batches and ranks."""
+        return self._last_loss
+
+    @property
     def last_projected_grad(self) -> list[float]:
         """The g values (one per perturbation) of the last completed step, averaged over ranks."""
         return list(self._last_g)
@@ -225,8 +283,10 @@ class ZOEngine(DeepSpeedEngine):
                 self.zo_skipped_steps = zo_state["zo_skipped_steps"]
                 saved_seed = zo_state["config"].get("seed")
                 if saved_seed != self.zo_config.seed:
-                    logger.warning(f"zo2: checkpoint was trained with seed {saved_seed}, resuming with "
-                                   f"{self.zo_config.seed}: the trajectory will differ")
+                    logger.warning(
+                        f"zo2: checkpoint was trained with seed {saved_seed}, resuming with "
+                        f"{self.zo_config.seed}: the trajectory will differ"
+                    )
         self._g_sum, self._g_count = None, 0
         return load_path, client_state
 

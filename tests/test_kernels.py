@@ -1,0 +1,309 @@
+"""Tests for zo2_ds.kernels (the fused Triton kernels).
+
+On CPU: the API contract (available() is False, the module imports without triton, arguments are
+validated before anything launches, zo.py falls back to torch) and, where triton is installed, the
+kernels' logic under the Triton interpreter (TRITON_INTERPRET=1, in a subprocess: the flag must be set
+before triton is imported). On CUDA (marked ``cuda``): the statistics of z, determinism, independence,
+bitwise fused == separate, and accuracy against a float64 reference, in fp32, fp16 and bf16.
+
+The ``_check_*`` functions take a device and a size so the GPU tests and the interpreter run share them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from zo2_ds import kernels, zo
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SEED = zo.z_seed(1234, 7, 0, zo.param_key("model.decoder.layers.0.fc1.weight"))
+
+requires_kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() and kernels.available()), reason="needs CUDA and triton"
+)
+
+
+def _ulp(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+# -------------------------------------------------------------------------------------------------
+# Shared checks (device and size are parameters)
+# -------------------------------------------------------------------------------------------------
+
+
+def _check_z_statistics(device: str, numel: int) -> None:
+    z = kernels.generate_z(SEED, (numel,), device).double()
+    tol = 6.0 / numel**0.5  # ~6 sigma for the mean
+    assert torch.isfinite(z).all()
+    assert abs(z.mean().item()) < tol
+    assert abs(z.std().item() - 1.0) < 8.0 / numel**0.5 + 1e-4
+    assert abs((z**4).mean().item() - 3.0) < 60.0 / numel**0.5 + 1e-3  # kurtosis of a normal
+    inside = (z.abs() < 1.0).double().mean().item()
+    assert abs(inside - 0.6826894921) < 6.0 / numel**0.5
+    assert z.abs().max().item() <= 5.7  # 23-bit uniforms bound |z| by sqrt(2 * 23 ln 2)
+    # The four outputs of one Philox call land a ROW apart: they must be uncorrelated too.
+    row = kernels._ROW
+    if numel >= 8 * row:
+        groups = z[: numel // (4 * row) * 4 * row].view(-1, 4, row)
+        for j in range(1, 4):
+            corr = torch.corrcoef(torch.stack([groups[:, 0].flatten(), groups[:, j].flatten()]))[0, 1]
+            assert abs(corr.item()) < 6.0 / groups[:, 0].numel() ** 0.5
+
+
+def _check_determinism_and_independence(device: str, numel: int) -> None:
+    a = kernels.generate_z(SEED, (numel,), device)
+    assert torch.equal(a, kernels.generate_z(SEED, (numel,), device))
+    # A pure function of (seed, flat index): independent of the shape and of the tensor's length.
+    shaped = kernels.generate_z(SEED, (numel // 16, 16), device)
+    assert torch.equal(a[: numel // 16 * 16], shaped.flatten())
+    prefix = kernels.generate_z(SEED, (numel // 3,), device)
+    assert torch.equal(a[: numel // 3], prefix)
+    tol = 6.0 / numel**0.5
+    for other in (SEED + 1, SEED ^ (1 << 40), SEED ^ (1 << 62)):  # the high 32 bits of the seed matter too
+        b = kernels.generate_z(other, (numel,), device)
+        corr = torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1].item()
+        assert abs(corr) < tol, (other, corr)
+
+
+def _check_perturbed_into(device: str, numel: int, dtype: torch.dtype) -> None:
+    theta = torch.randn(numel, device=device).to(dtype)
+    theta_before = theta.clone()
+    scale = 1e-2
+    big = torch.full((numel + 37,), float("nan"), device=device, dtype=dtype)  # poisoned, with a tail
+    out = big[:numel]
+    kernels.perturbed_into(out, theta, SEED, scale)
+    assert torch.equal(theta, theta_before), "theta must be read-only"
+    assert torch.isfinite(out).all(), "every element written"
+    assert torch.isnan(big[numel:]).all(), "nothing written past the end"
+    z = kernels.generate_z(SEED, (numel,), device).double()
+    ref = theta.double() + scale * z
+    err = (out.double() - ref).norm() / ref.norm()
+    assert err.item() < _ulp(dtype), (dtype, err.item())
+    # fp32 arithmetic, then one rounding: within one ulp of the dtype of the exact value, plus the fp32
+    # rounding of the terms (zero with a true fma, as on GPU; the interpreter rounds the product too).
+    slack = torch.finfo(dtype).tiny * _ulp(dtype) + _ulp(torch.float32) * (theta.double().abs() + scale * z.abs())
+    assert ((out.double() - ref).abs() <= _ulp(dtype) * ref.abs() + slack).all()
+
+
+def _check_apply_update(device: str, numel: int, dtype: torch.dtype, coefs_on_device: bool) -> None:
+    theta = torch.randn(numel, device=device).to(dtype)
+    seeds = [zo.z_seed(1, 3, i, 42) for i in range(3)]
+    coefs = [0.7, -1.3, 0.25]
+    lr, wd = 1e-2, 0.1
+    ref = theta.double().clone()
+    direction = sum(c * kernels.generate_z(s, (numel,), device).double() for s, c in zip(seeds, coefs))
+    ref = ref - lr * (direction + wd * ref)
+    arg = torch.tensor(coefs, device=device) if coefs_on_device else coefs
+    kernels.apply_update_(theta, seeds, arg, lr, wd)
+    err = ((theta.double() - ref).norm() / ref.norm()).item()
+    assert err < _ulp(dtype), (dtype, err)
+
+
+def _check_fused_equals_separate(device: str, numel: int, dtype: torch.dtype) -> None:
+    theta0 = torch.randn(numel, device=device).to(dtype)
+    seeds = [zo.z_seed(5, 9, i, 77) for i in range(2)]
+    pert_seed = zo.z_seed(5, 10, 0, 77)
+    eps = 1e-3
+    coef_variants = ([0.5, -2.0], torch.tensor([0.5, -2.0], device=device))
+    for update in (None, (seeds, coef_variants[0], 1e-3, 0.0), (seeds, coef_variants[1], 1e-3, 0.01)):
+        for scales in ((eps,), (eps, -eps)):
+            fused = theta0.clone()
+            outs = [torch.full_like(theta0, float("nan")) for _ in scales]
+            kernels.update_and_perturb_(fused, update, pert_seed, scales, outs)
+            sep = theta0.clone()
+            if update is not None:
+                kernels.apply_update_(sep, *update)
+            assert torch.equal(fused, sep)
+            for scale, out in zip(scales, outs):
+                ref = torch.full_like(theta0, float("nan"))
+                kernels.perturbed_into(ref, sep, pert_seed, scale)
+                assert torch.equal(out, ref), (dtype, update is not None, scale)
+
+
+# -------------------------------------------------------------------------------------------------
+# CPU: the contract
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_not_available_without_cuda():
+    assert kernels.available() is False
+    assert zo._use_kernels(torch.zeros(3)) is False
+
+
+def test_imports_and_reports_unavailable_without_triton():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # any `import triton` now raises ImportError
+        from zo2_ds import kernels
+        assert kernels.available() is False
+        print("ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env["TRITON_INTERPRET"] = "0"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_validation_happens_before_launch():
+    theta = torch.zeros(8, 8)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.perturbed_into(torch.empty(8, 8), theta.t(), 1, 0.1)
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.perturbed_into(torch.empty(8, 8), theta.double(), 1, 0.1)
+    with pytest.raises(ValueError, match="shape"):
+        kernels._check_out(torch.empty(4), theta, "out")
+    with pytest.raises(ValueError, match="coefficient"):
+        kernels.apply_update_(theta, [1, 2], [0.1], 1e-3, 0.0)
+    with pytest.raises(ValueError, match="outputs"):
+        kernels.update_and_perturb_(theta, None, 1, [0.1], [])
+    with pytest.raises(ValueError, match="outputs"):
+        kernels.update_and_perturb_(theta, None, 1, [0.1, 0.2, 0.3], [theta, theta, theta])
+    if not torch.cuda.is_available() and not kernels._INTERPRET:
+        with pytest.raises(ValueError, match="CUDA"):
+            kernels.perturbed_into(torch.empty(8, 8), theta, 1, 0.1)
+
+
+def test_zo_uses_torch_path_on_cpu():
+    theta = torch.randn(64, 3)
+    out = zo.perturbed_into(torch.empty_like(theta), theta, SEED, 0.5)
+    assert torch.equal(out, theta + 0.5 * zo.generate_z(SEED, theta.shape))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_kernels_under_triton_interpreter():
+    """The kernels' indexing, masking and fused == separate logic, run by Triton's CPU interpreter."""
+    code = textwrap.dedent(
+        f"""
+        import runpy, torch
+        ns = runpy.run_path({str(Path(__file__))!r})
+        n = 4 * {kernels._ROW} * 2 + 100   # two full groups and a ragged tail
+        ns["_check_z_statistics"]("cpu", 4 * {kernels._ROW} * 4)
+        ns["_check_determinism_and_independence"]("cpu", n)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            ns["_check_perturbed_into"]("cpu", n, dtype)
+            ns["_check_fused_equals_separate"]("cpu", n, dtype)
+        ns["_check_apply_update"]("cpu", n, torch.float32, False)
+        print("ok")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env["TRITON_INTERPRET"] = "1"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+# -------------------------------------------------------------------------------------------------
+# CUDA
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@requires_kernels
+def test_z_statistics_cuda():
+    _check_z_statistics("cuda", 1 << 24)
+
+
+@pytest.mark.cuda
+@requires_kernels
+def test_z_determinism_and_independence_cuda():
+    _check_determinism_and_independence("cuda", (1 << 22) + 12345)
+
+
+@pytest.mark.cuda
+@requires_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("numel", [1, 4097, (1 << 20) + 3])
+def test_perturbed_into_cuda(dtype, numel):
+    _check_perturbed_into("cuda", numel, dtype)
+
+
+@pytest.mark.cuda
+@requires_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("coefs_on_device", [False, True])
+def test_apply_update_cuda(dtype, coefs_on_device):
+    _check_apply_update("cuda", (1 << 20) + 5, dtype, coefs_on_device)
+
+
+@pytest.mark.cuda
+@requires_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_equals_separate_bitwise_cuda(dtype):
+    _check_fused_equals_separate("cuda", (1 << 20) + 7, dtype)
+
+
+@pytest.mark.cuda
+@requires_kernels
+def test_q16_update_cuda():
+    theta = torch.randn(1 << 16, device="cuda", dtype=torch.float16)
+    seeds = [zo.z_seed(2, 0, i, 5) for i in range(16)]
+    coefs = [float(i - 8) / 16 for i in range(16)]
+    direction = sum(c * kernels.generate_z(s, theta.shape, "cuda").double() for s, c in zip(seeds, coefs))
+    ref = theta.double() - 1e-2 * direction
+    kernels.apply_update_(theta, seeds, coefs, 1e-2, 0.0)
+    assert ((theta.double() - ref).norm() / ref.norm()).item() < _ulp(torch.float16)
+
+
+@pytest.mark.cuda
+@requires_kernels
+def test_zo_dispatches_to_kernels_cuda():
+    theta = torch.randn(3000, 7, device="cuda", dtype=torch.bfloat16)
+    a = zo.perturbed_into(torch.empty_like(theta), theta, SEED, 1e-3)
+    b = kernels.perturbed_into(torch.empty_like(theta), theta, SEED, 1e-3)
+    assert torch.equal(a, b)
+    assert torch.equal(zo.generate_z(SEED, theta.shape, "cuda"), kernels.generate_z(SEED, theta.shape, "cuda"))
+
+
+@pytest.mark.cuda
+@requires_kernels
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_launch_matches_triton_launch_cuda(direct, monkeypatch):
+    """The cached direct launch (second call onwards) == triton's own launch, also for views whose
+    pointer is not 16-byte aligned (a different specialisation, so a different cache entry)."""
+    monkeypatch.setitem(kernels._DIRECT_STATE, "enabled", direct)
+    launches_before = kernels._DIRECT_STATE["launches"]
+    buf = torch.randn(3 * 4096 + 9, device="cuda", dtype=torch.float16)
+    for theta in (buf[:4096], buf[1:4097], buf[3 : 3 + 3 * 4096 + 5]):  # aligned, misaligned, ragged
+        ref = torch.empty_like(theta)
+        kernels.perturbed_into(ref, theta, SEED, 0.5)
+        for _ in range(2):
+            out = torch.empty_like(theta)
+            kernels.perturbed_into(out, theta, SEED, 0.5)
+            assert torch.equal(out, ref)
+        z = kernels.generate_z(SEED, theta.shape, "cuda").double()
+        expected = theta.double() + 0.5 * z
+        assert ((out.double() - expected).abs() <= 1e-3 * expected.abs() + 1e-6).all()
+    assert (kernels._DIRECT_STATE["launches"] > launches_before) == direct
+
+
+@pytest.mark.cuda
+@requires_kernels
+def test_int64_offsets_cuda():
+    """A tensor past 2^31 elements: the tail must be written and must not alias the head."""
+    numel = (1 << 31) + 3 * kernels._ROW + 11
+    if torch.cuda.mem_get_info()[0] < 3 * numel * 2 + (1 << 30):
+        pytest.skip("not enough GPU memory")
+    theta = torch.zeros(numel, device="cuda", dtype=torch.float16)
+    out = torch.full_like(theta, float("nan"))
+    kernels.perturbed_into(out, theta, SEED, 1.0)
+    tail = out[-(1 << 20) :].float()
+    assert torch.isfinite(out).all()
+    assert abs(tail.mean().item()) < 0.01 and abs(tail.std().item() - 1.0) < 0.01
+    assert not torch.equal(out[: 1 << 20], out[1 << 31 : (1 << 31) + (1 << 20)])
+    del theta
+    # The update path at the same size, in place: out = fp16(z) - z, zero up to fp16 rounding.
+    kernels.apply_update_(out, [SEED], [1.0], 1.0, 0.0)
+    assert out[-(1 << 20) :].float().abs().max().item() < 1e-2

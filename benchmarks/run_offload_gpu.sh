@@ -1,0 +1,55 @@
+#!/bin/bash
+# One device-machine call for the offloader: its CUDA tests, then the offload benchmark one model per
+# process (an OOM, crash or timeout loses that model only). Logs, JSON and the timeline PNG go to $OUT.
+#
+#   run (device tool), carry [".whl"]:  bash benchmarks/run_offload_gpu.sh
+#   knobs: MODELS="opt-1.3b opt-6.7b opt-13b"  BATCHES=1x2048,16x256  STEPS=4  WARMUP=2  SKIP_TESTS=1
+#          NO_IN_GPU="opt-13b" (models benchmarked without the in-GPU baseline)
+# On a CPU machine: the CPU tests of the offloader and a tiny-model run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/zo2_offload_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+main() {
+  date -u
+  if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import deepspeed" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || echo "wheel install failed"
+    export PYTHONPATH=/tmp/site:$PWD
+  else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  local cuda
+  cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+  local models
+  if [ "$cuda" = 1 ]; then
+    export DS_ACCELERATOR=cuda
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    models=${MODELS:-opt-1.3b opt-6.7b opt-13b}
+  else
+    export DS_ACCELERATOR=cpu
+    models=tiny
+  fi
+  if [ -z "${SKIP_TESTS:-}" ]; then
+    echo "== offload tests (DS_ACCELERATOR=$DS_ACCELERATOR)"
+    if [ "$cuda" = 1 ]; then sel=(-m cuda); else sel=(); fi
+    timeout 240 python3 -m pytest -q -rs -x "${sel[@]}" tests/test_offload.py 2>&1 | tee "$OUT/offload_pytest.txt" | tail -30
+  fi
+  for model in $models; do
+    echo "== bench $model"
+    local extra=()
+    if [ "$model" = tiny ]; then extra=(--tiny); fi
+    case " ${NO_IN_GPU:-opt-13b} " in *" $model "*) extra+=(--no-in-gpu);; esac
+    local timeline=()
+    [ "$model" = "${TIMELINE_MODEL:-opt-1.3b}" ] || [ "$model" = tiny ] && timeline=(--timeline "$OUT/offload_timeline_$model.png")
+    timeout "${PER_MODEL_S:-200}" python3 launch/bench_offload.py --models "$model" --batches "${BATCHES:-1x2048,16x256}" \
+      --steps "${STEPS:-4}" --warmup "${WARMUP:-2}" "${extra[@]}" "${timeline[@]}" --out "$OUT/offload_$model.json" \
+      2>"$OUT/offload_$model.err" | grep -v '^{"model"' || echo "bench $model exited with $?"
+    grep -v WARNING "$OUT/offload_$model.err" | tail -4
+  done
+  date -u
+}
+
+main 2>&1 | tee "$OUT/offload_log.txt"

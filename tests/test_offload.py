@@ -1,0 +1,431 @@
+"""Offloading: the trajectory with zo2.offload on equals offload off bit-exactly, and the schedule holds.
+
+On CPU the same block schedule runs (uploads, slot ring, lazy fused update, write-back) without streams;
+the @cuda tests run it with streams and events, with the compute stream delayed to expose races.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import zo2_ds
+from zo2_ds.offload import store as store_mod
+from zo2_ds.testing import ds_config, tiny_causal_lm
+
+VOCAB = 96
+SCHEDULE = {
+    "type": "WarmupLR",
+    "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 2e-3, "warmup_num_steps": 3, "warmup_type": "linear"},
+}
+CUDA = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+
+
+def batches(num_steps, grad_accum, micro_batch=2, seq=12, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        [
+            {"input_ids": (ids := torch.randint(0, VOCAB, (micro_batch, seq), generator=gen)), "labels": ids}
+            for _ in range(grad_accum)
+        ]
+        for _ in range(num_steps)
+    ]
+
+
+def make_config(offload, *, q=1, grad_accum=1, lr=2e-3, weight_decay=0.0, schedule=None, dtype="fp32", seed=1234):
+    return ds_config(
+        grad_accum=grad_accum,
+        lr=lr,
+        weight_decay=weight_decay,
+        scheduler=schedule,
+        dtype=dtype,
+        zo2={"eps": 1e-3, "seed": seed, "num_perturbations": q, "offload": offload},
+    )
+
+
+def train(engine, data, device="cpu"):
+    """Losses and g of every step; reads nothing from the parameters (no flush)."""
+    engine.train()
+    losses, gs = [], []
+    for micro_batches in data:
+        for mb in micro_batches:
+            out = engine(**{k: v.to(device) for k, v in mb.items()})
+            losses.append(out.loss.item())
+            engine.backward(out.loss)
+            engine.step()
+        gs.append(engine.last_projected_grad)
+    return losses, gs
+
+
+def params_of(engine):
+    engine.zo_runner.flush()  # offloaded blocks' last update is pending until flushed
+    return {n: p.detach().to("cpu", copy=True) for n, p in engine.module.named_parameters()}
+
+
+def trajectory(model, offload, data, device="cpu", **kw):
+    engine, *_ = zo2_ds.initialize(model=model, config=make_config(offload, **kw))
+    losses, gs = train(engine, data, device)
+    engine.eval()
+    mb = data[-1][0]
+    eval_loss = engine(**{k: v.to(device) for k, v in mb.items()}).loss.item()
+    return engine, losses, gs, eval_loss, params_of(engine)
+
+
+def assert_same(a, b):
+    _, losses_a, gs_a, eval_a, params_a = a
+    _, losses_b, gs_b, eval_b, params_b = b
+    assert losses_a == losses_b
+    assert gs_a == gs_b
+    assert eval_a == eval_b
+    assert params_a.keys() == params_b.keys()
+    for name in params_a:
+        assert torch.equal(params_a[name], params_b[name]), f"{name} differs"
+
+
+@pytest.mark.parametrize(
+    "arch,tied,q,grad_accum,weight_decay,schedule,offload",
+    [
+        ("opt", True, 2, 2, 0.1, SCHEDULE, {}),
+        ("opt", False, 1, 1, 0.0, None, {"prefetch_depth": 2}),
+        ("gpt2", True, 1, 2, 0.0, SCHEDULE, {}),
+        ("llama", False, 3, 1, 0.05, SCHEDULE, {"num_resident_blocks": 1}),
+        ("llama", True, 1, 1, 0.0, None, {"prefetch_depth": 3}),
+        ("qwen2", True, 2, 1, 0.0, None, {}),
+        ("qwen2", False, 1, 3, 0.1, SCHEDULE, {"prefetch_depth": 2}),
+        ("mistral", False, 2, 2, 0.0, SCHEDULE, {"num_resident_blocks": 2}),
+    ],
+)
+def test_offload_on_equals_off_bit_exactly(arch, tied, q, grad_accum, weight_decay, schedule, offload):
+    base = tiny_causal_lm(arch, tied=tied, vocab_size=VOCAB, layers=4)
+    data = batches(4, grad_accum)
+    kw = dict(q=q, grad_accum=grad_accum, weight_decay=weight_decay, schedule=schedule)
+    off = trajectory(copy.deepcopy(base), {"enabled": False}, data, **kw)
+    on = trajectory(copy.deepcopy(base), {"enabled": True, **offload}, data, **kw)
+    assert_same(off, on)
+    moved = sum(not torch.equal(p, dict(base.named_parameters())[n]) for n, p in on[4].items())
+    assert moved > 0
+    engine = on[0]
+    if tied:
+        assert engine.module.get_output_embeddings().weight is engine.module.get_input_embeddings().weight
+
+
+def test_blocks_live_in_one_aligned_flat_buffer_per_block_rest_on_device():
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("llama", layers=3), config=make_config({"enabled": True}))
+    store = engine.zo_offload_store
+    assert store.blocks.path == "model.layers" and store.num_resident == 0
+    for b, block in enumerate(store.blocks.blocks):
+        home = store.homes[b]
+        assert home.dtype == torch.uint8 and home.dim() == 1
+        base = home.data_ptr()
+        for p in block.parameters():
+            assert p.untyped_storage().data_ptr() == base  # a view of the block's buffer
+            assert (p.data_ptr() - base) % store_mod.ALIGN_BYTES == 0
+    runner = engine.zo_runner
+    assert runner.num_slots == 3 and len(runner._slots) == 3
+
+
+def test_runs_block_major_with_one_upload_per_block_per_step():
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", layers=3), config=make_config({"enabled": True}, q=2))
+    runner = engine.zo_runner
+    order, uploads = [], []
+    for b, block in enumerate(runner.store.blocks.blocks):
+        block.register_forward_pre_hook(lambda m, a, b=b: order.append((b, runner._sched.current_pass)))
+    issue = runner._issue_upload
+    runner._issue_upload = lambda b: (uploads.append(b), issue(b))
+    train(engine, batches(2, 1))
+    # Per step: each block once, all four passes (+z0, -z0, +z1, -z1) on it before the next block.
+    one_step = [(b, j) for b in range(3) for j in range(4)]
+    assert order == one_step * 2
+    assert uploads == [0, 1, 2] * 2
+    assert runner.pending_blocks == [0, 1, 2]  # step 1's update waits for the next upload
+    runner.flush()
+    assert runner.pending_blocks == []
+
+
+def test_state_dict_and_eval_see_flushed_updates():
+    base = tiny_causal_lm("gpt2", layers=2)
+    data = batches(2, 1)
+    off, *_ = trajectory(copy.deepcopy(base), {"enabled": False}, data)
+    engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=make_config({"enabled": True}))
+    train(engine, data)
+    assert engine.zo_runner.pending_blocks
+    state = engine.module.state_dict()  # the model's own state_dict flushes (e.g. save_pretrained)
+    assert not engine.zo_runner.pending_blocks
+    for name, value in off.module.state_dict().items():
+        assert torch.equal(state[name].cpu(), value.cpu()), name
+
+
+def test_model_called_directly_streams_its_blocks():
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("qwen2", layers=2), config=make_config({"enabled": True}))
+    ids = torch.randint(0, VOCAB, (1, 6))
+    engine.module.eval()
+    with torch.no_grad():
+        direct = engine.module(input_ids=ids).logits
+    engine.eval()
+    assert torch.equal(engine(input_ids=ids).logits, direct)
+
+
+def test_resume_mid_training_equals_uninterrupted(tmp_path):
+    base = tiny_causal_lm("opt", tied=True, layers=3)
+    data = batches(5, 2)
+    kw = dict(q=2, grad_accum=2, schedule=SCHEDULE, weight_decay=0.1)
+    full = trajectory(copy.deepcopy(base), {"enabled": True}, data, **kw)
+    off = trajectory(copy.deepcopy(base), {"enabled": False}, data, **kw)
+    assert_same(full, off)
+
+    first, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=make_config({"enabled": True}, **kw))
+    head_losses, head_gs = train(first, data[:2])
+    first.save_checkpoint(str(tmp_path), tag="step2")
+    # The resumed engine starts from different weights: everything must come from the checkpoint.
+    second, *_ = zo2_ds.initialize(
+        model=tiny_causal_lm("opt", tied=True, layers=3, seed=9), config=make_config({"enabled": True}, **kw)
+    )
+    second.load_checkpoint(str(tmp_path), tag="step2")
+    assert second.global_steps == 2
+    tail_losses, tail_gs = train(second, data[2:])
+    assert head_losses + tail_losses == full[1]
+    assert head_gs + tail_gs == full[2]
+    resumed = params_of(second)
+    for name, value in full[4].items():
+        assert torch.equal(resumed[name], value), name
+
+
+def test_interrupt_mid_step_leaves_checkpoint_resumable(tmp_path):
+    base = tiny_causal_lm("llama", layers=3)
+    data = batches(4, 1)
+    full = trajectory(copy.deepcopy(base), {"enabled": True}, data, q=2)
+
+    engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=make_config({"enabled": True}, q=2))
+    train(engine, data[:2])
+    engine.save_checkpoint(str(tmp_path), tag="last")
+    runner = engine.zo_runner
+    block = runner.store.blocks.blocks[1]
+
+    def interrupt(mod, args):
+        if runner._sched is not None and runner._sched.current_pass == 2:
+            raise KeyboardInterrupt
+
+    handle = block.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(engine, data[2:3])
+    handle.remove()
+    # Nothing is left half-way: params point at their homes, no block is acquired, no thread is left.
+    assert not runner._acquired and runner._sched is None
+    for b, block_entries in enumerate(runner.store.entries):
+        for e, v in zip(block_entries, runner.store.home_views[b]):
+            assert e.param.data_ptr() == v.data_ptr()
+
+    engine.load_checkpoint(str(tmp_path), tag="last")
+    engine._g_sum, engine._g_count = None, 0
+    losses, gs = train(engine, data[2:])
+    assert losses == full[1][2:] and gs == full[2][2:]
+    resumed = params_of(engine)
+    for name, value in full[4].items():
+        assert torch.equal(resumed[name], value), name
+
+
+def test_failure_in_one_pass_propagates_and_leaves_parameters_clean():
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", layers=2), config=make_config({"enabled": True}))
+    before = params_of(engine)
+    block = engine.zo_runner.store.blocks.blocks[1]
+
+    def boom(mod, args):
+        if engine.zo_runner._sched.current_pass == 1:
+            raise ValueError("boom in pass 1")
+
+    handle = block.register_forward_pre_hook(boom)
+    engine.train()
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with pytest.raises(ValueError, match="boom in pass 1"):
+        engine(input_ids=ids, labels=ids)
+    handle.remove()
+    after = params_of(engine)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    out = engine(input_ids=ids, labels=ids)  # and the runner still works
+    assert torch.isfinite(out.loss)
+
+
+def test_budget_keeps_blocks_resident_and_bad_input_is_explained(monkeypatch):
+    model = tiny_causal_lm("llama", layers=4)
+    block_bytes = store_mod._layout(model.model.layers[0])[1]
+    engine, *_ = zo2_ds.initialize(
+        model=model, config=make_config({"enabled": True, "max_gpu_memory": 2 * block_bytes + 7})
+    )
+    assert engine.zo_offload_store.num_resident == 2 and engine.zo_runner._streamed == [1, 3]  # spread out
+
+    with pytest.raises(ValueError, match=r"zo2\.offload\.max_gpu_memory=.*smaller than one block"):
+        zo2_ds.initialize(
+            model=tiny_causal_lm("llama", layers=4), config=make_config({"enabled": True, "max_gpu_memory": "1KB"})
+        )
+
+    monkeypatch.setattr(store_mod, "available_host_bytes", lambda: 1000)
+    with pytest.raises(ValueError, match=r"pinned host masters .* need .* GiB.*only 0\.00 GiB is available"):
+        zo2_ds.initialize(model=tiny_causal_lm("llama", layers=4), config=make_config({"enabled": True}))
+    monkeypatch.undo()
+
+    with pytest.raises(NotImplementedError, match=r"zo2\.offload\.transfer_dtype='bf16'"):
+        zo2_ds.initialize(
+            model=tiny_causal_lm("llama", layers=2), config=make_config({"enabled": True, "transfer_dtype": "bf16"})
+        )
+
+    class NoBlocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x).sum()
+
+    with pytest.raises(ValueError, match=r"zo2\.offload\.blocks_attr"):
+        zo2_ds.initialize(model=NoBlocks(), config=make_config({"enabled": True}))
+
+
+def test_parse_bytes():
+    assert store_mod.parse_bytes("8GB") == 8 * 10**9
+    assert store_mod.parse_bytes("1.5GiB") == int(1.5 * 2**30)
+    assert store_mod.parse_bytes(1234) == 1234
+    with pytest.raises(ValueError, match="max_gpu_memory"):
+        store_mod.parse_bytes("lots")
+
+
+# -- CUDA: streams, events, pinned memory ---------------------------------------------------------------
+
+
+def _delay_everything(engine, cycles):
+    """Delay the compute stream at each block, and each upload / write-back, to expose missing event waits."""
+    runner = engine.zo_runner
+    for block in runner.store.blocks.blocks:
+        block.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(cycles))
+    issue, release = runner._issue_upload, runner._release
+
+    def slow_issue(b):
+        with torch.cuda.stream(runner.streams.upload):
+            torch.cuda._sleep(cycles)
+        issue(b)
+
+    def slow_release(b):
+        with torch.cuda.stream(runner.streams.writeback):
+            torch.cuda._sleep(cycles)
+        release(b)
+
+    runner._issue_upload, runner._release = slow_issue, slow_release
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("delay", [0, 2_000_000])
+def test_cuda_offload_equals_in_gpu_bit_exactly(dtype, delay):
+    assert CUDA, "run with DS_ACCELERATOR=cuda"
+    base = tiny_causal_lm("llama", tied=False, vocab_size=VOCAB, hidden=64, layers=5)
+    data = batches(4, 2, seq=32)
+    kw = dict(q=2, grad_accum=2, schedule=SCHEDULE, weight_decay=0.1, dtype=dtype)
+    off = trajectory(copy.deepcopy(base), {"enabled": False}, data, device="cuda", **kw)
+    engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=make_config({"enabled": True}, **kw))
+    store = engine.zo_offload_store
+    # Page-locked (cudaHostRegister'ed exactly, which torch's is_pinned() does not report) and host-resident.
+    assert all(store.host_pinned) and all(home.device.type == "cpu" for home in store.homes)
+    assert all(p.device.type == "cpu" for b in store.blocks.blocks for p in b.parameters())
+    assert engine.module.get_input_embeddings().weight.device.type == "cuda"
+    if delay:
+        _delay_everything(engine, delay)
+    losses, gs = train(engine, data, "cuda")
+    engine.eval()
+    mb = data[-1][0]
+    eval_loss = engine(**{k: v.cuda() for k, v in mb.items()}).loss.item()
+    assert_same(off, (engine, losses, gs, eval_loss, params_of(engine)))
+
+
+@pytest.mark.cuda
+def test_cuda_peak_memory_is_flat_and_blocks_never_all_on_gpu():
+    assert CUDA
+    base = tiny_causal_lm("opt", tied=True, vocab_size=VOCAB, hidden=1024, layers=24, dtype=torch.float16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()  # what earlier tests in this process left behind
+    engine, *_ = zo2_ds.initialize(model=base, config=make_config({"enabled": True}, dtype="fp16"))
+    block_bytes = engine.zo_offload_store.sizes[0]
+    data = batches(6, 1, seq=64)
+    train(engine, data[:2], "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    peaks = []
+    for step in data[2:]:
+        train(engine, [step], "cuda")
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+    assert max(peaks) == min(peaks), peaks
+    # Slot ring + scratch + embeddings + activations + library workspaces: well under half of the 24 blocks.
+    used = max(peaks) - before
+    assert used < 12 * block_bytes, (used, block_bytes)
+
+
+@pytest.mark.cuda
+def test_cuda_budget_resident_blocks_bit_exact():
+    assert CUDA
+    base = tiny_causal_lm("mistral", tied=False, vocab_size=VOCAB, hidden=64, layers=4)
+    data = batches(3, 1, seq=16)
+    kw = dict(q=1, dtype="bf16")
+    off = trajectory(copy.deepcopy(base), {"enabled": False}, data, device="cuda", **kw)
+    on = trajectory(copy.deepcopy(base), {"enabled": True, "num_resident_blocks": 2}, data, device="cuda", **kw)
+    assert on[0].zo_offload_store.homes[0].device.type == "cuda"
+    assert_same(off, on)
+
+
+# -- data parallel: every rank offloads on its own ------------------------------------------------------
+
+
+def _dp_worker(out_dir: str, offload: bool) -> None:
+    """One rank (env RANK / WORLD_SIZE set by the test): train 3 steps on its shard, save what it ends with."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # Each rank starts from a different init: the broadcast from rank 0 (staged per block) must fix it.
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", layers=3, seed=rank),
+                                   config=make_config({"enabled": offload}, q=2, lr=5e-3))
+    engine.train()
+    losses, gs = [], []
+    for micro_batches in batches(3, 1, micro_batch=2 * world):
+        ids = micro_batches[0]["input_ids"][rank * 2:(rank + 1) * 2]
+        out = engine(input_ids=ids, labels=ids)
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(out.loss.item())
+        gs.append(engine.last_projected_grad)
+    torch.save({"losses": losses, "gs": gs, "params": params_of(engine)}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_data_parallel_ranks_offload_on_their_own_and_match_offload_off(tmp_path):
+    import subprocess
+    import sys
+
+    from zo2_ds.testing import free_port
+
+    results = {}
+    for offload in (True, False):
+        out = tmp_path / str(offload)
+        out.mkdir()
+        port = str(free_port())
+        code = (f"import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r}); import test_offload; "
+                f"test_offload._dp_worker({str(out)!r}, {offload})")
+        procs = []
+        for rank in range(2):
+            env = dict(os.environ, DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, GLOO_SOCKET_IFNAME="lo")
+            procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        for p in procs:
+            log, _ = p.communicate(timeout=300)
+            assert p.returncode == 0, log[-3000:]
+        results[offload] = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    on, off = results[True], results[False]
+    for r in range(2):
+        assert on[r]["losses"] == off[r]["losses"] and on[r]["gs"] == off[r]["gs"]
+        for name, value in off[r]["params"].items():
+            assert torch.equal(on[r]["params"][name], value), (r, name)
+    assert on[0]["gs"] == on[1]["gs"]  # g is all-reduced: one trajectory on every rank
+    for name, value in on[0]["params"].items():
+        assert torch.equal(on[1]["params"][name], value), name

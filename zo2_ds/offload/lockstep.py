@@ -1,0 +1,222 @@
+"""Run P forwards of one model block-major instead of pass-major, without touching the model's code.
+
+The offloader wants every pass to run block k while block k is on the GPU, i.e. the order
+
+    prefix(pass 0) .. prefix(pass P-1), block 0(pass 0) .. block 0(pass P-1), block 1(pass 0) ...
+
+where "prefix" is everything before block 0 (embeddings) and the last segment is block N-1 plus the tail
+(final norm, head, loss). An HF forward is one Python call that loops over its blocks, so each pass runs
+in its own thread (pass 0 in the caller's), and the threads take turns: a thread runs one segment, then
+at the next block's forward pre-hook hands the turn to the next pass and waits for its own. Exactly one
+thread runs at any time, in a fixed order, so the result is the same as running the passes one after the
+other (the maths of each pass is unchanged; only the order between passes differs).
+
+Grad mode, autocast, the current device and the current stream are thread-local in torch: each worker
+copies them from the caller, so kernels of every pass go to the caller's stream in issue order.
+
+Failure: the first exception (in any pass) aborts the others: they raise :class:`Aborted` where they
+wait, unwind through the model (its always-call hooks run) and the caller re-raises the original error.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["LockStep", "Aborted", "PassPool"]
+
+
+class Aborted(BaseException):
+    """Raised in a pass's thread when another pass failed; never escapes :meth:`LockStep.run`."""
+
+
+class LockStep:
+    """Turn-taking for ``num_passes`` forwards through ``num_blocks`` blocks.
+
+    ``on_turn(j)`` is called (in the thread of pass j) each time pass j gets the turn, before it runs.
+    """
+
+    def __init__(self, num_passes: int, num_blocks: int, on_turn: Callable[[int], None] | None = None):
+        self.num_passes = num_passes
+        self.num_blocks = num_blocks
+        self._on_turn = on_turn
+        self._cond = threading.Condition()
+        self._turn = 0  # segment s of pass j has turn s * num_passes + j
+        self._stage = [0] * num_passes  # segment each pass is in (block k's forward is in segment k + 1)
+        self._finished = [False] * num_passes
+        self._error: BaseException | None = None
+        self._local = threading.local()
+
+    # -- called from the model's hooks -----------------------------------------------------------
+    @property
+    def current_pass(self) -> int:
+        return self._local.index
+
+    @property
+    def aborted(self) -> bool:
+        return self._error is not None
+
+    def enter_block(self, block: int) -> int:
+        """At block ``block``'s pre-hook: end the current segment, wait for this pass's turn at the block.
+
+        Returns the pass index. Raises RuntimeError when blocks are not called once each, in order.
+        """
+        j = self._local.index
+        if self._stage[j] != block:
+            raise RuntimeError(
+                f"zo2.offload: pass {j} called block {block} after block {self._stage[j] - 1}; the offloader needs "
+                "the model to call every block exactly once per forward, in list order (see zo2.offload.blocks_attr)"
+            )
+        with self._cond:
+            self._stage[j] = block + 1
+            self._advance()
+            self._wait(j)
+        return j
+
+    # -- driving ---------------------------------------------------------------------------------
+    def run(self, forwards: Sequence[Callable[[], Any]], pool: PassPool | None = None) -> list[Any]:
+        """Run ``forwards[j]`` as pass j (pass 0 in this thread, the others on ``pool``'s workers)."""
+        assert len(forwards) == self.num_passes
+        results: list[Any] = [None] * self.num_passes
+        context = _ThreadContext.capture()
+        own_pool = pool is None
+        pool = pool if pool is not None else PassPool()
+        done = [pool.submit(j - 1, lambda j=j: self._run_pass(j, forwards[j], results, context))
+                for j in range(1, self.num_passes)]
+        try:
+            self._run_pass(0, forwards[0], results, None)
+        finally:
+            for event in done:
+                event.wait()
+            if own_pool:
+                pool.close()
+        if self._error is not None:
+            raise self._error
+        return results
+
+    def _run_pass(self, j: int, forward: Callable[[], Any], results: list[Any], context: _ThreadContext | None) -> None:
+        self._local.index = j
+        try:
+            stack = context.enter() if context is not None else []
+            try:
+                with self._cond:
+                    self._wait(j)
+                results[j] = forward()
+            finally:
+                _ThreadContext.exit(stack)
+            if self._stage[j] != self.num_blocks:
+                raise RuntimeError(
+                    f"zo2.offload: pass {j} called {self._stage[j]} of the {self.num_blocks} blocks; the offloader "
+                    "needs "
+                    "the model to call every block exactly once per forward (see zo2.offload.blocks_attr)"
+                )
+        except Aborted:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - re-raised by run() in the caller's thread
+            with self._cond:
+                if self._error is None:
+                    self._error = exc
+                self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._finished[j] = True
+                if self._turn % self.num_passes == j and self._error is None:
+                    self._advance()
+                self._cond.notify_all()
+
+    # -- turn bookkeeping (hold self._cond) ------------------------------------------------------
+    def _advance(self) -> None:
+        self._turn += 1
+        end = (self.num_blocks + 1) * self.num_passes
+        while self._turn < end and self._finished[self._turn % self.num_passes]:
+            self._turn += 1
+        self._cond.notify_all()
+
+    def _wait(self, j: int) -> None:
+        target = self._stage[j] * self.num_passes + j
+        while self._turn != target and self._error is None:
+            self._cond.wait()
+        if self._error is not None:
+            raise Aborted()
+        if self._on_turn is not None:
+            self._on_turn(j)
+
+
+class PassPool:
+    """Long-lived worker threads for passes 1..P-1, reused every step.
+
+    Reuse matters on CUDA: libraries keep per-thread state (cuBLAS / cuDNN handles, workspaces and
+    cuDNN's attention graph cache); a fresh thread per step would rebuild it every step.
+    """
+
+    def __init__(self) -> None:
+        self._queues: list[queue.SimpleQueue] = []
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, worker: int, job: Callable[[], None]) -> threading.Event:
+        while len(self._queues) <= worker:
+            q: queue.SimpleQueue = queue.SimpleQueue()
+            t = threading.Thread(target=self._loop, args=(q,), daemon=True, name=f"zo2-pass-{len(self._queues) + 1}")
+            self._queues.append(q)
+            self._threads.append(t)
+            t.start()
+        done = threading.Event()
+        self._queues[worker].put((job, done))
+        return done
+
+    @staticmethod
+    def _loop(q: queue.SimpleQueue) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            job, done = item
+            try:
+                job()  # _run_pass catches everything; nothing escapes to kill the worker
+            finally:
+                done.set()
+
+    def close(self) -> None:
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
+        self._queues.clear()
+        self._threads.clear()
+
+
+class _ThreadContext:
+    """The caller's thread-local torch state, re-entered in a worker thread."""
+
+    def __init__(self, grad: bool, device: int | None, stream: Any, autocast: list[tuple[str, torch.dtype]]):
+        self.grad, self.device, self.stream, self.autocast = grad, device, stream, autocast
+
+    @classmethod
+    def capture(cls) -> _ThreadContext:
+        device = stream = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            device = torch.cuda.current_device()
+            stream = torch.cuda.current_stream(device)
+        autocast = [(kind, torch.get_autocast_dtype(kind)) for kind in ("cuda", "cpu")
+                    if torch.is_autocast_enabled(kind)]
+        return cls(torch.is_grad_enabled(), device, stream, autocast)
+
+    def enter(self) -> list[Any]:
+        stack: list[Any] = [torch.set_grad_enabled(self.grad)]
+        if self.device is not None:
+            torch.cuda.set_device(self.device)
+            stack.append(torch.cuda.stream(self.stream))
+        for kind, dtype in self.autocast:
+            stack.append(torch.autocast(kind, dtype=dtype))
+        for ctx in stack:
+            ctx.__enter__()
+        return stack
+
+    @staticmethod
+    def exit(stack: list[Any]) -> None:
+        for ctx in reversed(stack):
+            ctx.__exit__(None, None, None)

@@ -1,0 +1,364 @@
+"""OffloadRunner: the ZO step with the blocks streamed through a fixed ring of GPU slots.
+
+Same interface as :class:`zo2_ds.perturb.ResidentRunner` (``run``, ``run_plain``, ``update``, ``flush``,
+``close``) and the same arithmetic on every tensor (``zo.perturbed_into`` / ``zo.apply_update_``, or the
+fused ``kernels.update_and_perturb_`` on CUDA, with z keyed by the parameter's canonical name), so a
+trajectory with offloading is bit-identical to one without.
+
+One step, for block b (streamed; a resident block is the same minus the copies):
+
+    upload stream   : wait slot free, wait b's last write-back  ->  copy pinned master -> slot   [uploaded]
+    compute stream  : wait [uploaded]; theta = slot;
+                      fused: apply step t-1's pending update to theta (lr of step t-1) and write
+                      theta + eps z_0 into the perturbation scratch; pass (0,+) on block b;
+                      theta - eps z_0 into the scratch; pass (0,-) on block b; ... all 2q passes
+    write-back      : wait [computed]; copy slot -> pinned master (only if an update was applied) [slot free]
+    upload stream   : next block into the freed slot (prefetch_depth ahead of the computing block)
+
+The 2q passes run block-major through :class:`~zo2_ds.offload.lockstep.LockStep`. Every step's update
+of a block is deferred to its next upload (``update`` only records seeds, coefficients, lr and weight
+decay); ``flush`` streams every block with a pending update through once (eval, checkpoints, the end of
+training, and any ``state_dict`` / ``load_state_dict`` of the model). Parameters outside the blocks are
+perturbed and updated eagerly by a ResidentRunner, which the lock-step points at each pass in turn.
+
+Memory: the slot ring, the perturbation scratch buffer and the events are allocated once; nothing
+is allocated per step by the offloader. The host never waits in the steady state: streams are ordered by
+events only (``flush`` synchronises, once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from zo2_ds import zo
+from zo2_ds.offload.lockstep import LockStep, PassPool
+from zo2_ds.offload.store import ALIGN_BYTES, BlockStore
+from zo2_ds.offload.streams import Streams
+from zo2_ds.perturb import ResidentRunner, UpdateGroup
+
+__all__ = ["OffloadRunner"]
+
+_Update = tuple[list[int], list[float], float, float]  # seeds, coefs, lr, weight decay
+_Spec = tuple[int, int, float]  # step, perturbation index, scale
+
+
+class OffloadRunner:
+    """Built by ``ZOEngine._build_runner`` when ``zo2.offload.enabled``; ``engine.zo_offload_store`` holds the
+    blocks' homes (built in ``ZOEngine._configure_distributed_model``)."""
+
+    def __init__(self, engine: Any, cfg: Any, *, timeline: bool = False):
+        store: BlockStore = engine.zo_offload_store
+        self.store = store
+        self.eps, self.seed = cfg.eps, cfg.seed
+        self.device = store.device
+        self.streams = Streams(enabled=None if self.device.type != "cpu" else False, timing=timeline)
+        num_blocks = store.num_blocks
+
+        in_blocks = store.param_ids
+        key_of = {id(tp.param): tp.key for tp in engine.zo_params}
+        self._in_blocks = in_blocks
+        self.resident = ResidentRunner(engine.module, [tp for tp in engine.zo_params if id(tp.param) not in in_blocks],
+                                       cfg.eps, cfg.seed)
+        # Trainable entries of each block: (entry index, z key).
+        self._train = [[(i, key_of[id(e.param)]) for i, e in enumerate(store.entries[b]) if id(e.param) in key_of]
+                       for b in range(num_blocks)]
+        self._entry_of = {id(e.param): (b, t) for b in range(num_blocks)
+                          for t, (i, _) in enumerate(self._train[b]) for e in [store.entries[b][i]]}
+
+        # Perturbation scratch: one block's trainable tensors at theta + scale z. One buffer serves every
+        # pass (pass j+1 overwrites it after pass j's kernels, in compute-stream order): a second buffer
+        # would let one kernel write both signs, at one more block of GPU memory.
+        offsets, scratch_bytes = [], ALIGN_BYTES
+        for b in range(num_blocks):
+            off, block_offsets = 0, []
+            for i, _ in self._train[b]:
+                block_offsets.append(off)
+                off += -(-store.entries[b][i].nbytes // ALIGN_BYTES) * ALIGN_BYTES
+            offsets.append(block_offsets)
+            scratch_bytes = max(scratch_bytes, off)
+        self._scratch = torch.empty(scratch_bytes, dtype=torch.uint8, device=self.device)
+        self._pert_views = [[_view(self._scratch, off, store.entries[b][i]) for (i, _), off in
+                             zip(self._train[b], offsets[b])] for b in range(num_blocks)]
+
+        # The slot ring, block b always in the same slot: one computing, prefetch_depth uploading ahead, and
+        # one more so that a block's write-back overlaps the next upload instead of delaying it.
+        streamed = store.streamed
+        self.num_slots = min(cfg.offload.prefetch_depth + 2, len(streamed))
+        slot_bytes = max((store.sizes[b] for b in streamed), default=0)
+        self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.num_slots)]
+        self._slot_of = {b: pos % self.num_slots for pos, b in enumerate(streamed)}
+        self._dev_views = [store.views(b, self._slots[self._slot_of[b]]) if store.is_streamed(b) else
+                           store.home_views[b] for b in range(num_blocks)]
+        self._streamed = streamed
+
+        self._uploaded = [self.streams.marker() for _ in range(num_blocks)]
+        self._computed = [self.streams.marker() for _ in range(self.num_slots)]
+        self._slot_free = [self.streams.marker() for _ in range(self.num_slots)]
+        self._written = [self.streams.marker() for _ in range(num_blocks)]
+        self._slot_owner: list[int | None] = [None] * self.num_slots
+
+        self._pending: list[list[_Update | None] | None] = [None] * num_blocks
+        self._dirty = [False] * num_blocks
+        self._acquired: set[int] = set()
+        self._cursor: int | None = None  # next position in `streamed` to upload during a run
+        self._sched: LockStep | None = None
+        self._pool = PassPool()
+        self._specs: list[_Spec | None] = []
+        self.timeline: list[tuple[str, int, Any, Any]] | None = [] if timeline else None
+
+        self._handles = []
+        for b, block in enumerate(store.blocks.blocks):
+            self._handles.append(block.register_forward_pre_hook(self._make_pre_hook(b)))
+            self._handles.append(block.register_forward_hook(self._make_post_hook(b), always_call=True))
+        self._handles.append(engine.module.register_state_dict_pre_hook(lambda *_: self.flush()))
+        self._handles.append(engine.module.register_load_state_dict_pre_hook(lambda *_: self.flush()))
+
+    # -- the runner interface --------------------------------------------------------------------
+    def run(self, step: int, num_perturbations: int, forward: Callable[[], Any]) -> list[tuple[Any, Any]]:
+        """[(output at theta + eps z_i, output at theta - eps z_i) for i in range(q)], block-major."""
+        specs = [(step, i, sign * self.eps) for i in range(num_perturbations) for sign in (1, -1)]
+        outs = self._run(specs, forward)
+        return [(outs[2 * i], outs[2 * i + 1]) for i in range(num_perturbations)]
+
+    def run_plain(self, forward: Callable[[], Any]) -> Any:
+        """One unperturbed forward with the blocks streamed (any pending update is applied on the way)."""
+        return self._run([None], forward)[0]
+
+    def update(self, step: int, coefs: Sequence[float], groups: Sequence[UpdateGroup]) -> None:
+        """Eager for parameters outside the blocks; recorded for the blocks' next upload (lr of this step)."""
+        if any(p is not None for p in self._pending):
+            self.flush()  # two updates without a forward in between: apply the older one first
+        coefs = [float(c) for c in coefs]
+        outside = []
+        for group in groups:
+            rest = []
+            for p in group.params:
+                where = self._entry_of.get(id(p))
+                if where is None:
+                    rest.append(p)
+                    continue
+                b, t = where
+                key = self._train[b][t][1]
+                seeds = [zo.z_seed(self.seed, step, i, key) for i in range(len(coefs))]
+                wd = group.weight_decay if zo.uses_weight_decay(p) else 0.0
+                if self._pending[b] is None:
+                    self._pending[b] = [None] * len(self._train[b])
+                self._pending[b][t] = (seeds, coefs, group.lr, wd)
+            if rest:
+                outside.append(UpdateGroup(tuple(rest), group.lr, group.weight_decay))
+        self.resident.update(step, coefs, outside)
+
+    def flush(self) -> None:
+        """Apply every pending block update now (streaming those blocks once); wait for all copies."""
+        if self._sched is not None:
+            return  # a state_dict taken inside a forward: nothing consistent to flush mid-step
+        for b in range(self.store.num_blocks):
+            if self._pending[b] is not None:
+                self._acquire(b, None)
+                self._release(b)
+        self.streams.synchronize()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.resident.close()
+        self._pool.close()
+
+    @property
+    def pending_blocks(self) -> list[int]:
+        return [b for b, p in enumerate(self._pending) if p is not None]
+
+    # -- one schedule ----------------------------------------------------------------------------
+    def _run(self, specs: list[_Spec | None], forward: Callable[[], Any]) -> list[Any]:
+        self._specs = specs
+        self._sched = LockStep(len(specs), self.store.num_blocks, on_turn=self._on_turn)
+        self._cursor = 0
+        ok = False
+        try:
+            self._prefetch()
+            outs = self._sched.run([forward] * len(specs), self._pool)
+            ok = True
+            return outs
+        finally:
+            self._sched, self._cursor = None, None
+            self.resident._active = None
+            if not ok:
+                self._recover()
+
+    def _on_turn(self, j: int) -> None:
+        # Parameters outside the blocks follow whichever pass holds the turn.
+        self.resident._active = self._specs[j]
+
+    def _recover(self) -> None:
+        """After a failed forward: write back blocks whose update was applied, wait, point params home."""
+        for b in sorted(self._acquired):
+            self._release(b)
+        self.streams.synchronize()
+        for slot in range(self.num_slots):
+            self._slot_owner[slot] = None
+        for b in range(self.store.num_blocks):
+            self.store.point_params_home(b)
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _make_pre_hook(self, b: int) -> Callable:
+        def pre_hook(mod: torch.nn.Module, args: Any) -> None:
+            sched = self._sched
+            if sched is None:  # a forward outside the runner (model called directly): stream b plainly
+                self._acquire(b, None)
+                return
+            j = sched.enter_block(b)
+            spec = self._specs[j]
+            if j == 0:
+                self._acquire(b, spec)  # pending update fused with pass 0's perturbation
+            elif spec is not None:
+                self._perturb(b, None, spec)
+            if spec is not None:
+                for (i, _), v in zip(self._train[b], self._pert_views[b]):
+                    self.store.entries[b][i].param.data = v
+
+        return pre_hook
+
+    def _make_post_hook(self, b: int) -> Callable:
+        def post_hook(mod: torch.nn.Module, args: Any, output: Any) -> None:
+            sched = self._sched
+            if sched is None:
+                self._release(b)
+                return
+            if sched.aborted or b not in self._acquired:
+                return  # _recover cleans up
+            # The block's params stay bound to this pass's perturbed views until the next pass binds its
+            # own (nothing outside the block's forward reads them); the last pass's release points them home.
+            if sched.current_pass == sched.num_passes - 1:
+                self._release(b)
+
+        return post_hook
+
+    # -- block lifecycle -------------------------------------------------------------------------
+    def _acquire(self, b: int, spec: _Spec | None) -> None:
+        """Make block b computable: its upload done, params on the device, pending update applied, z_0 drawn."""
+        streamed = self.store.is_streamed(b)
+        compute = self.streams.compute()
+        if streamed:
+            if self._slot_owner[self._slot_of[b]] != b:
+                self._issue_upload(b)
+            self._uploaded[b].wait(compute)
+        self._trace("compute", b, compute, start=True)
+        for e, v in zip(self.store.entries[b], self._dev_views[b]):
+            e.param.data = v
+        pending, self._pending[b] = self._pending[b], None
+        if pending is not None:
+            self._dirty[b] = True
+        self._acquired.add(b)
+        if spec is not None:
+            self._perturb(b, pending, spec)
+        elif pending is not None:
+            views = self._dev_views[b]
+            for (i, _), upd in zip(self._train[b], pending):
+                if upd is not None:
+                    zo.apply_update_(views[i], *upd)
+        self._prefetch()
+
+    def _perturb(self, b: int, pending: list[_Update | None] | None, spec: _Spec) -> None:
+        """theta (+ pending update, in place) -> theta + scale z_i into the scratch views."""
+        step, index, scale = spec
+        views = self._dev_views[b]
+        outs = self._pert_views[b]
+        for t, (i, key) in enumerate(self._train[b]):
+            upd = pending[t] if pending is not None else None
+            seed = zo.z_seed(self.seed, step, index, key)
+            _update_and_perturb(views[i], upd, seed, (scale,), (outs[t],))
+
+    def _release(self, b: int) -> None:
+        """All passes are done with block b: write it back if it changed, free its slot, upload the next."""
+        self._acquired.discard(b)
+        compute = self.streams.compute()
+        self._trace("compute", b, compute, start=False)
+        if not self.store.is_streamed(b):
+            for e, v in zip(self.store.entries[b], self.store.home_views[b]):
+                e.param.data = v  # undo the perturbed binding; the home is the device buffer itself
+            self._dirty[b] = False
+            return
+        slot = self._slot_of[b]
+        self.store.point_params_home(b)
+        if self._dirty[b]:
+            wb = self.streams.writeback
+            self._computed[slot].record(compute)
+            with self.streams.on(wb):
+                self._computed[slot].wait(wb)
+                self._trace("writeback", b, wb, start=True)
+                # The master is only read by the next upload of b, which waits for [written].
+                self.store.homes[b].copy_(self._slots[slot][: self.store.sizes[b]], non_blocking=True)
+                self._trace("writeback", b, wb, start=False)
+                self._written[b].record(wb)
+                self._slot_free[slot].record(wb)
+            self._dirty[b] = False
+        else:
+            self._slot_free[slot].record(compute)
+        self._slot_owner[slot] = None
+        self._prefetch()
+
+    def _issue_upload(self, b: int) -> None:
+        slot = self._slot_of[b]
+        if self._slot_owner[slot] is not None:
+            raise RuntimeError(f"zo2.offload: slot {slot} still holds block {self._slot_owner[slot]} (internal error)")
+        up = self.streams.upload
+        with self.streams.on(up):
+            # The slot is reused only after its last reader (compute) or writer (write-back) finished, and
+            # b's master only after its last write-back landed.
+            self._slot_free[slot].wait(up)
+            self._written[b].wait(up)
+            self._trace("upload", b, up, start=True)
+            self._slots[slot][: self.store.sizes[b]].copy_(self.store.homes[b], non_blocking=True)
+            self._trace("upload", b, up, start=False)
+            self._uploaded[b].record(up)
+        self._slot_owner[slot] = b
+
+    def _prefetch(self) -> None:
+        """During a run: upload the next streamed blocks in order while their slots are free."""
+        if self._cursor is None:
+            return
+        while self._cursor < len(self._streamed):
+            b = self._streamed[self._cursor]
+            owner = self._slot_owner[self._slot_of[b]]
+            if owner == b:
+                self._cursor += 1
+                continue
+            if owner is not None:
+                return
+            self._issue_upload(b)
+            self._cursor += 1
+
+    def _trace(self, what: str, b: int, stream: Any, start: bool) -> None:
+        if self.timeline is None or not self.streams.enabled:
+            return
+        from deepspeed.accelerator import get_accelerator
+
+        event = get_accelerator().Event(enable_timing=True)
+        event.record(stream)
+        self.timeline.append((what, b, "start" if start else "end", event))
+
+
+def _view(flat: torch.Tensor, offset: int, entry: Any) -> torch.Tensor:
+    return flat[offset : offset + entry.nbytes].view(entry.dtype).view(entry.shape)
+
+
+def _update_and_perturb(theta: torch.Tensor, update: _Update | None, seed: int, scales: tuple[float, ...],
+                        outs: tuple[torch.Tensor, ...]) -> None:
+    """Apply ``update`` to theta in place (if any), then ``outs[j] = theta + scales[j] z(seed)``.
+
+    On CUDA the fused kernel reads theta once; it is bit-identical to the separate calls used elsewhere.
+    """
+    if zo._use_kernels(theta):
+        from zo2_ds import kernels
+
+        if hasattr(kernels, "update_and_perturb_"):
+            kernels.update_and_perturb_(theta, update, seed, scales, outs)
+            return
+    if update is not None:
+        zo.apply_update_(theta, *update)
+    for scale, out in zip(scales, outs):
+        zo.perturbed_into(out, theta, seed, scale)

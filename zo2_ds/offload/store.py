@@ -1,0 +1,258 @@
+"""Where each block's parameters live: one flat buffer per block, pinned on the host or resident on the device.
+
+Built once, inside ``ZOEngine._configure_distributed_model`` (after DeepSpeed's fp16/bf16 cast, before
+anything is moved to the device), by :func:`build_store`:
+
+- every parameter of a block (trainable or frozen) gets a slice of its block's flat ``uint8`` buffer, at
+  an offset aligned to :data:`ALIGN_BYTES`, so one block crosses the link as one large DMA and a slice on
+  the GPU has the alignment of a normal allocation (cuBLAS / vectorised kernels see no difference);
+- ``Parameter.data`` is re-pointed at its slice ("home"), block by block, so the original storage is
+  freed as we go: host memory peaks at the model plus one block, never two copies of it. state_dict,
+  checkpoints and load_state_dict then read and write the host masters directly;
+- streamed blocks' homes are pinned host memory from DeepSpeed's accelerator (``pin_empty``); the first
+  ``num_resident`` blocks (the budget, ``zo2.offload.max_gpu_memory`` / ``num_resident_blocks``) live on
+  the device for good;
+- everything that is not a block parameter (embeddings, final norm, head, all buffers) moves to the device.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zo2_ds.models import BlockList, find_blocks
+
+__all__ = ["ALIGN_BYTES", "BlockStore", "build_store", "parse_bytes", "available_host_bytes"]
+
+ALIGN_BYTES = 256
+_GIB = 1024**3
+
+
+@dataclass
+class Entry:
+    """One parameter's slice of its block's flat buffer."""
+
+    param: nn.Parameter
+    offset: int  # bytes
+    nbytes: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+class BlockStore:
+    """The block list, each block's flat home buffer and its parameter slices."""
+
+    def __init__(self, blocks: BlockList, device: torch.device, entries: list[list[Entry]], sizes: list[int],
+                 num_resident: int):
+        self.blocks = blocks
+        self.device = device
+        self.entries = entries
+        self.sizes = sizes  # flat bytes per block
+        self.num_resident = num_resident
+        # Resident blocks are spread evenly (0, N/k, 2N/k, ...), not bunched at one end: while the GPU
+        # computes a resident block, the link keeps streaming the next streamed ones, so a budget of half
+        # the model halves the transfer-bound step instead of only shortening its streamed part.
+        n = len(sizes)
+        self.resident = frozenset(i * n // num_resident for i in range(num_resident)) if num_resident else frozenset()
+        self.homes: list[torch.Tensor] = []
+        self.host_pinned: list[bool] = []  # per block: home is page-locked host memory
+        self.home_views: list[list[torch.Tensor]] = []
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks.blocks)
+
+    def is_streamed(self, index: int) -> bool:
+        return index not in self.resident
+
+    @property
+    def streamed(self) -> list[int]:
+        return [b for b in range(self.num_blocks) if b not in self.resident]
+
+    @property
+    def param_ids(self) -> set[int]:
+        return {id(e.param) for block in self.entries for e in block}
+
+    def streamed_bytes(self) -> int:
+        return sum(self.sizes[b] for b in self.streamed)
+
+    def views(self, index: int, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [e.view(flat) for e in self.entries[index]]
+
+    def point_params_home(self, index: int) -> None:
+        for e, v in zip(self.entries[index], self.home_views[index]):
+            e.param.data = v
+
+
+def parse_bytes(value: int | str) -> int:
+    """``8000000000``, ``"8GB"``, ``"7.5GiB"``, ``"512MB"`` -> bytes."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().upper().replace(" ", "")
+    units = {"TIB": 1024**4, "GIB": 1024**3, "MIB": 1024**2, "KIB": 1024, "TB": 10**12, "GB": 10**9, "MB": 10**6,
+             "KB": 10**3, "B": 1}
+    for unit, scale in units.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * scale)
+            except ValueError:
+                break
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f'zo2.offload.max_gpu_memory: cannot read {value!r} as bytes (e.g. 8000000000 or "8GB")') \
+            from None
+
+
+def available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (psutil where that is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _layout(block: nn.Module) -> tuple[list[tuple[nn.Parameter, int, int]], int]:
+    out, offset = [], 0
+    seen: set[int] = set()
+    for p in block.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        nbytes = p.numel() * p.element_size()
+        out.append((p, offset, nbytes))
+        offset += -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
+    return out, max(offset, ALIGN_BYTES)
+
+
+def _num_resident(cfg, sizes: list[int]) -> int:
+    if cfg.max_gpu_memory is not None and cfg.num_resident_blocks is not None:
+        raise ValueError("zo2.offload: set max_gpu_memory or num_resident_blocks, not both")
+    if cfg.num_resident_blocks is not None:
+        return min(cfg.num_resident_blocks, len(sizes))
+    if cfg.max_gpu_memory is None:
+        return 0
+    budget = parse_bytes(cfg.max_gpu_memory)
+    if budget < max(sizes):
+        raise ValueError(
+            f"zo2.offload.max_gpu_memory={cfg.max_gpu_memory!r} ({budget / _GIB:.3f} GiB) is smaller than one block "
+            f"({max(sizes) / _GIB:.3f} GiB): raise it to at least one block, or leave it unset to stream every block"
+        )
+    return min(budget // max(sizes), len(sizes))  # resident blocks are spread out: count the largest
+
+
+def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = True) -> BlockStore:
+    """Find the blocks, give every block parameter its home slice, move the rest of the model to ``device``.
+
+    ``cfg`` is the ``zo2.offload`` config. Raises ValueError for a model without a block list, a budget
+    smaller than one block, or not enough host memory for the pinned masters (checked before allocating).
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    blocks = find_blocks(model, cfg.blocks_attr)
+    layouts = [_layout(b) for b in blocks.blocks]
+    sizes = [size for _, size in layouts]
+    num_resident = _num_resident(cfg, sizes)
+    _check_transfer_dtype(cfg, layouts)
+    entries = [[Entry(p, off, n, p.dtype, p.shape) for p, off, n in layout] for layout, _ in layouts]
+    store = BlockStore(blocks, device, entries, sizes, num_resident)
+
+    streamed = store.streamed
+    pinned_bytes = sum(sizes[b] for b in streamed)
+    # Host bytes freed as each block's original storage is replaced (only what is on the CPU now).
+    freed = sum(e.nbytes for b in streamed for e in entries[b] if e.param.device.type == "cpu")
+    needed = pinned_bytes - freed + (max(sizes[b] for b in streamed) if streamed else 0)
+    available = available_host_bytes()
+    if needed > available:
+        raise ValueError(
+            f"zo2.offload: the pinned host masters of {len(streamed)} streamed blocks need "
+            f"{pinned_bytes / _GIB:.2f} GiB "
+            f"({needed / _GIB:.2f} GiB more than the model holds on the host now), but only {available / _GIB:.2f} GiB "
+            "is available (MemAvailable). Free host memory, keep more blocks on the GPU "
+            "(zo2.offload.max_gpu_memory / num_resident_blocks), or use more nodes."
+        )
+
+    acc = get_accelerator()
+    registered: list[int] = []
+    weakref.finalize(store, _unregister, acc, registered)
+    was_on_device = any(e.param.device.type != "cpu" for block_entries in entries for e in block_entries)
+    for index, block_entries in enumerate(entries):
+        if store.is_streamed(index):
+            home = _pinned_host_buffer(acc, sizes[index], registered)
+            store.host_pinned.append(bool(registered) and registered[-1] == home.data_ptr() or home.is_pinned())
+        else:
+            home = torch.empty(sizes[index], dtype=torch.uint8, device=device)
+            store.host_pinned.append(False)
+        views = [e.view(home) for e in block_entries]
+        for e, v in zip(block_entries, views):
+            v.copy_(e.param.data)
+            e.param.data = v  # the old storage is released here (unless someone else holds it)
+        store.homes.append(home)
+        store.home_views.append(views)
+
+    if was_on_device:
+        acc.empty_cache()  # the blocks' device storage (a model built on the GPU) goes back to the driver
+
+    if move_rest:
+        in_blocks = store.param_ids
+        for mod in model.modules():
+            for p in mod._parameters.values():
+                if p is not None and id(p) not in in_blocks and p.device != device:
+                    p.data = p.data.to(device)
+            for name, buf in mod._buffers.items():
+                if buf is not None and buf.device != device:
+                    mod._buffers[name] = buf.to(device)
+    return store
+
+
+def _pinned_host_buffer(acc, nbytes: int, registered: list[int]) -> torch.Tensor:
+    """``nbytes`` of page-locked host memory, exactly.
+
+    ``acc.pin_empty`` goes through torch's caching host allocator, which rounds every request up to a
+    power of two (a 629 MB OPT-13B block takes 1 GiB: +60% host memory). Where the accelerator can
+    register host memory (CUDA: cudaHostRegister), page-lock a plain allocation of the exact size instead;
+    elsewhere fall back to ``pin_empty`` (a plain tensor on CPU).
+    """
+    page = 4096
+    raw = torch.empty(nbytes + page, dtype=torch.uint8)
+    buf = raw[(-raw.data_ptr()) % page :][:nbytes]
+    if acc.register_host_memory(buf.data_ptr(), nbytes):
+        registered.append(buf.data_ptr())
+        return buf
+    del raw, buf
+    return acc.pin_empty(nbytes, dtype=torch.uint8)
+
+
+def _unregister(acc, pointers: list[int]) -> None:
+    for ptr in pointers:
+        try:
+            acc.unregister_host_memory(ptr)
+        except Exception:  # interpreter shutdown: the driver may already be gone
+            pass
+
+
+def _check_transfer_dtype(cfg, layouts) -> None:
+    if cfg.transfer_dtype == "auto":
+        return
+    wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.transfer_dtype]
+    dtypes = {p.dtype for layout, _ in layouts for p, _, _ in layout}
+    if dtypes == {wanted}:
+        return
+    raise NotImplementedError(
+        f"zo2.offload.transfer_dtype={cfg.transfer_dtype!r} with {sorted(str(d) for d in dtypes)} parameters is not "
+        'implemented yet: blocks cross the link in their own dtype. Use "auto" (exact), or cast the model '
+        "(fp16 / bf16 config block) so the masters themselves are in the transfer dtype."
+    )
+

@@ -18,9 +18,11 @@ What it overrides, and why (everything else is DeepSpeed's own behaviour):
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -168,25 +170,36 @@ class ZOEngine(DeepSpeedEngine):
             with torch.no_grad():
                 return self.zo_runner.run_plain(lambda: DeepSpeedEngine.forward(self, *inputs, **kwargs))
         cfg = self.zo_config
+        # Each pass is reduced to its scalar loss at once, so 2q sets of logits (and KV caches) are never
+        # alive together; one full output is kept to return to the caller.
+        first_output: list[Any] = []
+        lock = threading.Lock()
+
+        def one_pass() -> torch.Tensor:
+            output = DeepSpeedEngine.forward(self, *inputs, **kwargs)
+            loss = _loss_of(output)
+            with lock:  # the offloader runs passes in lock-step threads
+                if not first_output:
+                    first_output.append(output)
+            return loss
+
         # Dropout off for the perturbed passes (as MeZO does): L+ and L- must see the same network
-        # up to the perturbation, or g measures dropout noise.
+        # up to the perturbation, or g measures dropout noise. No KV cache either: nothing reuses it.
         self.module.train(False)
         try:
-            with torch.no_grad():
-                pairs = self.zo_runner.run(
-                    self.global_steps, cfg.num_perturbations, lambda: DeepSpeedEngine.forward(self, *inputs, **kwargs)
-                )
+            with torch.no_grad(), _kv_cache_off(self.module):
+                pairs = self.zo_runner.run(self.global_steps, cfg.num_perturbations, one_pass)
         finally:
             self.module.train(True)
-        plus_losses = torch.stack([_loss_of(p) for p, _ in pairs])
-        minus_losses = torch.stack([_loss_of(m) for _, m in pairs])
+        plus_losses = torch.stack([p for p, _ in pairs])
+        minus_losses = torch.stack([m for _, m in pairs])
         g = zo.projected_grad(plus_losses, minus_losses, cfg.eps)
         mean_loss = (plus_losses.float().mean() + minus_losses.float().mean()) / 2
         # g_i and the reported loss, summed over the micro-batches of this step (kept on device).
         stats = torch.cat([g, mean_loss.reshape(1)])
         self._g_sum = stats if self._g_sum is None else self._g_sum + stats
         self._g_count += 1
-        return _with_loss(pairs[0][0], mean_loss.to(plus_losses.dtype))
+        return _with_loss(first_output[0], mean_loss.to(plus_losses.dtype))
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
         """No autograd work: the projected gradient was measured in forward."""
@@ -315,6 +328,23 @@ def _check_compatible(config_class: Any) -> None:
         )
     if config_class.hybrid_engine.enabled:
         raise ValueError("zo2 is incompatible with hybrid_engine")
+
+
+@contextlib.contextmanager
+def _kv_cache_off(module: torch.nn.Module) -> Iterator[None]:
+    """Set ``config.use_cache = False`` on every HF model inside ``module`` for the duration."""
+    configs = {}
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        if getattr(config, "use_cache", False) is True:
+            configs[id(config)] = config
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
 
 
 def _loss_of(output: Any) -> torch.Tensor:

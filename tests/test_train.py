@@ -1,0 +1,229 @@
+"""launch/train.py end to end, each run in a fresh process (the job owns its process group).
+
+Short runs of the main job (default task, resume, eval-only) and the real-loading path: a tiny OPT
+and its tokenizer saved with save_pretrained, and jsonl files, loaded as a user's would be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "launch" / "train.py"
+
+
+def run_train(*args: str, nproc: int = 1, cpu: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python launch/train.py ARGS`` as a lone process (it picks its own rendezvous port), or
+    ``torchrun --nproc_per_node NPROC launch/train.py ARGS`` (gloo on CPU)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the job then picks the CPU (gloo) whatever the machine has
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
+    return subprocess.run(
+        [*launcher, str(TRAIN), "--no_progress", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_default_job_short_run_then_resume(tmp_path):
+    out = tmp_path / "run"
+    check(run_train("--output_dir", str(out), "--max_steps", "40", "--eval_every", "20", "--log_every", "10"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in (
+        "train_loss_first",
+        "train_loss_last",
+        "eval_accuracy_before",
+        "eval_accuracy_after",
+        "steps",
+        "seconds",
+    ):
+        assert key in metrics, key
+    assert metrics["steps"] == 40 and metrics["task"] == "synthetic_sentiment"
+    assert 0.3 < metrics["eval_accuracy_before"] < 0.7  # chance: the model starts untrained
+    assert (out / "latest").read_text().strip() == "global_step40"
+    assert (out / "global_step40").is_dir()
+    log = read_log(out)
+    assert [r["step"] for r in log] == [10, 20, 30, 40]
+    assert all({"train_loss", "lr"} <= set(r) for r in log) and "eval_accuracy" in log[1]
+
+    # --resume continues from the checkpoint: same first-run numbers, more steps, the log appended.
+    check(run_train("--output_dir", str(out), "--max_steps", "50", "--log_every", "10", "--resume"))
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["steps"] == 50 and resumed["steps_this_run"] == 10
+    assert resumed["eval_accuracy_before"] == metrics["eval_accuracy_before"]
+    assert resumed["train_loss_first"] == metrics["train_loss_first"]
+    assert [r["step"] for r in read_log(out)] == [10, 20, 30, 40, 50]
+
+    # --eval_only --resume scores the checkpoint without training.
+    check(run_train("--output_dir", str(out), "--eval_only", "--resume"))
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["eval_only"] and final["steps"] == 50
+    assert final["eval_accuracy"] == pytest.approx(resumed["eval_accuracy_after"])
+
+
+@pytest.fixture(scope="module")
+def local_model_and_data(tmp_path_factory):
+    """A tiny OPT with its tokenizer saved as a hub model would be, and jsonl train/validation files."""
+    from zo2_ds.data import build_tiny_opt, load_default_task
+
+    root = tmp_path_factory.mktemp("local")
+    data, tokenizer = load_default_task(seed=0)
+    build_tiny_opt(len(tokenizer), seed=0).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+
+    def dump(name: str, examples: list[dict]) -> str:
+        path = root / name
+        rows = [{"review": ex["text"].removesuffix(" It was"), "label": ex["label"]} for ex in examples]
+        for row in rows:
+            row["sentence"] = row["review"]  # the column MeZO's SST-2 reads
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    return root / "model", dump("train.jsonl", data.train[:400]), dump("validation.jsonl", data.dev[:64])
+
+
+def test_real_model_and_local_jsonl(tmp_path, local_model_and_data):
+    model_dir, train, validation = local_model_and_data
+    out = tmp_path / "real"
+    check(
+        run_train(
+            "--model_name_or_path",
+            str(model_dir),
+            "--data_files",
+            f"train={train}",
+            f"validation={validation}",
+            "--text_column",
+            "review",
+            "--template",
+            "{text} It was",
+            "--label_words",
+            " terrible",
+            " great",
+            "--max_eval_examples",
+            "48",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "20",
+            "--eval_every",
+            "10",
+            "--log_every",
+            "10",
+            "--dtype",
+            "fp32",
+        )
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 20 and metrics["task"].endswith("train.jsonl,validation=" + validation)
+    assert (out / "latest").is_file() and [r["step"] for r in read_log(out)] == [10, 20]
+
+
+def test_task_from_the_suite_on_local_files(tmp_path, local_model_and_data):
+    """--task delegates to zo2_ds.tasks (MeZO's SST-2 prompt and label words) on local files."""
+    pytest.importorskip("zo2_ds.tasks")
+    model_dir, train, validation = local_model_and_data
+    out = tmp_path / "sst2"
+    check(
+        run_train(
+            "--model_name_or_path",
+            str(model_dir),
+            "--task",
+            "sst2",
+            "--data_files",
+            f"train={train}",
+            f"validation={validation}",
+            "--max_train_examples",
+            "200",
+            "--max_eval_examples",
+            "50",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "10",
+            "--eval_every",
+            "5",
+            "--log_every",
+            "5",
+        )
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "sst2" and metrics["steps"] == 10 and "eval_accuracy_after" in metrics
+
+
+def test_bad_arguments_fail_with_a_message_naming_them(tmp_path, local_model_and_data):
+    model_dir, train, _ = local_model_and_data
+    proc = run_train(
+        "--model_name_or_path",
+        str(model_dir),
+        "--data_files",
+        str(tmp_path / "x.txt"),
+        "--output_dir",
+        str(tmp_path / "o"),
+    )
+    assert proc.returncode != 0 and "--data_files" in proc.stderr and ".jsonl" in proc.stderr
+    proc = run_train("--output_dir", str(tmp_path / "o"), "--resume")
+    assert proc.returncode != 0 and "--resume: no checkpoint" in proc.stderr
+
+
+def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path):
+    """Each rank takes a disjoint half of the global batch and g is averaged over ranks, so 2 ranks x 8
+    examples follow the trajectory of 1 rank x 16 (up to float summation order)."""
+    base = (
+        json.loads((REPO / "ds_configs" / "zo2.json").read_text())
+        if (REPO / "ds_configs" / "zo2.json").is_file()
+        else {"optimizer": {"type": "SGD", "params": {"lr": 1e-3}}, "zo2": {"enabled": True}}
+    )
+    logs = {}
+    for nproc, micro in ((2, 8), (1, 16)):
+        config = tmp_path / f"mb{micro}.json"
+        config.write_text(json.dumps({**base, "train_micro_batch_size_per_gpu": micro, "steps_per_print": 10**6}))
+        out = tmp_path / f"ranks{nproc}"
+        check(
+            run_train(
+                "--deepspeed_config",
+                str(config),
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "30",
+                "--log_every",
+                "10",
+                "--eval_every",
+                "0",
+                nproc=nproc,
+                cpu=True,
+            )
+        )
+        logs[nproc] = read_log(out)
+        assert json.loads((out / "metrics.json").read_text())["world_size"] == nproc
+    assert [r["step"] for r in logs[2]] == [r["step"] for r in logs[1]] == [10, 20, 30]
+    for two, one in zip(logs[2], logs[1]):
+        assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)

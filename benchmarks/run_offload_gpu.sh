@@ -5,6 +5,8 @@
 #   run (device tool), carry [".whl"]:  bash benchmarks/run_offload_gpu.sh
 #   knobs: MODELS="opt-1.3b opt-6.7b opt-13b"  BATCHES=1x2048,16x256  STEPS=4  WARMUP=2  SKIP_TESTS=1
 #          NO_IN_GPU="opt-13b" (models benchmarked without the in-GPU baseline)
+#          DEPTHS="1 0" (zo2.offload.prefetch_depth values; the ring holds depth + 2 blocks; a depth other
+#          than 1 runs without the in-GPU baseline and writes offload_<model>_depth<d>.json)
 # On a CPU machine: the CPU tests of the offloader and a tiny-model run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,16 +40,22 @@ main() {
     timeout 240 python3 -m pytest -q -rs -x "${sel[@]}" tests/test_offload.py 2>&1 | tee "$OUT/offload_pytest.txt" | tail -30
   fi
   for model in $models; do
-    echo "== bench $model"
-    local extra=()
-    if [ "$model" = tiny ]; then extra=(--tiny); fi
-    case " ${NO_IN_GPU:-opt-13b} " in *" $model "*) extra+=(--no-in-gpu);; esac
-    local timeline=()
-    [ "$model" = "${TIMELINE_MODEL:-opt-1.3b}" ] || [ "$model" = tiny ] && timeline=(--timeline "$OUT/offload_timeline_$model.png")
-    timeout "${PER_MODEL_S:-200}" python3 launch/bench_offload.py --models "$model" --batches "${BATCHES:-1x2048,16x256}" \
-      --steps "${STEPS:-4}" --warmup "${WARMUP:-2}" "${extra[@]}" "${timeline[@]}" --out "$OUT/offload_$model.json" \
-      2>"$OUT/offload_$model.err" | grep -v '^{"model"' || echo "bench $model exited with $?"
-    grep -v WARNING "$OUT/offload_$model.err" | tail -4
+    for depth in ${DEPTHS:-1}; do
+      echo "== bench $model prefetch_depth=$depth"
+      local extra=() suffix=""
+      if [ "$model" = tiny ]; then extra=(--tiny); fi
+      case " ${NO_IN_GPU:-opt-13b} " in *" $model "*) extra+=(--no-in-gpu);; esac
+      if [ "$depth" != 1 ]; then extra+=(--no-in-gpu); suffix="_depth$depth"; fi
+      local timeline=()
+      if [ "$depth" = 1 ] && { [ "$model" = "${TIMELINE_MODEL:-opt-1.3b}" ] || [ "$model" = tiny ]; }; then
+        timeline=(--timeline "$OUT/offload_timeline_$model.png")
+      fi
+      timeout "${PER_MODEL_S:-200}" python3 launch/bench_offload.py --models "$model" \
+        --batches "${BATCHES:-1x2048,16x256}" --steps "${STEPS:-4}" --warmup "${WARMUP:-2}" --prefetch-depth "$depth" \
+        "${extra[@]}" "${timeline[@]}" --out "$OUT/offload_$model$suffix.json" \
+        2>"$OUT/offload_$model$suffix.err" | grep -v '^{"model"' || echo "bench $model exited with $?"
+      grep -v WARNING "$OUT/offload_$model$suffix.err" | tail -4
+    done
   done
   date -u
 }

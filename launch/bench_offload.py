@@ -16,6 +16,11 @@ and the pinned host->device bandwidth measured in the same process, so
 Reported: median step ms, tokens/s, ratio to in-GPU, ratio to floor and to transfer floor, peak GPU
 memory (torch peak allocated, and NVML used: CUDA context and allocator cache included), host RSS (now
 and peak), card, date. ``--timeline`` draws one offloaded step (upload / compute / write-back per block).
+Each offload record also carries ``device_budget``: what the offloader holds on the GPU by part
+(``OffloadRunner.device_bytes``: resident blocks, slot ring, perturbation scratch, the rest of the model,
+its perturbed copy) plus estimates of the loss tail (logits kept for the caller, the fp32 copy and
+log-softmax of the loss), printed as one line per record to compare with the measured peak.
+``--prefetch-depth 0`` runs the two-slot ring (one block less on the GPU).
 ``launch/bench.py`` calls :func:`run_offload_bench` for its offload rows.
 """
 
@@ -39,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 __all__ = ["OPT_SHAPES", "build_opt", "measure_link_bandwidth", "time_zo_steps", "run_offload_bench",
-           "timeline_of_one_step", "plot_timeline", "main"]
+           "device_budget", "timeline_of_one_step", "plot_timeline", "main"]
 
 
 def _free_port() -> int:
@@ -250,9 +255,32 @@ def _record(name: str, mode: str, batch_size: int, seq: int, times: list[float],
     return rec
 
 
+def device_budget(engine: Any, tokens: int, vocab: int) -> dict[str, int]:
+    """GPU bytes by part for one offloaded step: the offloader's own buffers (exact) and the loss tail (estimate).
+
+    ``logits_kept``: one pass's logits, returned to the caller (model dtype). ``loss_tail``: the current
+    pass's logits, HF's causal-LM loss's fp32 copy of them and cross_entropy's fp32 log-softmax; all three
+    transient, one pass at a time. Block activations (a few hidden-size and ffn-size tensors per token),
+    the CUDA context and library workspaces are not counted.
+    """
+    budget = dict(engine.zo_runner.device_bytes())
+    element = engine.module.get_input_embeddings().weight.element_size()
+    budget["logits_kept"] = tokens * vocab * element
+    budget["loss_tail"] = tokens * vocab * (element + 4 + 4)
+    budget["total"] = sum(budget.values())
+    return budget
+
+
+def _budget_line(name: str, b: int, s: int, mode: str, budget: dict[str, int], peak: int | None) -> str:
+    parts = " ".join(f"{k}={v / 2**20:.1f}" for k, v in budget.items())
+    measured = f" | measured peak {peak / 2**20:.1f}" if peak else ""
+    return f"device budget MiB {name} {b}x{s} {mode}: {parts}{measured}"
+
+
 def run_offload_bench(name: str, batches: list[tuple[int, int]], *, warmup: int = 2, steps: int = 5,
                       in_gpu: bool = True, half: bool = True, timeline_png: str | None = None,
-                      bandwidth: dict[str, float] | None = None, log=print) -> list[dict[str, Any]]:
+                      bandwidth: dict[str, float] | None = None, prefetch_depth: int = 1,
+                      log=print) -> list[dict[str, Any]]:
     """Records for one model shape (see the module docstring). Each record is printed as it is made."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -288,9 +316,10 @@ def run_offload_bench(name: str, batches: list[tuple[int, int]], *, warmup: int 
         del engine, model
         _release_cached_memory()
 
-    modes = [("offload", {"enabled": True})]
+    modes = [("offload", {"enabled": True, "prefetch_depth": prefetch_depth})]
     if half:
-        modes.append(("offload_half", {"enabled": True, "num_resident_blocks": layers // 2}))
+        modes.append(("offload_half", {"enabled": True, "prefetch_depth": prefetch_depth,
+                                       "num_resident_blocks": layers // 2}))
     for mode, offload in modes:
         model = build_opt(name, device, dtype)
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -316,10 +345,12 @@ def run_offload_bench(name: str, batches: list[tuple[int, int]], *, warmup: int 
                 "ratio_to_in_gpu": ms / in_gpu_ms[(b, s)] if (b, s) in in_gpu_ms else None,
                 "streamed_bytes": streamed, "model_bytes": model_bytes, "num_blocks": layers,
                 "num_resident_blocks": store.num_resident, "engine_init_s": init_s,
-                "host_rss_over_model": _rss_bytes()[0] / model_bytes,
+                "host_rss_over_model": _rss_bytes()[0] / model_bytes, "prefetch_depth": prefetch_depth,
+                "num_slots": engine.zo_runner.num_slots, "device_budget": device_budget(engine, b * s, vocab),
             })
             records.append(rec)
             log(json.dumps({k: v for k, v in rec.items() if k != "step_ms_all"}))
+            log(_budget_line(name, b, s, mode, rec["device_budget"], rec.get("peak_allocated_bytes")))
             if timeline_png and mode == "offload" and (b, s) == batches[0]:
                 spans = timeline_of_one_step(engine, batch)
                 if spans:
@@ -369,6 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-in-gpu", action="store_true")
     parser.add_argument("--no-half", action="store_true")
+    parser.add_argument("--prefetch-depth", type=int, default=1, help="zo2.offload.prefetch_depth (ring: depth + 2)")
     parser.add_argument("--timeline", default=None, help="PNG of one offloaded step (first model and batch)")
     parser.add_argument("--out", default=None, help="results JSON")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny OPT")
@@ -382,6 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["records"] += run_offload_bench(
             name, batches, warmup=args.warmup, steps=args.steps, in_gpu=not args.no_in_gpu, half=not args.no_half,
             timeline_png=args.timeline if i == 0 else None, bandwidth=result["bandwidth"],
+            prefetch_depth=args.prefetch_depth,
             log=lambda s: print(s, flush=True))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))

@@ -96,6 +96,7 @@ def assert_same(a, b):
         ("qwen2", True, 2, 1, 0.0, None, {}),
         ("qwen2", False, 1, 3, 0.1, SCHEDULE, {"prefetch_depth": 2}),
         ("mistral", False, 2, 2, 0.0, SCHEDULE, {"num_resident_blocks": 2}),
+        ("gpt2", False, 2, 1, 0.1, None, {"prefetch_depth": 0}),
     ],
 )
 def test_offload_on_equals_off_bit_exactly(arch, tied, q, grad_accum, weight_decay, schedule, offload):
@@ -143,6 +144,25 @@ def test_runs_block_major_with_one_upload_per_block_per_step():
     assert runner.pending_blocks == [0, 1, 2]  # step 1's update waits for the next upload
     runner.flush()
     assert runner.pending_blocks == []
+
+
+def test_write_back_is_issued_as_soon_as_the_update_is_in_the_slot():
+    """A block's updated theta reaches its master while the block's own passes still run (not after)."""
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", layers=3),
+                                   config=make_config({"enabled": True, "prefetch_depth": 0}, q=2))
+    runner, store = engine.zo_runner, engine.zo_offload_store
+    seen = []
+
+    def check(mod, args, b):
+        if runner._sched is not None and runner._sched.current_pass == 1:
+            slot = runner._slots[runner._slot_of[b]][: store.sizes[b]]
+            seen.append((b, torch.equal(store.homes[b], slot), runner._dirty[b]))
+
+    for b, block in enumerate(store.blocks.blocks):
+        block.register_forward_pre_hook(lambda m, a, b=b: check(m, a, b))
+    train(engine, batches(2, 1))
+    # Step 0 has nothing pending; in step 1 every block was written back at pass 0, before pass 1 ran.
+    assert seen == [(b, True, False) for b in range(3)] + [(b, True, True) for b in range(3)]
 
 
 def test_state_dict_and_eval_see_flushed_updates():
@@ -284,6 +304,135 @@ def test_budget_keeps_blocks_resident_and_bad_input_is_explained(monkeypatch):
         zo2_ds.initialize(model=NoBlocks(), config=make_config({"enabled": True}))
 
 
+def test_transfer_dtype_is_the_parameters_own_or_explained():
+    base = tiny_causal_lm("opt", layers=2)
+    data = batches(2, 1)
+    off = trajectory(copy.deepcopy(base), {"enabled": False}, data)
+    same = trajectory(copy.deepcopy(base), {"enabled": True, "transfer_dtype": "fp32"}, data)
+    assert_same(off, same)
+    for wanted in ("bf16", "fp16"):
+        with pytest.raises(NotImplementedError, match=r"full master where z is generated.*notes/OFFLOAD\.md"):
+            config = make_config({"enabled": True, "transfer_dtype": wanted})
+            zo2_ds.initialize(model=copy.deepcopy(base), config=config)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+@pytest.mark.parametrize("num_resident", [0, 2])
+def test_device_bytes_are_the_ring_scratch_and_resident_blocks(depth, num_resident):
+    """What the offloader allocates on the device, counted from its buffers, matches the budget formula."""
+    model = tiny_causal_lm("opt", tied=True, layers=6)
+    model.model.decoder.layers[0].fc1.weight.requires_grad_(False)  # frozen tensors need no scratch
+    offload = {"enabled": True, "prefetch_depth": depth, "num_resident_blocks": num_resident}
+    engine, *_ = zo2_ds.initialize(model=model, config=make_config(offload))
+    runner, store = engine.zo_runner, engine.zo_offload_store
+    budget = runner.device_bytes()
+    streamed = [b for b in range(6) if b not in store.resident]
+    assert runner.num_slots == min(depth + 2, len(streamed)) == len(runner._slots)
+    block_bytes = max(store.sizes)
+    assert budget["slot_ring"] == runner.num_slots * block_bytes == sum(s.numel() for s in runner._slots)
+    assert budget["resident_blocks"] == num_resident * block_bytes
+    align = store_mod.ALIGN_BYTES
+    trainable = [sum(-(-p.numel() * p.element_size() // align) * align for p in block.parameters() if p.requires_grad)
+                 for block in store.blocks.blocks]
+    assert budget["perturbation_scratch"] == max(trainable) == runner._scratch.numel()
+    embed = engine.module.get_input_embeddings().weight
+    assert budget["outside_perturbed"] == embed.numel() * embed.element_size()  # the tied embedding / head
+    # Allocated once: a step neither replaces nor adds device buffers of the offloader.
+    pointers = [s.data_ptr() for s in runner._slots] + [runner._scratch.data_ptr()]
+    train(engine, batches(2, 1))
+    assert [s.data_ptr() for s in runner._slots] + [runner._scratch.data_ptr()] == pointers
+    assert runner.device_bytes() == budget
+
+
+def test_save_pretrained_and_destroy_keep_the_last_update(tmp_path):
+    from safetensors.torch import load_file
+
+    base = tiny_causal_lm("llama", tied=False, layers=3)
+    data = batches(3, 1)
+    off = trajectory(copy.deepcopy(base), {"enabled": False}, data)[4]
+
+    engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=make_config({"enabled": True}))
+    train(engine, data)
+    assert engine.zo_runner.pending_blocks  # the last step's update is still pending
+    engine.module.save_pretrained(tmp_path / "saved")
+    assert not engine.zo_runner.pending_blocks
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    for name, value in off.items():
+        assert torch.equal(saved[name], value), name
+
+    # A submodule's state_dict (e.g. saving only the backbone) flushes too.
+    engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=make_config({"enabled": True}))
+    train(engine, data)
+    backbone = engine.module.model.state_dict()
+    assert not engine.zo_runner.pending_blocks
+    for name, value in backbone.items():
+        assert torch.equal(value, off["model." + name]), name
+
+    # destroy() applies the pending update to the host masters before closing the runner.
+    model = copy.deepcopy(base)
+    engine, *_ = zo2_ds.initialize(model=model, config=make_config({"enabled": True}))
+    train(engine, data)
+    assert engine.zo_runner.pending_blocks
+    engine.destroy()
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), off[name]), name
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_wall_clock_breakdown(offload):
+    config = make_config({"enabled": offload}, q=2)
+    config["wall_clock_breakdown"] = True
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", layers=2), config=config)
+    losses, _ = train(engine, batches(2, 1))
+    engine.eval()
+    ids = batches(1, 1)[0][0]["input_ids"]
+    engine(input_ids=ids, labels=ids)
+    assert len(losses) == 2 and engine.global_steps == 2
+
+
+def test_hf_trainer_with_offload_equals_without(tmp_path):
+    import json
+    from pathlib import Path
+
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class RandomTokens(Dataset):
+        def __init__(self, n):
+            self.ids = torch.randint(0, VOCAB, (n, 12), generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    shipped = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / "zo2_trainer.json").read_text())
+    base = tiny_causal_lm("opt", tied=True, layers=3)
+    runs = {}
+    for offload in (False, True):
+        ds = copy.deepcopy(shipped)
+        ds["zo2"]["offload"] = {"enabled": offload}
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(offload)), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+            max_steps=3, learning_rate=1e-2, warmup_steps=1, logging_steps=1, save_strategy="no", report_to=[],
+            deepspeed=ds, use_cpu=True, disable_tqdm=True,
+        )
+        model = copy.deepcopy(base)
+        trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(48))
+        trainer.train()
+        engine = trainer.model_wrapped
+        assert isinstance(engine, zo2_ds.ZOEngine)
+        assert (engine.zo_config.offload.enabled, hasattr(engine, "zo_offload_store")) == (offload, offload)
+        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        runs[offload] = (losses, {n: v.detach().clone() for n, v in model.state_dict().items()})
+        trainer.save_model(str(tmp_path / f"saved_{offload}"))
+    assert len(runs[True][0]) == 3 and runs[True][0] == runs[False][0]
+    for name, value in runs[False][1].items():
+        assert torch.equal(runs[True][1][name], value), name
+    assert any(not torch.equal(v, base.state_dict()[n]) for n, v in runs[True][1].items())
+
+
 def test_parse_bytes():
     assert store_mod.parse_bytes("8GB") == 8 * 10**9
     assert store_mod.parse_bytes("1.5GiB") == int(1.5 * 2**30)
@@ -318,13 +467,15 @@ def _delay_everything(engine, cycles):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("delay", [0, 2_000_000])
-def test_cuda_offload_equals_in_gpu_bit_exactly(dtype, delay):
+@pytest.mark.parametrize("depth", [1, 0])
+def test_cuda_offload_equals_in_gpu_bit_exactly(dtype, delay, depth):
     assert CUDA, "run with DS_ACCELERATOR=cuda"
     base = tiny_causal_lm("llama", tied=False, vocab_size=VOCAB, hidden=64, layers=5)
     data = batches(4, 2, seq=32)
     kw = dict(q=2, grad_accum=2, schedule=SCHEDULE, weight_decay=0.1, dtype=dtype)
     off = trajectory(copy.deepcopy(base), {"enabled": False}, data, device="cuda", **kw)
-    engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=make_config({"enabled": True}, **kw))
+    engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base),
+                                   config=make_config({"enabled": True, "prefetch_depth": depth}, **kw))
     store = engine.zo_offload_store
     # Page-locked (cudaHostRegister'ed exactly, which torch's is_pinned() does not report) and host-resident.
     assert all(store.host_pinned) and all(home.device.type == "cpu" for home in store.homes)

@@ -30,8 +30,12 @@ class OffloadConfig(DeepSpeedConfigModel):
     enabled: bool = False
     """Keep the transformer blocks in pinned CPU memory and upload one at a time."""
 
-    prefetch_depth: int = Field(1, ge=1, le=8)
-    """How many blocks are uploaded ahead of the one computing (the GPU slot ring holds depth + 1)."""
+    prefetch_depth: int = Field(1, ge=0, le=8)
+    """Size of the GPU slot ring beyond the computing block: the ring holds ``prefetch_depth + 2`` block
+    slots (one computing, ``prefetch_depth`` uploading ahead, one more whose write-back of the previous
+    block overlaps the next upload). Up to ``prefetch_depth + 1`` uploads are in flight; the last of them
+    waits for the write-back of the slot's previous block. 0 (two slots) saves one block of GPU memory:
+    the next upload then queues behind the previous block's write-back on the link."""
 
     max_gpu_memory: int | str | None = None
     """Bytes of GPU memory blocks may keep permanently resident (int, or a string like "8GB");
@@ -41,7 +45,12 @@ class OffloadConfig(DeepSpeedConfigModel):
     """Alternative to max_gpu_memory: keep this many blocks permanently on the GPU."""
 
     transfer_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    """dtype blocks cross the link in; "auto" is the parameters' own dtype (exact)."""
+    """dtype blocks cross the link in. Only the parameters' own dtype is accepted ("auto", or the name of
+    that dtype): blocks cross the link as they are, and offload on equals offload off bit for bit. A
+    narrower transfer of wider masters (bf16 over the link, fp32 on the host) raises NotImplementedError:
+    every step's update of a block needs the block's full master where z is generated (the GPU), so no
+    exact scheme moves fewer bytes per step (notes/OFFLOAD.md). Cast the model (fp16 / bf16 config
+    block) to halve the transfer, or keep blocks resident (max_gpu_memory)."""
 
     blocks_attr: str | None = None
     """Dotted path from the model to its nn.ModuleList of repeated blocks (e.g. "model.decoder.layers"),

@@ -164,8 +164,31 @@ class ZOEngine(DeepSpeedEngine):
         return 0.0
 
     # -- forward / backward / step ---------------------------------------------------------------
+    _zo_timed_forward = False  # True while forward() holds DeepSpeed's forward timers for all its passes
+
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Train mode: the seeded dual forward. Eval mode: one plain forward."""
+        # DeepSpeed times a forward from its prologue to its epilogue (hooks on the module). Time the 2q
+        # passes as one span instead: the offloader interleaves them, and a pass's prologue would find the
+        # timer still running (wall_clock_breakdown asserts); the figure is then the whole ZO forward.
+        timers = self.engine_timers.forward_timers
+        self._start_timers(timers)
+        self._zo_timed_forward = True
+        try:
+            return self._zo_forward(*inputs, **kwargs)
+        finally:
+            self._zo_timed_forward = False
+            self._stop_timers(timers)
+
+    def _start_timers(self, timer_names: list[str]) -> None:
+        if not (self._zo_timed_forward and timer_names is self.engine_timers.forward_timers):
+            super()._start_timers(timer_names)
+
+    def _stop_timers(self, timer_names: list[str]) -> None:
+        if not (self._zo_timed_forward and timer_names is self.engine_timers.forward_timers):
+            super()._stop_timers(timer_names)
+
+    def _zo_forward(self, *inputs: Any, **kwargs: Any) -> Any:
         if not self.module.training:
             with torch.no_grad():
                 return self.zo_runner.run_plain(lambda: DeepSpeedEngine.forward(self, *inputs, **kwargs))

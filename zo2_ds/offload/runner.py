@@ -12,8 +12,10 @@ One step, for block b (streamed; a resident block is the same minus the copies):
                       fused: apply step t-1's pending update to theta (lr of step t-1) and write
                       theta + eps z_0 into the perturbation scratch; pass (0,+) on block b;
                       theta - eps z_0 into the scratch; pass (0,-) on block b; ... all 2q passes
-    write-back      : wait [computed]; copy slot -> pinned master (only if an update was applied) [slot free]
-    upload stream   : next block into the freed slot (prefetch_depth ahead of the computing block)
+    write-back      : (only if an update was applied) wait [updated]; copy slot -> pinned master  [written]
+                      -- issued as soon as the update is in the slot, so it overlaps b's own passes
+                      wait [computed]                                                     [slot free]
+    upload stream   : next block into the freed slot (prefetch_depth + 1 ahead of the computing block)
 
 The 2q passes run block-major through :class:`~zo2_ds.offload.lockstep.LockStep`. Every step's update
 of a block is deferred to its next upload (``update`` only records seeds, coefficients, lr and weight
@@ -95,13 +97,14 @@ class OffloadRunner:
         self._streamed = streamed
 
         self._uploaded = [self.streams.marker() for _ in range(num_blocks)]
+        self._updated = [self.streams.marker() for _ in range(self.num_slots)]
         self._computed = [self.streams.marker() for _ in range(self.num_slots)]
         self._slot_free = [self.streams.marker() for _ in range(self.num_slots)]
         self._written = [self.streams.marker() for _ in range(num_blocks)]
         self._slot_owner: list[int | None] = [None] * self.num_slots
 
         self._pending: list[list[_Update | None] | None] = [None] * num_blocks
-        self._dirty = [False] * num_blocks
+        self._dirty = [False] * num_blocks  # streamed block whose write-back was issued in this residency
         self._acquired: set[int] = set()
         self._cursor: int | None = None  # next position in `streamed` to upload during a run
         self._sched: LockStep | None = None
@@ -113,8 +116,12 @@ class OffloadRunner:
         for b, block in enumerate(store.blocks.blocks):
             self._handles.append(block.register_forward_pre_hook(self._make_pre_hook(b)))
             self._handles.append(block.register_forward_hook(self._make_post_hook(b), always_call=True))
-        self._handles.append(engine.module.register_state_dict_pre_hook(lambda *_: self.flush()))
-        self._handles.append(engine.module.register_load_state_dict_pre_hook(lambda *_: self.flush()))
+        # Reading or writing the blocks' weights through a state_dict (save_pretrained, torch.save of a
+        # state_dict, load_state_dict) flushes first, from the model or any module on the way to a block.
+        for mod in _holders_of_blocks(engine.module, store):
+            self._handles.append(mod.register_state_dict_pre_hook(lambda *_: self.flush()))
+            self._handles.append(mod.register_load_state_dict_pre_hook(lambda *_: self.flush()))
+        self._module = engine.module
 
     # -- the runner interface --------------------------------------------------------------------
     def run(self, step: int, num_perturbations: int, forward: Callable[[], Any]) -> list[tuple[Any, Any]]:
@@ -168,6 +175,33 @@ class OffloadRunner:
         self.resident.close()
         self._pool.close()
 
+    def device_bytes(self) -> dict[str, int]:
+        """Device memory the offloaded model holds for the whole run, by part, in bytes.
+
+        Everything here is allocated once (at build, or at the first step for the perturbed copy) and
+        reused: ``resident_blocks`` (the budget), ``slot_ring`` (``num_slots`` x the largest streamed
+        block), ``perturbation_scratch`` (the largest block's trainable tensors at theta + eps z),
+        ``outside_blocks`` (embeddings, head, norms, buffers) and ``outside_perturbed`` (the largest unit
+        of trainable tensors outside the blocks, perturbed into a pooled copy: the tied embedding / head).
+        Activations, logits and library workspaces come on top (launch/bench_offload.py estimates them).
+        """
+        store = self.store
+        in_blocks = self._in_blocks
+        outside = sum(p.numel() * p.element_size() for p in _distinct(self._module.parameters())
+                      if id(p) not in in_blocks and p.device.type == self.device.type)
+        outside += sum(b.numel() * b.element_size() for b in self._module.buffers()
+                       if b.device.type == self.device.type)
+        per_module = [sum(p.numel() * p.element_size() for p in _distinct(mod._parameters.values())
+                          if p is not None and p.requires_grad and id(p) not in in_blocks)
+                      for mod in self._module.modules()]
+        return {
+            "resident_blocks": sum(store.sizes[b] for b in store.resident),
+            "slot_ring": sum(slot.numel() for slot in self._slots),
+            "perturbation_scratch": self._scratch.numel(),
+            "outside_blocks": outside,
+            "outside_perturbed": max(per_module, default=0),
+        }
+
     @property
     def pending_blocks(self) -> list[int]:
         return [b for b, p in enumerate(self._pending) if p is not None]
@@ -194,7 +228,8 @@ class OffloadRunner:
         self.resident._active = self._specs[j]
 
     def _recover(self) -> None:
-        """After a failed forward: write back blocks whose update was applied, wait, point params home."""
+        """After a failed forward: release acquired blocks (an applied update was written back at acquire),
+        wait for every copy, point params home."""
         for b in sorted(self._acquired):
             self._release(b)
         self.streams.synchronize()
@@ -250,8 +285,6 @@ class OffloadRunner:
         for e, v in zip(self.store.entries[b], self._dev_views[b]):
             e.param.data = v
         pending, self._pending[b] = self._pending[b], None
-        if pending is not None:
-            self._dirty[b] = True
         self._acquired.add(b)
         if spec is not None:
             self._perturb(b, pending, spec)
@@ -260,7 +293,28 @@ class OffloadRunner:
             for (i, _), upd in zip(self._train[b], pending):
                 if upd is not None:
                     zo.apply_update_(views[i], *upd)
+        if pending is not None and streamed:
+            self._write_back(b)
         self._prefetch()
+
+    def _write_back(self, b: int) -> None:
+        """Copy block b's updated slot to its pinned master now, while its passes run.
+
+        The passes never write the slot (they read it and write the perturbation scratch), so the slot
+        holds the final theta of this step as soon as the update kernels are done: the copy overlaps b's
+        own compute and the next upload, and the slot is free once b's passes finish (see _release).
+        """
+        slot = self._slot_of[b]
+        wb = self.streams.writeback
+        self._updated[slot].record(self.streams.compute())
+        with self.streams.on(wb):
+            self._updated[slot].wait(wb)
+            self._trace("writeback", b, wb, start=True)
+            # The master is only read by the next upload of b (which waits for [written]) or after a flush.
+            self.store.homes[b].copy_(self._slots[slot][: self.store.sizes[b]], non_blocking=True)
+            self._trace("writeback", b, wb, start=False)
+            self._written[b].record(wb)
+        self._dirty[b] = True
 
     def _perturb(self, b: int, pending: list[_Update | None] | None, spec: _Spec) -> None:
         """theta (+ pending update, in place) -> theta + scale z_i into the scratch views."""
@@ -273,7 +327,8 @@ class OffloadRunner:
             _update_and_perturb(views[i], upd, seed, (scale,), (outs[t],))
 
     def _release(self, b: int) -> None:
-        """All passes are done with block b: write it back if it changed, free its slot, upload the next."""
+        """All passes are done with block b: point its params home, free its slot (behind its write-back, if
+        one was issued), upload the next."""
         self._acquired.discard(b)
         compute = self.streams.compute()
         self._trace("compute", b, compute, start=False)
@@ -285,15 +340,12 @@ class OffloadRunner:
         slot = self._slot_of[b]
         self.store.point_params_home(b)
         if self._dirty[b]:
+            # Free = b's passes done (compute) and its write-back done: recorded on the write-back stream
+            # behind the copy, after waiting for the compute stream.
             wb = self.streams.writeback
             self._computed[slot].record(compute)
             with self.streams.on(wb):
                 self._computed[slot].wait(wb)
-                self._trace("writeback", b, wb, start=True)
-                # The master is only read by the next upload of b, which waits for [written].
-                self.store.homes[b].copy_(self._slots[slot][: self.store.sizes[b]], non_blocking=True)
-                self._trace("writeback", b, wb, start=False)
-                self._written[b].record(wb)
                 self._slot_free[slot].record(wb)
             self._dirty[b] = False
         else:
@@ -340,6 +392,24 @@ class OffloadRunner:
         event = get_accelerator().Event(enable_timing=True)
         event.record(stream)
         self.timeline.append((what, b, "start" if start else "end", event))
+
+
+def _distinct(params: Any) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for p in params:
+        if p is not None:
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _holders_of_blocks(model: torch.nn.Module, store: BlockStore) -> list[torch.nn.Module]:
+    """The model, every module on the path to its block list, the list and the blocks themselves."""
+    path = store.blocks.path.split(".") if store.blocks.path else []
+    holders = [model]
+    for i in range(len(path)):
+        holders.append(model.get_submodule(".".join(path[: i + 1])))
+    holders.extend(store.blocks.blocks)
+    return list({id(m): m for m in holders}.values())
 
 
 def _view(flat: torch.Tensor, offset: int, entry: Any) -> torch.Tensor:

@@ -252,7 +252,9 @@ def _check_transfer_dtype(cfg, layouts) -> None:
         return
     raise NotImplementedError(
         f"zo2.offload.transfer_dtype={cfg.transfer_dtype!r} with {sorted(str(d) for d in dtypes)} parameters is not "
-        'implemented yet: blocks cross the link in their own dtype. Use "auto" (exact), or cast the model '
-        "(fp16 / bf16 config block) so the masters themselves are in the transfer dtype."
+        "implemented: blocks cross the link in their own dtype. Every step updates every block, and the exact "
+        "update needs the full master where z is generated (on the GPU), so a narrower transfer could not move "
+        'fewer bytes without dropping the masters\' low bits (see notes/OFFLOAD.md). Use "auto", cast the model '
+        "(fp16 / bf16 config block) so the masters themselves are in the transfer dtype, or keep more blocks "
+        "resident (zo2.offload.max_gpu_memory)."
     )
-

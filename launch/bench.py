@@ -9,6 +9,8 @@ Modes, one function each (``MODES``), all on the same random-init model and batc
   zo_engine  zo2_ds's full step: engine(**batch), engine.backward(loss), engine.step()
   mezo_ref   MeZO's pattern: per tensor torch.normal + add_ to perturb +eps, forward, -2 eps, forward,
              +eps to restore, then the update with z drawn again
+  zo_engine_torch / zo_engine_per_tensor (opt-in): the engine with the fused kernels off (zo.py's torch
+             path) / with one kernel launch per tensor instead of one per block
 Each reports the median step time over ``--steps`` steps after ``--warmup`` (CUDA events on GPU),
 peak ``torch.cuda.max_memory_allocated`` / reserved and NVML "used" memory at the end of the mode.
 Results go to JSON (one record per model x batch x mode, written after every configuration, so a run
@@ -351,11 +353,26 @@ def bench_zo_engine_torch(model: torch.nn.Module, batch: dict, args: argparse.Na
         kernels.available.cache_clear()
 
 
+def bench_zo_engine_per_tensor(
+    model: torch.nn.Module, batch: dict, args: argparse.Namespace, device: torch.device
+) -> dict:
+    """The engine's step with one fused-kernel launch per tensor (the multi-tensor launches off)."""
+    from zo2_ds import perturb
+
+    saved = perturb._MULTI_TENSOR["enabled"]
+    perturb._MULTI_TENSOR["enabled"] = False
+    try:
+        return bench_zo_engine(model, batch, args, device)
+    finally:
+        perturb._MULTI_TENSOR["enabled"] = saved
+
+
 MODES: dict[str, Callable[..., dict]] = {
     "forward": bench_forward,
     "mezo_ref": bench_mezo_ref,
     "zo_engine": bench_zo_engine,
     "zo_engine_torch": bench_zo_engine_torch,  # not in the default list
+    "zo_engine_per_tensor": bench_zo_engine_per_tensor,  # not in the default list
 }
 DEFAULT_MODES = "forward,mezo_ref,zo_engine"
 
@@ -374,6 +391,7 @@ def bench_kernels(args: argparse.Namespace, device: torch.device) -> list[dict]:
             records.extend(_bench_kernel_cases(numel, dtype, device))
             torch.cuda.empty_cache()
     records.append(_launch_overhead(device))
+    records.append(_multi_tensor_unit(device))
     records.append(_kernel_resources(device))
     return records
 
@@ -387,6 +405,7 @@ def _bench_kernel_cases(numel: int, dtype: torch.dtype, device: torch.device) ->
     theta = torch.randn(numel, device=device, dtype=dtype)
     out, out2 = torch.empty_like(theta), torch.empty_like(theta)
     size = theta.element_size()
+    table = kernels.TensorTable([theta], [1])  # the multi-tensor kernel on this one tensor
 
     def mezo_pattern() -> None:
         z = torch.normal(0.0, 1.0, size=theta.shape, device=device, dtype=dtype)
@@ -403,6 +422,8 @@ def _bench_kernel_cases(numel: int, dtype: torch.dtype, device: torch.device) ->
             ),
             4 * size,
         ),
+        "perturb_multi": (lambda: kernels.perturbed_into_multi(table, out, 12345, 1e-3), 2 * size),
+        "update_q1_multi": (lambda: kernels.apply_update_multi_(table, [12345], [1e-9], 1.0, 0.0), 2 * size),
         "mezo_normal_add": (mezo_pattern, None),
     }
     if dtype == torch.float16 and numel == 50272 * 2048:  # variants that would change z (design choices)
@@ -456,6 +477,54 @@ def _launch_overhead(device: torch.device) -> dict:
     kernels._DIRECT_STATE["enabled"] = saved
     record["host_us_per_call"] = record["host_us_per_call_direct" if saved else "host_us_per_call_triton"]
     return record
+
+
+def _multi_tensor_unit(device: torch.device) -> dict:
+    """One OPT decoder layer (16 fp16 tensors) perturbed tensor by tensor (16 launches) vs in one multi-tensor
+    launch: GPU ms (do_bench) on an OPT-1.3B layer, and host us per layer on a hidden=64 layer (so the GPU
+    work is too small to hold the host back: what the hooks pay per block)."""
+    record: dict[str, Any] = {"case": "multi_tensor_unit_opt_layer"}
+    for name, fn in _layer_perturbers(2048, 8192, device).items():
+        record[f"{name}_gpu_ms_opt1.3b"] = _do_bench(fn)
+    for name, fn in _layer_perturbers(64, 256, device).items():
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize(device)
+        calls = 300
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        record[f"{name}_host_us_h64"] = (time.perf_counter() - start) / calls * 1e6
+        torch.cuda.synchronize(device)
+    return record
+
+
+def _do_bench(fn: Callable[[], Any]) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _layer_perturbers(h: int, f: int, device: torch.device) -> dict[str, Callable[[], None]]:
+    """{"per_tensor": 16 perturbed_into calls, "multi": one perturbed_into_multi} over one OPT layer's tensors."""
+    from zo2_ds import kernels, zo
+
+    shapes = [(h, h), (h,)] * 4 + [(f, h), (f,), (h, f), (h,), (h,), (h,), (h,), (h,)]
+    thetas = [torch.randn(s, device=device, dtype=torch.float16) for s in shapes]
+    keys = [zo.param_key(f"layer.{i}") for i in range(len(shapes))]
+    outs = [torch.empty_like(t) for t in thetas]
+    table = kernels.TensorTable(thetas, keys)
+    flat = torch.empty(table.scratch_numel, device=device, dtype=torch.float16)
+    pass_hash = zo.z_pass_hash(0, 0, 0)
+
+    def per_tensor() -> None:
+        for t, o, k in zip(thetas, outs, keys):
+            kernels.perturbed_into(o, t, zo.z_seed_from_pass(pass_hash, k), 1e-3)
+
+    def multi() -> None:
+        kernels.perturbed_into_multi(table, flat, pass_hash, 1e-3)
+
+    return {"per_tensor": per_tensor, "multi": multi}
 
 
 def _kernel_resources(device: torch.device) -> dict:

@@ -27,6 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SEED = zo.z_seed(1234, 7, 0, zo.param_key("model.decoder.layers.0.fc1.weight"))
 
+# z_seed(0, 0, 0, 0) and z_seed(1234, 7, 0, key of SEED's name): pinned, see test_z_seed_is_the_pass_hash_chain.
+_PINNED_SEED_0 = 0x10983A4555640134
+_PINNED_SEED_1 = 0x3B7D9C7573D923FB
+
 requires_kernels = pytest.mark.skipif(
     not (torch.cuda.is_available() and kernels.available()), reason="needs CUDA and triton"
 )
@@ -130,6 +134,113 @@ def _check_fused_equals_separate(device: str, numel: int, dtype: torch.dtype) ->
                 assert torch.equal(out, ref), (dtype, update is not None, scale)
 
 
+def _check_device_seeds(device: str) -> None:
+    """The kernels' z_seed_from_pass == zo's, including keys with the top bit set."""
+    keys = [zo.param_key(f"model.layers.{i}.w") for i in range(50)] + [0, 1, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
+    for pass_hash in (zo.z_pass_hash(0, 0, 0), zo.z_pass_hash(7, 123456, 3), 0, 5, (1 << 64) - 1, 1 << 63):
+        signed = torch.tensor([kernels._as_signed64(k) for k in keys], dtype=torch.int64, device=device)
+        got = kernels.z_seeds_from_pass(pass_hash, signed).tolist()
+        assert got == [zo.z_seed_from_pass(pass_hash, k) for k in keys], pass_hash
+
+
+def _multi_case(device: str, dtype: torch.dtype, misaligned: bool) -> tuple[list[torch.Tensor], list[int], list[bool]]:
+    row4 = 4 * kernels._ROW
+    sizes = [2 * row4 + 96, 16, row4, 3 * 32, row4 + 48]  # multiples of 16: the aligned (vector) variant
+    if misaligned:
+        sizes = [2 * row4 + 100, 1, 7, row4, 5001]
+    buf = torch.randn(sum(sizes) + len(sizes), device=device).to(dtype)
+    tensors, start = [], int(misaligned)  # misaligned: views at odd element offsets
+    for n in sizes:
+        tensors.append(buf[start : start + n] if misaligned else torch.randn(n, device=device).to(dtype))
+        start += n + 1
+    keys = [zo.param_key(f"t{i}") for i in range(len(sizes))]
+    return tensors, keys, [i % 2 == 0 for i in range(len(sizes))]
+
+
+def _check_multi_equals_single(device: str, dtype: torch.dtype, misaligned: bool) -> None:
+    """One multi-tensor launch == the single-tensor kernel on each tensor, bitwise."""
+    tensors, keys, decays = _multi_case(device, dtype, misaligned)
+    table = kernels.TensorTable(tensors, keys, decays)
+    assert table.aligned is not misaligned
+    pass_hash = zo.z_pass_hash(11, 4, 1)
+    # perturb into a poisoned flat scratch
+    flat = torch.full((table.scratch_numel + 5,), float("nan"), device=device, dtype=dtype)
+    assert kernels.perturbed_into_multi(table, flat, pass_hash, -1e-2) is flat
+    views = table.views(flat)
+    for t, v, k in zip(tensors, views, keys):
+        ref = torch.full_like(t, float("nan"))
+        kernels.perturbed_into(ref, t, zo.z_seed_from_pass(pass_hash, k), -1e-2)
+        assert torch.equal(v, ref), dtype
+    # update, coefficients as floats and on the device, weight decay per flag
+    hashes = [zo.z_pass_hash(11, 4, i) for i in range(2)]
+    for coefs in ([0.5, -1.5], torch.tensor([0.5, -1.5], device=device)):
+        upd = [t.clone() for t in tensors]
+        kernels.apply_update_multi_(kernels.TensorTable(upd, keys, decays), hashes, coefs, 1e-2, 0.1)
+        for t, u, k, d in zip(tensors, upd, keys, decays):
+            ref = t.clone()
+            kernels.apply_update_(ref, [zo.z_seed_from_pass(h, k) for h in hashes], coefs, 1e-2, 0.1 if d else 0.0)
+            assert torch.equal(u, ref), (dtype, d)
+    # fused update + two perturbations == the separate multi calls
+    fused = [t.clone() for t in tensors]
+    outs = [torch.full_like(flat, float("nan")) for _ in range(2)]
+    ftable = kernels.TensorTable(fused, keys, decays)
+    kernels.update_and_perturb_multi_(ftable, (hashes, [0.5, -1.5], 1e-2, 0.1), pass_hash, (1e-2, -1e-2), outs)
+    sep = [t.clone() for t in tensors]
+    stable = kernels.TensorTable(sep, keys, decays)
+    kernels.apply_update_multi_(stable, hashes, [0.5, -1.5], 1e-2, 0.1)
+    for out, scale in zip(outs, (1e-2, -1e-2)):
+        ref = torch.full_like(flat, float("nan"))
+        kernels.perturbed_into_multi(stable, ref, pass_hash, scale)
+        for a, b in zip(ftable.views(out), stable.views(ref)):
+            assert torch.equal(a, b)
+    for a, b in zip(fused, sep):
+        assert torch.equal(a, b)
+
+
+def _check_resident_runner(device: str) -> None:
+    """The engine's runner (one launch per block, one per update group) == the single-tensor kernels."""
+    from zo2_ds.perturb import ResidentRunner, UpdateGroup, trainable_params
+    from zo2_ds.testing import tiny_causal_lm
+
+    model = tiny_causal_lm("opt", hidden=64, layers=3, dtype=torch.float16).to(device).eval()
+    params = trainable_params(model)
+    runner = ResidentRunner(model, params, eps=1e-2, seed=5)
+    assert all(u.table is None for u in runner.units)
+    assert len(runner.units) < len(params) / 3, "blocks are single units"
+    seen: dict[str, torch.Tensor] = {}
+    owner_names = {id(m): n for n, m in model.named_modules()}
+
+    def grab(mod, args):
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                seen.setdefault(f"{owner_names[id(mod)]}.{attr}".lstrip("."), p.detach().clone())
+
+    handles = [m.register_forward_pre_hook(grab) for m in model.modules() if m._parameters]
+    ids = torch.randint(0, 96, (2, 12), device=device)
+    for sign in (-1, 1, -1):  # the later passes run on the pool's re-allocated storage
+        seen.clear()
+        with torch.no_grad(), runner.perturbed(3, 1, sign):
+            model(input_ids=ids)
+        pooled = [b for free in runner._pool.values() for b in free]
+        assert pooled and all(b.untyped_storage().nbytes() == 0 for b in pooled), "scratch freed after the pass"
+        assert torch.equal(seen["lm_head.weight"], seen["model.decoder.embed_tokens.weight"]), "tied: same z"
+        for tp in params:
+            ref = torch.empty_like(tp.param)
+            kernels.perturbed_into(ref, tp.param.data, zo.z_seed(5, 3, 1, tp.key), sign * 1e-2)
+            assert torch.equal(seen[tp.name], ref), tp.name
+    for h in handles:
+        h.remove()
+    assert all(u.table for u in runner.units), "every unit took the multi-tensor path"
+    before = {tp.name: tp.param.detach().clone() for tp in params}
+    runner.update(3, [0.3, -0.1], [UpdateGroup(tuple(tp.param for tp in params), 1e-3, 0.05)])
+    for tp in params:
+        ref = before[tp.name]
+        wd = 0.05 if tp.param.dim() >= 2 else 0.0
+        kernels.apply_update_(ref, [zo.z_seed(5, 3, i, tp.key) for i in range(2)], [0.3, -0.1], 1e-3, wd)
+        assert torch.equal(tp.param.data, ref), tp.name
+    runner.close()
+
+
 # -------------------------------------------------------------------------------------------------
 # CPU: the contract
 # -------------------------------------------------------------------------------------------------
@@ -182,6 +293,34 @@ def test_zo_uses_torch_path_on_cpu():
     assert torch.equal(out, theta + 0.5 * zo.generate_z(SEED, theta.shape))
 
 
+def test_z_seed_is_the_pass_hash_chain():
+    """z_seed = z_seed_from_pass(z_pass_hash(seed, step, index), key); 63-bit; pinned values (the definition
+    of z: changing them changes every trajectory)."""
+    key = zo.param_key("model.decoder.layers.0.fc1.weight")
+    assert zo.z_seed(1234, 7, 0, key) == zo.z_seed_from_pass(zo.z_pass_hash(1234, 7, 0), key)
+    assert zo._mix64(zo._GOLDEN64) == 0xE220A8397B1DCDAF, "splitmix64's first output from state 0"
+    pinned = {(0, 0, 0, 0): zo.z_seed(0, 0, 0, 0), (1234, 7, 0, key): zo.z_seed(1234, 7, 0, key)}
+    assert pinned == {(0, 0, 0, 0): _PINNED_SEED_0, (1234, 7, 0, key): _PINNED_SEED_1}
+    seen = set()
+    for seed in (0, 1, 2**63):
+        for step in (0, 1, 2):
+            for index in (0, 1):
+                for k in (0, 1, key):
+                    s = zo.z_seed(seed, step, index, k)
+                    assert 0 <= s < 2**63
+                    seen.add(s)
+    assert len(seen) == 3 * 3 * 2 * 3, "distinct inputs give distinct seeds"
+    assert zo.z_seed(-1, 0, 0, 0) == zo.z_seed(2**64 - 1, 0, 0, 0), "inputs are taken mod 2^64"
+
+
+def test_tensor_table_validation():
+    with pytest.raises(ValueError, match="one key"):
+        kernels.TensorTable([torch.zeros(4)], [])
+    if not kernels._INTERPRET and not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            kernels.TensorTable([torch.zeros(4)], [1])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_kernels_under_triton_interpreter():
     """The kernels' indexing, masking and fused == separate logic, run by Triton's CPU interpreter."""
@@ -196,6 +335,13 @@ def test_kernels_under_triton_interpreter():
             ns["_check_perturbed_into"]("cpu", n, dtype)
             ns["_check_fused_equals_separate"]("cpu", n, dtype)
         ns["_check_apply_update"]("cpu", n, torch.float32, False)
+        ns["_check_device_seeds"]("cpu")
+        for misaligned in (False, True):
+            ns["_check_multi_equals_single"]("cpu", torch.float16, misaligned)
+        ns["_check_multi_equals_single"]("cpu", torch.float32, False)
+        from zo2_ds import zo
+        zo._use_kernels = lambda t: True  # the runner's CUDA path, on CPU tensors
+        ns["_check_resident_runner"]("cpu")
         print("ok")
         """
     )
@@ -307,3 +453,23 @@ def test_int64_offsets_cuda():
     # The update path at the same size, in place: out = fp16(z) - z, zero up to fp16 rounding.
     kernels.apply_update_(out, [SEED], [1.0], 1.0, 0.0)
     assert out[-(1 << 20) :].float().abs().max().item() < 1e-2
+
+
+@pytest.mark.cuda
+@requires_kernels
+def test_device_seeds_cuda():
+    _check_device_seeds("cuda")
+
+
+@pytest.mark.cuda
+@requires_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_multi_equals_single_bitwise_cuda(dtype, misaligned):
+    _check_multi_equals_single("cuda", dtype, misaligned)
+
+
+@pytest.mark.cuda
+@requires_kernels
+def test_resident_runner_units_equal_per_tensor_kernels_cuda():
+    _check_resident_runner("cuda")

@@ -1,10 +1,19 @@
 """Perturbed forwards on resident parameters (the in-GPU ZO engine, no offloading).
 
-A perturbed forward never writes to a parameter. For every module that directly owns trainable
-parameters, a forward pre-hook writes ``theta + scale * z`` into a scratch tensor and swaps the
-scratch into the module's ``_parameters`` slot; the post-hook swaps the original Parameter back.
-So the clean value is restored exactly and for free, in any dtype, and the extra memory is one
-module's parameters at a time (not a copy of the model, as an in-place perturb-and-restore needs).
+A perturbed forward never writes to a parameter. Before a unit's forward, a pre-hook writes
+``theta + scale * z`` for every trainable tensor of the unit into scratch and swaps the scratch into the
+owning modules' ``_parameters`` slots; the post-hook swaps the original Parameters back. So the clean
+value is restored exactly and for free, in any dtype, and the extra memory is one unit's parameters at
+a time (not a copy of the model, as an in-place perturb-and-restore needs).
+
+Units. Each repeated block of the model (an element of its decoder-layer ModuleList, found by
+:func:`zo2_ds.models.find_blocks`) is one unit: one pre-hook and one post-hook on the block cover every
+trainable tensor owned by modules inside it. A tensor used outside the blocks belongs to a unit per
+owning module, as does everything when the model has no recognisable blocks. Grouping is for the host:
+on CUDA a unit is perturbed by one kernel launch (:func:`zo2_ds.kernels.perturbed_into_multi`) into one
+flat scratch buffer taken from a small pool, and an update group is updated by one launch per dtype;
+an OPT-1.3B step makes ~80 launches instead of ~1170. The z of every tensor is unchanged by this
+(it is keyed by the tensor, not by the unit).
 
 A tensor shared by several modules (tied embedding / lm_head) is perturbed at each use with the
 same z (z is keyed by the tensor's canonical name), so every use sees the same perturbed value,
@@ -17,6 +26,7 @@ see ``zo2_ds.offload``.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +38,10 @@ from torch import nn
 from zo2_ds import zo
 
 __all__ = ["TrainableParam", "trainable_params", "ResidentRunner", "UpdateGroup"]
+
+# ZO2_DS_MULTI_TENSOR=0 keeps the units but perturbs and updates tensor by tensor (benchmarks compare the
+# two); a failure of the multi-tensor kernels (a triton that cannot compile them) also turns them off.
+_MULTI_TENSOR = {"enabled": os.environ.get("ZO2_DS_MULTI_TENSOR", "1") != "0"}
 
 
 @dataclass(frozen=True)
@@ -67,12 +81,37 @@ class UpdateGroup:
     weight_decay: float
 
 
+@dataclass(eq=False)
+class _Unit:
+    """A module whose forward is one perturbation unit, and the trainable tensors used inside it."""
+
+    module: nn.Module  # the hooks go here
+    tensors: list[TrainableParam]  # distinct tensors, each perturbed once per forward of the unit
+    slots: list[tuple[nn.Module, str, int]]  # (owner, attribute, index in tensors) for every use in the unit
+    param_ids: frozenset[int] = frozenset()
+    params: tuple[nn.Parameter, ...] = ()  # tensors[i].param, for the table's storage check
+    table: Any = None  # kernels.TensorTable on CUDA (built at the first use), False when not applicable
+    held: torch.Tensor | None = None  # the pool buffer holding this unit's perturbed values, while swapped in
+    views: tuple[torch.Tensor | None, list[torch.Tensor]] = (None, [])  # (buffer, its views) cache
+
+
+def _block_modules(module: nn.Module) -> tuple[nn.Module, ...]:
+    """The model's repeated blocks, or () when there are none (units fall back to one per owning module)."""
+    from zo2_ds.models import find_blocks
+
+    try:
+        return find_blocks(module).blocks
+    except ValueError:
+        return ()
+
+
 class ResidentRunner:
     """Runs the 2q perturbed forwards of one micro-batch with every parameter resident.
 
     Args:
-        module: the model (hooks are installed on its submodules).
-        params: the trainable tensors, from :func:`trainable_params`.
+        module: the model (hooks are installed on its blocks and on the modules owning other params).
+        params: the trainable tensors, from :func:`trainable_params` (any subset: the offloader passes
+            the tensors outside its streamed blocks).
         eps: perturbation scale.
         seed: the zo2 base seed.
     """
@@ -83,45 +122,149 @@ class ResidentRunner:
         self.params = list(params)
         self._key_of = {id(tp.param): tp.key for tp in self.params}
         # (step, index, scale) while a perturbed forward runs; None otherwise (hooks do nothing).
+        # The offloader sets it directly, pass by pass.
         self._active: tuple[int, int, float] | None = None
         self._perturbed_in_pass: set[int] = set()
         self._warned_unperturbed = False
-        owners: dict[nn.Module, list[tuple[str, TrainableParam]]] = {}
+        self._pass_hash_cache: tuple[tuple[int, int], int] | None = None
+        # Flat scratch buffers for the CUDA path, per (device, dtype): taken by a unit's pre-hook and given
+        # back by its post-hook. Units run one after another, so the pool holds one buffer (two when a
+        # unit's module contains another unit). All use is on the current stream, so a buffer given back
+        # may be rewritten by the next unit's kernel: the stream orders it after the forward that read it.
+        # Once every unit of a pass has run, the buffers' storage is freed (resize_(0), as FSDP does with
+        # unsharded parameters) so that the loss, computed after the last unit, has the memory it had
+        # without the pool; the tensors and the units' cached views of them stay, and the next pass
+        # re-allocates the same bytes from the caching allocator.
+        self._pool: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        self._pass_spec: tuple[int, int, float] | None = None
+        self._units_done = 0
+        self._update_tables: dict[tuple[int, ...], list[tuple[list[nn.Parameter], Any]]] = {}
+        self.units = self._build_units(module)
+        self._handles = []
+        for unit in self.units:
+            self._handles.append(unit.module.register_forward_pre_hook(self._make_pre_hook(unit)))
+            self._handles.append(unit.module.register_forward_hook(self._make_post_hook(unit), always_call=True))
+
+    def _build_units(self, module: nn.Module) -> list[_Unit]:
+        block_of: dict[int, nn.Module] = {}
+        if self.params:
+            for block in _block_modules(module):
+                for sub in block.modules():
+                    block_of[id(sub)] = block
+        units: dict[int, _Unit] = {}
         for tp in self.params:
             for mod, attr in tp.uses:
-                owners.setdefault(mod, []).append((attr, tp))
-        self._handles = []
-        for mod, slots in owners.items():
-            self._handles.append(mod.register_forward_pre_hook(self._make_pre_hook(slots)))
-            self._handles.append(mod.register_forward_hook(self._make_post_hook(slots), always_call=True))
+                home = block_of.get(id(mod), mod)
+                unit = units.get(id(home))
+                if unit is None:
+                    unit = units[id(home)] = _Unit(home, [], [])
+                index = next((i for i, t in enumerate(unit.tensors) if t.param is tp.param), None)
+                if index is None:
+                    index = len(unit.tensors)
+                    unit.tensors.append(tp)
+                unit.slots.append((mod, attr, index))
+        for unit in units.values():
+            unit.param_ids = frozenset(id(tp.param) for tp in unit.tensors)
+            unit.params = tuple(tp.param for tp in unit.tensors)
+        return list(units.values())
 
     # -- hooks -----------------------------------------------------------------------------------
-    def _make_pre_hook(self, slots: list[tuple[str, TrainableParam]]) -> Callable:
+    def _make_pre_hook(self, unit: _Unit) -> Callable:
         def pre_hook(mod: nn.Module, args: Any) -> None:
-            if self._active is None:
+            active = self._active
+            if active is None:
                 return
-            step, index, scale = self._active
-            for attr, tp in slots:
-                if mod._parameters[attr] is not tp.param:
+            for owner, attr, i in unit.slots:
+                if owner._parameters[attr] is not unit.tensors[i].param:
                     raise RuntimeError(
-                        f"{type(mod).__name__}.{attr} is already perturbed: the module was re-entered "
+                        f"{type(owner).__name__}.{attr} is already perturbed: the module was re-entered "
                         "during its own forward, which zo2_ds does not support"
                     )
-                seed = zo.z_seed(self.seed, step, index, tp.key)
-                mod._parameters[attr] = zo.perturbed_into(torch.empty_like(tp.param), tp.param.data, seed, scale)
-                self._perturbed_in_pass.add(id(tp.param))
+            if active != self._pass_spec:
+                self._pass_spec, self._units_done = active, 0
+            step, index, scale = active
+            values = self._perturb_unit(unit, self._pass_hash(step, index), scale)
+            for owner, attr, i in unit.slots:
+                owner._parameters[attr] = values[i]
+            self._perturbed_in_pass.update(unit.param_ids)
 
         return pre_hook
 
-    @staticmethod
-    def _make_post_hook(slots: list[tuple[str, TrainableParam]]) -> Callable:
+    def _make_post_hook(self, unit: _Unit) -> Callable:
         # Runs even when the forward raised (always_call=True), so a failure never leaves a
         # perturbed tensor in place of a parameter.
         def post_hook(mod: nn.Module, args: Any, output: Any) -> None:
-            for attr, tp in slots:
-                mod._parameters[attr] = tp.param
+            for owner, attr, i in unit.slots:
+                owner._parameters[attr] = unit.tensors[i].param
+            if unit.held is not None:
+                self._pool[(unit.held.device, unit.held.dtype)].append(unit.held)
+                unit.held = None
+            if self._active is not None:
+                self._units_done += 1
+                if self._units_done == len(self.units):
+                    self._units_done = 0
+                    self._release_pool_memory()
 
         return post_hook
+
+    # -- perturbation ----------------------------------------------------------------------------
+    def _pass_hash(self, step: int, index: int) -> int:
+        """z_pass_hash of (seed, step, index), computed once per pass rather than per tensor."""
+        cached = self._pass_hash_cache
+        if cached is None or cached[0] != (step, index):
+            cached = self._pass_hash_cache = ((step, index), zo.z_pass_hash(self.seed, step, index))
+        return cached[1]
+
+    def _perturb_unit(self, unit: _Unit, pass_hash: int, scale: float) -> list[torch.Tensor]:
+        table = self._unit_table(unit) if _MULTI_TENSOR["enabled"] else False
+        if not table:  # CPU (the torch path of zo.py), or tensors the fused kernels do not take
+            seeds = [zo.z_seed_from_pass(pass_hash, tp.key) for tp in unit.tensors]
+            return [
+                zo.perturbed_into(torch.empty_like(tp.param), tp.param.data, seed, scale)
+                for tp, seed in zip(unit.tensors, seeds)
+            ]
+        from zo2_ds import kernels
+
+        buf = self._take_scratch(table.device, table.dtype, table.scratch_numel)
+        try:
+            kernels.perturbed_into_multi(table, buf, pass_hash, scale)
+        except Exception as exc:  # noqa: BLE001 - compilation problems of triton surface as many types
+            self._pool[(buf.device, buf.dtype)].append(buf)
+            _multi_tensor_failed(exc)
+            unit.table = False
+            return self._perturb_unit(unit, pass_hash, scale)
+        unit.held = buf
+        if unit.views[0] is not buf:
+            unit.views = (buf, table.views(buf))
+        return unit.views[1]
+
+    def _unit_table(self, unit: _Unit) -> Any:
+        """The unit's kernels.TensorTable (rebuilt if a tensor's storage moved), or False for the torch path."""
+        table = unit.table
+        if table is False:
+            return False
+        if table is not None and table.matches(unit.params):
+            return table
+        unit.table = _kernel_table([p.data for p in unit.params], [tp.key for tp in unit.tensors])
+        return unit.table
+
+    def _take_scratch(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        free = self._pool.setdefault((device, dtype), [])
+        for i, buf in enumerate(free):
+            if buf.numel() >= numel:
+                buf = free.pop(i)
+                storage = buf.untyped_storage()
+                if storage.nbytes() == 0:  # freed at the end of the last pass
+                    storage.resize_(buf.numel() * buf.element_size())
+                return buf
+        if free:  # too small for this unit: replace it (the pool settles at the largest unit)
+            free.pop()
+        return torch.empty(numel, dtype=dtype, device=device)
+
+    def _release_pool_memory(self) -> None:
+        for free in self._pool.values():
+            for buf in free:
+                buf.untyped_storage().resize_(0)
 
     # -- passes ----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -129,6 +272,7 @@ class ResidentRunner:
         """Within this context, forwards of the module see theta + sign * eps * z(step, index)."""
         self._active = (step, index, sign * self.eps)
         self._perturbed_in_pass.clear()
+        self._pass_spec, self._units_done = None, 0
         try:
             yield
         finally:
@@ -152,12 +296,38 @@ class ResidentRunner:
 
     def update(self, step: int, coefs: Sequence[float], groups: Sequence[UpdateGroup]) -> None:
         """theta <- theta - lr * (sum_i coefs[i] z_i + wd * theta), once per distinct tensor."""
+        hashes = [zo.z_pass_hash(self.seed, step, i) for i in range(len(coefs))]
         for group in groups:
-            for p in group.params:
-                key = self._key_of[id(p)]
-                seeds = [zo.z_seed(self.seed, step, i, key) for i in range(len(coefs))]
-                wd = group.weight_decay if zo.uses_weight_decay(p) else 0.0
-                zo.apply_update_(p.data, seeds, coefs, group.lr, wd)
+            for params, table in self._group_tables(group.params):
+                if table and _MULTI_TENSOR["enabled"]:
+                    from zo2_ds import kernels
+
+                    try:
+                        kernels.apply_update_multi_(table, hashes, coefs, group.lr, group.weight_decay)
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - as in _perturb_unit; nothing was launched
+                        _multi_tensor_failed(exc)
+                for p in params:
+                    key = self._key_of[id(p)]
+                    seeds = [zo.z_seed_from_pass(h, key) for h in hashes]
+                    wd = group.weight_decay if zo.uses_weight_decay(p) else 0.0
+                    zo.apply_update_(p.data, seeds, coefs, group.lr, wd)
+
+    def _group_tables(self, params: Sequence[nn.Parameter]) -> list[tuple[list[nn.Parameter], Any]]:
+        """An update group split by (device, dtype), each part with its kernels.TensorTable (or False)."""
+        cache_key = tuple(id(p) for p in params)
+        parts = self._update_tables.get(cache_key)
+        if parts is not None and all(not t or t.matches(ps) for ps, t in parts):
+            return parts
+        by_kind: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+        for p in params:
+            by_kind.setdefault((p.device, p.dtype), []).append(p)
+        parts = []
+        for ps in by_kind.values():
+            keys = [self._key_of[id(p)] for p in ps]
+            parts.append((ps, _kernel_table([p.data for p in ps], keys, [zo.uses_weight_decay(p) for p in ps])))
+        self._update_tables[cache_key] = parts
+        return parts
 
     def flush(self) -> None:
         """Nothing is deferred when every parameter is resident."""
@@ -166,6 +336,10 @@ class ResidentRunner:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._pool.clear()
+        self._update_tables.clear()
+        for unit in self.units:
+            unit.table, unit.views = None, (None, [])
 
     def _check_all_perturbed(self) -> None:
         if self._warned_unperturbed:
@@ -181,3 +355,26 @@ class ResidentRunner:
                 "its weight directly.",
                 stacklevel=3,
             )
+
+
+def _kernel_table(tensors: list[torch.Tensor], keys: list[int], decays: list[bool] | None = None) -> Any:
+    """A kernels.TensorTable for one multi-tensor launch, or False where zo.py's per-tensor path applies
+    (CPU, kernels off, mixed dtypes or devices, a non-contiguous tensor)."""
+    if not tensors or not _MULTI_TENSOR["enabled"] or not zo._use_kernels(tensors[0]):
+        return False
+    from zo2_ds import kernels
+
+    first = tensors[0]
+    if any(t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() for t in tensors):
+        return False
+    if first.dtype not in kernels._SUPPORTED_DTYPES:
+        return False
+    return kernels.TensorTable(tensors, keys, decays)
+
+
+def _multi_tensor_failed(exc: Exception) -> None:
+    _MULTI_TENSOR["enabled"] = False
+    warnings.warn(
+        f"zo2: the multi-tensor kernels failed ({exc!r}); perturbing and updating tensor by tensor from now on",
+        stacklevel=3,
+    )

@@ -6,7 +6,11 @@ same arithmetic on every tensor.
 
 Keying of z. The random direction for one tensor is a function of
 ``(seed, step, perturbation index, parameter name)`` only: :func:`z_seed` hashes those four into one
-64-bit integer and z is drawn from a generator seeded with it. Nothing depends on execution order,
+63-bit integer and z is drawn from a generator seeded with it. The hash is a chain of splitmix64
+finalisers (integer multiply / xor-shift only), so the fused CUDA kernels evaluate the last link
+themselves: the host hashes ``(seed, step, index)`` once per pass (:func:`z_pass_hash`) and each
+tensor's seed is ``z_seed_from_pass(pass_hash, param_key(name))``, computed on the host (CPU path) or
+inside the kernel from a static table of keys (CUDA path), bit-identically. Nothing depends on execution order,
 on which other parameters exist or are resident, or on the rank, which is what lets the offloader
 (perturbing a block when it arrives) and data-parallel ranks regenerate identical z.
 
@@ -26,7 +30,6 @@ CPU's, but is again a pure function of the key.
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections.abc import Sequence
 
 import torch
@@ -34,6 +37,8 @@ import torch
 __all__ = [
     "param_key",
     "z_seed",
+    "z_pass_hash",
+    "z_seed_from_pass",
     "generate_z",
     "perturbed_into",
     "apply_update_",
@@ -49,14 +54,38 @@ def param_key(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+# splitmix64 (Steele, Lea, Flood, OOPSLA'14): a bijective 64-bit finaliser with full avalanche. The same
+# constants and steps are in kernels._mix64; tests check that the two agree.
+_GOLDEN64 = 0x9E3779B97F4A7C15
+_MIX_MUL1 = 0xBF58476D1CE4E5B9
+_MIX_MUL2 = 0x94D049BB133111EB
+
+
+def _mix64(x: int) -> int:
+    x = ((x ^ (x >> 30)) * _MIX_MUL1) & _MASK64
+    x = ((x ^ (x >> 27)) * _MIX_MUL2) & _MASK64
+    return x ^ (x >> 31)
+
+
+def z_pass_hash(seed: int, step: int, perturbation: int) -> int:
+    """The 64-bit hash of ``(seed, step, perturbation)``: the part of :func:`z_seed` shared by every
+    tensor of one perturbation (computed once per pass)."""
+    h = _mix64(((seed & _MASK64) + _GOLDEN64) & _MASK64)
+    h = _mix64(((h ^ (step & _MASK64)) + _GOLDEN64) & _MASK64)
+    return _mix64(((h ^ (perturbation & _MASK64)) + _GOLDEN64) & _MASK64)
+
+
+def z_seed_from_pass(pass_hash: int, key: int) -> int:
+    """``z_seed(seed, step, perturbation, key)`` given ``pass_hash = z_pass_hash(seed, step, perturbation)``."""
+    return _mix64(((pass_hash ^ (key & _MASK64)) + _GOLDEN64) & _MASK64) >> 1
+
+
 def z_seed(seed: int, step: int, perturbation: int, key: int) -> int:
     """The generator seed of z for one tensor: a 63-bit hash of (seed, step, perturbation, key).
 
     63 bits (not 64) so the value is a valid non-negative int64 for every backend.
     """
-    packed = struct.pack("<QQQQ", seed & _MASK64, step & _MASK64, perturbation & _MASK64, key & _MASK64)
-    digest = hashlib.blake2b(packed, digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return z_seed_from_pass(z_pass_hash(seed, step, perturbation), key)
 
 
 def _use_kernels(t: torch.Tensor) -> bool:

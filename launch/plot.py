@@ -7,9 +7,12 @@ Inputs, both optional (at least one must hold data):
 - ``<output_dir>/log.jsonl`` written by launch/train.py: one JSON object per line with ``step``,
   ``train_loss``, ``lr`` and, on evaluation steps, ``eval_<metric>`` (eval_accuracy, eval_f1, ...).
 - DeepSpeed csv monitor files anywhere under ``<output_dir>`` (``<output_path>/<job_name>/
-  Train_Samples_train_loss.csv`` ...: a ``step,<name>`` header, then rows). DeepSpeed's
-  ``Train/Samples/*`` events are keyed by samples, not steps: ``--samples-per-step`` (the global
-  batch size) converts them. A series present in log.jsonl is not taken again from csv.
+  Train_Samples_train_loss.csv`` ...: a ``step,<name>`` header, then rows; train.py puts them in
+  ``<output_dir>/monitor`` when the config enables ``csv_monitor`` without an output_path). Its
+  ``Eval/<metric>`` events (``Eval_accuracy.csv``) become ``eval_<metric>``. DeepSpeed's
+  ``Train/Samples/*`` and train.py's ``Eval/*`` events are keyed by samples, not steps:
+  ``--samples-per-step`` (the global batch size) converts them. A series present in log.jsonl is not
+  taken again from csv.
 """
 
 from __future__ import annotations
@@ -63,10 +66,12 @@ def read_csv_monitor(root: Path, samples_per_step: float | None = None) -> Serie
         if len(rows) < 2 or len(rows[0]) != 2 or rows[0][0] != "step":
             continue  # not a monitor file
         name = rows[0][1]
+        if path.stem.startswith("Eval_"):  # train.py's Eval/<metric> events: the same name as in log.jsonl
+            name = f"eval_{name}"
         points = [
             (x, y) for x, y in ((_number(r[0]), _number(r[1])) for r in rows[1:] if len(r) == 2) if None not in (x, y)
         ]
-        if samples_per_step and path.stem.startswith("Train_Samples_"):
+        if samples_per_step and path.stem.startswith(("Train_Samples_", "Eval_")):
             points = [(x / samples_per_step, y) for x, y in points]
         series.setdefault(name, []).extend(points)
     return series

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from zo2_ds.data import (
     load_default_task,
 )
 from zo2_ds.data.sentiment import LABEL_WORDS, NEGATIVE, POSITIVE
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +290,38 @@ def test_ds_config_resolution(tmp_path):
         job.resolve_ds_config(path, max_steps=10)
     with pytest.raises(ValueError, match="--deepspeed_config .*no such file"):
         job.resolve_ds_config(tmp_path / "nope.json", max_steps=10)
+
+
+def test_ds_config_for_adapters_and_monitors(tmp_path):
+    """--peft without a config takes MeZO's lr/eps for the adapter; an enabled monitor without an
+    output_path writes into <output_dir>/monitor (where launch/plot.py looks)."""
+    from zo2_ds.tasks import MEZO_ADAPTER_DEFAULTS
+
+    for peft in ("lora", "prefix"):
+        config = job.resolve_ds_config(None, max_steps=10, peft=peft)
+        assert config["optimizer"]["params"]["lr"] == MEZO_ADAPTER_DEFAULTS[peft]["lr"]
+        assert config["zo2"]["eps"] == MEZO_ADAPTER_DEFAULTS[peft]["eps"]
+    path = tmp_path / "c.json"
+    monitors = {"csv_monitor": {"enabled": True}, "tensorboard": {"enabled": True, "output_path": "tb"}}
+    path.write_text(
+        json.dumps({"optimizer": {"type": "SGD", "params": {"lr": 1.0}}, "zo2": {"enabled": True}, **monitors})
+    )
+    config = job.resolve_ds_config(path, max_steps=10, output_dir=tmp_path / "run")
+    assert config["csv_monitor"]["output_path"] == str(tmp_path / "run" / "monitor")
+    assert config["tensorboard"]["output_path"] == "tb"  # an explicit path is kept
+    # The shipped adapter configs carry the same settings.
+    for peft in ("lora", "prefix"):
+        shipped = job.resolve_ds_config(REPO / "ds_configs" / f"zo2_{peft}.json", max_steps=10)
+        assert shipped["optimizer"]["params"]["lr"] == MEZO_ADAPTER_DEFAULTS[peft]["lr"]
+        assert shipped["zo2"]["eps"] == MEZO_ADAPTER_DEFAULTS[peft]["eps"]
+
+
+def test_checkpoint_lookup_and_hf_copy(tmp_path, default_task):
+    data, tokenizer = default_task
+    assert not job.has_checkpoint(tmp_path) and not job.has_checkpoint(tmp_path, job.BEST_TAG)
+    (tmp_path / "latest").write_text("global_step1")
+    (tmp_path / job.BEST_TAG).mkdir()
+    assert job.has_checkpoint(tmp_path) and job.has_checkpoint(tmp_path, "best")
+    path = job.save_hf_copy(build_tiny_opt(len(tokenizer)), tmp_path / "best", data.tokenizer)
+    assert path.endswith("model") and (tmp_path / "best" / "model" / "config.json").is_file()
+    assert (tmp_path / "best" / "model" / "tokenizer.json").is_file()

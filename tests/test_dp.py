@@ -66,4 +66,4 @@ def test_two_ranks_agree_and_match_one_rank_with_the_full_batch(tmp_path):
     for g_dp, g_one in zip(r0["g"], one["g"]):
         assert g_dp == pytest.approx(g_one, rel=1e-2, abs=1e-2)
     for name, p in one["params"].items():
-        torch.testing.assert_close(r0["params"][name], p, rtol=0, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(r0["params"][name], p, rtol=0, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")

@@ -306,3 +306,21 @@ def test_monitor_receives_loss_lr_and_g(tmp_path):
     rows = files["Train_Samples_train_loss.csv"].read_text().strip().splitlines()
     assert len(rows) == 1 + 3  # header + one row per step
     assert float(rows[-1].split(",")[1]) == pytest.approx(engine.last_loss)
+
+
+def test_dict_output_with_loss_is_accepted():
+    class DictLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return {"loss": ((self.w * x) ** 2).sum(), "extra": x}
+
+    engine, *_ = zo2_ds.initialize(model=DictLoss(), config=ds_config(lr=0.1))
+    engine.train()
+    out = engine(torch.ones(3))
+    assert set(out) == {"loss", "extra"} and out["loss"].shape == ()
+    engine.backward(out["loss"])
+    engine.step()
+    assert not torch.equal(engine.module.w.detach(), torch.ones(3))

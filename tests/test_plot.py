@@ -64,6 +64,28 @@ def test_cli_writes_a_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+def test_eval_events_and_generation_metrics_are_plotted(tmp_path):
+    """train.py's Eval/<metric> csv events read as eval_<metric> (samples -> steps); any eval_* key of
+    log.jsonl (eval_em, eval_f1 of a generation task) lands in the eval panel."""
+    monitor = tmp_path / "monitor" / "zo2"
+    monitor.mkdir(parents=True)
+    (monitor / "Eval_f1.csv").write_text("step,f1\n32,0.25\n64,0.5\n")
+    (monitor / "Train_Samples_train_loss.csv").write_text("step,train_loss\n16,2.0\n32,1.5\n")
+    series = plot.collect_series(tmp_path, samples_per_step=16)
+    assert series["eval_f1"] == [(2.0, 0.25), (4.0, 0.5)] and series["train_loss"] == [(1.0, 2.0), (2.0, 1.5)]
+    (tmp_path / "log.jsonl").write_text(
+        "".join(
+            json.dumps({"step": s, "train_loss": 1.0, "lr": 1e-3, "eval_em": 0.1, "eval_f1": 0.3}) + "\n"
+            for s in (2, 4)
+        )
+    )
+    series = plot.collect_series(tmp_path, samples_per_step=16)
+    assert series["eval_f1"] == [(2, 0.3), (4, 0.3)]  # log.jsonl wins over the csv copy
+    _, eval_ax, _ = plot.build_figure(series).axes
+    assert sorted(line.get_label() for line in eval_ax.lines) == ["eval_em", "eval_f1"]
+    assert plot.main([str(tmp_path)]) == 0 and (tmp_path / "curves.png").is_file()
+
+
 def test_errors_are_clear(tmp_path):
     assert plot.main([str(tmp_path)]) == 1  # nothing to plot
     (tmp_path / "log.jsonl").write_text('{"step": 1, "train_loss": 0.5}\nnot json\n')

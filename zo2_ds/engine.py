@@ -22,7 +22,7 @@ import contextlib
 import math
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -375,12 +375,15 @@ def _loss_of(output: Any) -> torch.Tensor:
         loss = output
     elif getattr(output, "loss", None) is not None:
         loss = output.loss
+    elif isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
+        loss = output["loss"]
     elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         loss = output[0]
     else:
         raise TypeError(
             "zo2: the model's forward must return a scalar loss tensor, an object with a .loss (e.g. an HF "
-            f"ModelOutput: pass labels= to the model), or a tuple starting with the loss; got {type(output).__name__}"
+            "ModelOutput: pass labels= to the model), a dict with a 'loss' tensor, or a tuple starting with the "
+            f"loss; got {type(output).__name__}"
             + (" with loss=None" if hasattr(output, "loss") else "")
         )
     if loss.numel() != 1:
@@ -394,4 +397,6 @@ def _with_loss(output: Any, loss: torch.Tensor) -> Any:
     if getattr(output, "loss", None) is not None:
         output.loss = loss
         return output
+    if isinstance(output, Mapping):
+        return {**output, "loss": loss}
     return type(output)((loss, *output[1:]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,6 +122,8 @@ class TaskData:
     dev: list[dict]
     test: list[dict]
     pad_token_id: int
+    tokenizer: Any = field(default=None, repr=False)
+    """Saved next to the HF copy of the model (launch/train.py), when given."""
     collate: Callable[[list[dict]], dict[str, torch.Tensor]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -181,4 +181,5 @@ def load_classification_task(
         dev=encode(dev_rows, max_eval_examples),
         test=encode(test_rows, max_eval_examples),
         pad_token_id=tokenizer.pad_token_id,
+        tokenizer=tokenizer,
     )

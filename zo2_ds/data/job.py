@@ -21,9 +21,12 @@ __all__ = [
     "DEFAULT_MAX_STEPS",
     "DEFAULT_EVAL_EVERY",
     "DEFAULT_LOG_EVERY",
+    "BEST_TAG",
     "build_model_and_task",
+    "apply_adapter",
     "resolve_ds_config",
     "has_checkpoint",
+    "save_hf_copy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,8 @@ DEFAULT_MAX_STEPS = 6000
 DEFAULT_EVAL_EVERY = 500
 DEFAULT_LOG_EVERY = 50
 
+BEST_TAG = "best"  # the best-dev checkpoint: <output_dir>/best (a DeepSpeed tag folder) with its HF copy inside
+
 # DeepSpeed schedulers whose length is a config value; left out, it is taken from --max_steps.
 _SCHEDULER_LENGTH_KEYS = {"WarmupDecayLR": "total_num_steps", "WarmupCosineLR": "total_num_steps"}
 
@@ -67,6 +72,9 @@ def _check_args(args: Namespace) -> None:
         for flag in ("template", "label_words", "text_column", "data_dir"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to a real model and dataset; the default job takes none")
+    peft = getattr(args, "peft", None)
+    if peft not in (None, "lora", "prefix"):
+        raise ValueError(f"--peft {peft!r}: choose lora or prefix")
     for flag in ("max_steps", "eval_every", "log_every", "eval_batch_size"):
         value = getattr(args, flag, None)
         if value is not None and value < (0 if flag == "eval_every" else 1):
@@ -74,8 +82,33 @@ def _check_args(args: Namespace) -> None:
 
 
 def build_model_and_task(args: Namespace) -> tuple[nn.Module, Any]:
-    """``(hf_model, task_data)`` for the default job, a ``zo2_ds.tasks`` task, or a real dataset."""
+    """``(hf_model, task_data)`` for the default job, a ``zo2_ds.tasks`` task, or a real dataset.
+    With ``args.peft`` the model comes back wrapped in its peft adapter (see :func:`apply_adapter`)."""
     _check_args(args)
+    model, task_data = _build(args)
+    if getattr(args, "peft", None):
+        model = apply_adapter(model, args)
+    return model, task_data
+
+
+def apply_adapter(model: nn.Module, args: Namespace) -> nn.Module:
+    """Wrap ``model`` in a LoRA or prefix-tuning adapter (``zo2_ds.tasks.adapters``): afterwards only
+    the adapter has ``requires_grad=True``, and that is all the ZO engine perturbs and updates."""
+    try:
+        from zo2_ds.tasks import apply_lora, apply_prefix_tuning
+    except ImportError as exc:
+        raise ValueError(f"--peft {args.peft} needs the zo2_ds.tasks package, which failed to import: {exc}") from exc
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ValueError(f"--peft {args.peft} needs peft: pip install 'zo2_ds[peft]'") from None
+    model.eval()  # no dropout (MeZO); the engine switches it off in the perturbed passes anyway
+    if args.peft == "lora":
+        return apply_lora(model, r=args.lora_r, alpha=args.lora_alpha)
+    return apply_prefix_tuning(model, num_virtual_tokens=args.prefix_tokens, seed=args.seed)
+
+
+def _build(args: Namespace) -> tuple[nn.Module, Any]:
     if not args.model_name_or_path:
         task_data, tokenizer = load_default_task(seed=args.seed)
         return build_tiny_opt(len(tokenizer), seed=args.seed), task_data
@@ -127,10 +160,30 @@ def _data_files_by_split(data_files: list[str]) -> dict[str, list[str]]:
     return by_split
 
 
-def resolve_ds_config(path: str | os.PathLike | None, *, max_steps: int) -> dict[str, Any]:
-    """The DeepSpeed config dict: the JSON file at ``path``, or the default job's built-in config."""
+def resolve_ds_config(
+    path: str | os.PathLike | None,
+    *,
+    max_steps: int,
+    peft: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict: the JSON file at ``path``, or the default job's built-in config.
+
+    Without a file and with ``peft``, the built-in config takes MeZO's lr and eps for that adapter
+    (``MEZO_ADAPTER_DEFAULTS``, as in ds_configs/zo2_lora.json / zo2_prefix.json). An enabled csv or
+    tensorboard monitor without an ``output_path`` writes into ``<output_dir>/monitor``, where
+    launch/plot.py finds it.
+    """
     if path is None:
         config = copy.deepcopy(DEFAULT_DS_CONFIG)
+        if peft:
+            from zo2_ds.tasks import MEZO_ADAPTER_DEFAULTS
+
+            lr, eps = MEZO_ADAPTER_DEFAULTS[peft]["lr"], MEZO_ADAPTER_DEFAULTS[peft]["eps"]
+            config["optimizer"]["params"]["lr"] = lr
+            config["scheduler"]["params"]["warmup_max_lr"] = lr
+            config["zo2"]["eps"] = eps
+            logger.info("--peft %s without --deepspeed_config: lr %g, eps %g (MeZO's)", peft, lr, eps)
     else:
         if not os.path.isfile(path):
             raise ValueError(f"--deepspeed_config {os.fspath(path)!r}: no such file")
@@ -148,9 +201,33 @@ def resolve_ds_config(path: str | os.PathLike | None, *, max_steps: int) -> dict
         if key not in params:
             params[key] = max_steps
             logger.info("scheduler.params.%s not set: using --max_steps = %d", key, max_steps)
+    for monitor in ("csv_monitor", "tensorboard"):
+        block = config.get(monitor)
+        if output_dir is not None and isinstance(block, dict) and block.get("enabled") and not block.get("output_path"):
+            block["output_path"] = os.path.join(os.fspath(output_dir), "monitor")
     return config
 
 
-def has_checkpoint(output_dir: str | os.PathLike) -> bool:
-    """Whether ``engine.save_checkpoint(output_dir)`` has written a checkpoint there (its "latest" file)."""
+def has_checkpoint(output_dir: str | os.PathLike, tag: str | None = None) -> bool:
+    """Whether ``engine.save_checkpoint(output_dir)`` has written a checkpoint there: its "latest" file,
+    or with ``tag`` that tag's folder (e.g. ``best``)."""
+    if tag is not None:
+        return os.path.isdir(os.path.join(output_dir, tag))
     return os.path.isfile(os.path.join(output_dir, "latest"))
+
+
+def save_hf_copy(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = None) -> str:
+    """The weights in Hugging Face format next to a DeepSpeed checkpoint, for use without zo2_ds:
+    ``<folder>/adapter`` (PEFT format, ``PeftModel.from_pretrained(base, path)``) for a peft model,
+    else ``<folder>/model`` (``save_pretrained``, with the tokenizer when there is one). Returns the path."""
+    if hasattr(model, "peft_config"):
+        from zo2_ds.tasks import save_adapter
+
+        path = os.path.join(folder, "adapter")
+        save_adapter(model, path)
+        return path
+    path = os.path.join(folder, "model")
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path

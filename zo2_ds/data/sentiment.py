@@ -104,5 +104,12 @@ def load_default_task(
         for f in (train_frames, dev_frames, test_frames)
     ]
     info = TaskInfo(name=DEFAULT_TASK_NAME, metric="accuracy", label_words=LABEL_WORDS, template=PROMPT)
-    data = TaskData(task=info, train=splits[0], dev=splits[1], test=splits[2], pad_token_id=tokenizer.pad_token_id)
+    data = TaskData(
+        task=info,
+        train=splits[0],
+        dev=splits[1],
+        test=splits[2],
+        pad_token_id=tokenizer.pad_token_id,
+        tokenizer=tokenizer,
+    )
     return data, tokenizer

@@ -43,8 +43,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-__all__ = ["OPT_SHAPES", "build_opt", "measure_link_bandwidth", "time_zo_steps", "run_offload_bench",
-           "device_budget", "timeline_of_one_step", "plot_timeline", "main"]
+__all__ = [
+    "OPT_SHAPES",
+    "build_opt",
+    "measure_link_bandwidth",
+    "time_zo_steps",
+    "run_offload_bench",
+    "device_budget",
+    "timeline_of_one_step",
+    "plot_timeline",
+    "main",
+]
 
 
 def _free_port() -> int:
@@ -60,8 +69,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 # name: (hidden, layers, heads); vocab 50272, ffn 4 x hidden, as OPT.
-OPT_SHAPES = {"opt-1.3b": (2048, 24, 32), "opt-6.7b": (4096, 32, 32), "opt-13b": (5120, 40, 40),
-              "opt-30b": (7168, 48, 56), "tiny": (64, 4, 4)}
+OPT_SHAPES = {
+    "opt-1.3b": (2048, 24, 32),
+    "opt-6.7b": (4096, 32, 32),
+    "opt-13b": (5120, 40, 40),
+    "opt-30b": (7168, 48, 56),
+    "tiny": (64, 4, 4),
+}
 _GIB = 1024**3
 
 
@@ -71,9 +85,17 @@ def build_opt(name: str, device: torch.device, dtype: torch.dtype = torch.float1
     from transformers.initialization import no_init_weights
 
     hidden, layers, heads = OPT_SHAPES[name]
-    config = OPTConfig(vocab_size=1000 if name == "tiny" else 50272, hidden_size=hidden, num_hidden_layers=layers,
-                       num_attention_heads=heads, ffn_dim=4 * hidden, max_position_embeddings=2048,
-                       word_embed_proj_dim=hidden, dropout=0.0, attention_dropout=0.0)
+    config = OPTConfig(
+        vocab_size=1000 if name == "tiny" else 50272,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        ffn_dim=4 * hidden,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=hidden,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -117,9 +139,11 @@ def measure_link_bandwidth(nbytes: int = _GIB, repeats: int = 5) -> dict[str, fl
         with torch.cuda.stream(s2):
             host2.copy_(dev2, non_blocking=True)
 
-    return {"h2d_gbps": nbytes / timed(lambda: dev.copy_(host, non_blocking=True)) / 1e9,
-            "d2h_gbps": nbytes / timed(lambda: host2.copy_(dev2, non_blocking=True)) / 1e9,
-            "bidir_sum_gbps": 2 * nbytes / timed(both) / 1e9}
+    return {
+        "h2d_gbps": nbytes / timed(lambda: dev.copy_(host, non_blocking=True)) / 1e9,
+        "d2h_gbps": nbytes / timed(lambda: host2.copy_(dev2, non_blocking=True)) / 1e9,
+        "bidir_sum_gbps": 2 * nbytes / timed(both) / 1e9,
+    }
 
 
 def _release_cached_memory() -> None:
@@ -160,9 +184,12 @@ def _rss_bytes() -> tuple[int, int]:
 def _engine(model: torch.nn.Module, offload: dict[str, Any], micro_batch: int) -> Any:
     import zo2_ds
 
-    config = {"train_micro_batch_size_per_gpu": micro_batch, "steps_per_print": 10**9,
-              "optimizer": {"type": "SGD", "params": {"lr": 1e-7}},
-              "zo2": {"enabled": True, "eps": 1e-3, "offload": offload}}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "SGD", "params": {"lr": 1e-7}},
+        "zo2": {"enabled": True, "eps": 1e-3, "offload": offload},
+    }
     if torch.cuda.is_available():
         config["fp16"] = {"enabled": True, "initial_scale_power": 0}
     engine, *_ = zo2_ds.initialize(model=model, config=config)
@@ -231,8 +258,13 @@ def plot_timeline(spans: list[dict[str, Any]], path: str, title: str = "") -> No
     colors = {"upload": "tab:blue", "compute": "tab:green", "writeback": "tab:orange"}
     fig, ax = plt.subplots(figsize=(14, 3))
     for s in spans:
-        ax.broken_barh([(s["start_ms"], max(s["end_ms"] - s["start_ms"], 1e-3))], (rows[s["what"]] - 0.4, 0.8),
-                       facecolors=colors[s["what"]], edgecolors="black", linewidth=0.3)
+        ax.broken_barh(
+            [(s["start_ms"], max(s["end_ms"] - s["start_ms"], 1e-3))],
+            (rows[s["what"]] - 0.4, 0.8),
+            facecolors=colors[s["what"]],
+            edgecolors="black",
+            linewidth=0.3,
+        )
         if s["what"] == "compute":
             ax.text((s["start_ms"] + s["end_ms"]) / 2, 1, str(s["block"]), ha="center", va="center", fontsize=6)
     ax.set_yticks(list(rows.values()), list(rows.keys()))
@@ -246,9 +278,17 @@ def plot_timeline(spans: list[dict[str, Any]], path: str, title: str = "") -> No
 def _record(name: str, mode: str, batch_size: int, seq: int, times: list[float], extra: dict[str, Any]) -> dict:
     ms = statistics.median(times)
     rss_now, rss_peak = _rss_bytes()
-    rec = {"model": name, "batch": f"{batch_size}x{seq}", "mode": mode, "step_ms": ms,
-           "step_ms_all": times, "tokens_per_s": batch_size * seq / ms * 1e3, "host_rss_bytes": rss_now,
-           "host_rss_peak_bytes": rss_peak, **extra}
+    rec = {
+        "model": name,
+        "batch": f"{batch_size}x{seq}",
+        "mode": mode,
+        "step_ms": ms,
+        "step_ms_all": times,
+        "tokens_per_s": batch_size * seq / ms * 1e3,
+        "host_rss_bytes": rss_now,
+        "host_rss_peak_bytes": rss_peak,
+        **extra,
+    }
     if torch.cuda.is_available():
         rec["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         rec["nvml_used_bytes"] = _nvml_used_bytes()
@@ -277,10 +317,19 @@ def _budget_line(name: str, b: int, s: int, mode: str, budget: dict[str, int], p
     return f"device budget MiB {name} {b}x{s} {mode}: {parts}{measured}"
 
 
-def run_offload_bench(name: str, batches: list[tuple[int, int]], *, warmup: int = 2, steps: int = 5,
-                      in_gpu: bool = True, half: bool = True, timeline_png: str | None = None,
-                      bandwidth: dict[str, float] | None = None, prefetch_depth: int = 1,
-                      log=print) -> list[dict[str, Any]]:
+def run_offload_bench(
+    name: str,
+    batches: list[tuple[int, int]],
+    *,
+    warmup: int = 2,
+    steps: int = 5,
+    in_gpu: bool = True,
+    half: bool = True,
+    timeline_png: str | None = None,
+    bandwidth: dict[str, float] | None = None,
+    prefetch_depth: int = 1,
+    log=print,
+) -> list[dict[str, Any]]:
     """Records for one model shape (see the module docstring). Each record is printed as it is made."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -318,8 +367,9 @@ def run_offload_bench(name: str, batches: list[tuple[int, int]], *, warmup: int 
 
     modes = [("offload", {"enabled": True, "prefetch_depth": prefetch_depth})]
     if half:
-        modes.append(("offload_half", {"enabled": True, "prefetch_depth": prefetch_depth,
-                                       "num_resident_blocks": layers // 2}))
+        modes.append(
+            ("offload_half", {"enabled": True, "prefetch_depth": prefetch_depth, "num_resident_blocks": layers // 2})
+        )
     for mode, offload in modes:
         model = build_opt(name, device, dtype)
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -338,16 +388,30 @@ def run_offload_bench(name: str, batches: list[tuple[int, int]], *, warmup: int 
             fwd = forwards_ms.get((b, s))
             floor = max(x for x in (fwd, transfer_ms) if x is not None) if (fwd or transfer_ms) else None
             ms = statistics.median(times)
-            rec = _record(name, mode, b, s, times, {
-                "two_forwards_ms": fwd, "transfer_floor_ms": transfer_ms, "floor_ms": floor,
-                "ratio_to_floor": ms / floor if floor else None,
-                "ratio_to_transfer_floor": ms / transfer_ms if transfer_ms else None,
-                "ratio_to_in_gpu": ms / in_gpu_ms[(b, s)] if (b, s) in in_gpu_ms else None,
-                "streamed_bytes": streamed, "model_bytes": model_bytes, "num_blocks": layers,
-                "num_resident_blocks": store.num_resident, "engine_init_s": init_s,
-                "host_rss_over_model": _rss_bytes()[0] / model_bytes, "prefetch_depth": prefetch_depth,
-                "num_slots": engine.zo_runner.num_slots, "device_budget": device_budget(engine, b * s, vocab),
-            })
+            rec = _record(
+                name,
+                mode,
+                b,
+                s,
+                times,
+                {
+                    "two_forwards_ms": fwd,
+                    "transfer_floor_ms": transfer_ms,
+                    "floor_ms": floor,
+                    "ratio_to_floor": ms / floor if floor else None,
+                    "ratio_to_transfer_floor": ms / transfer_ms if transfer_ms else None,
+                    "ratio_to_in_gpu": ms / in_gpu_ms[(b, s)] if (b, s) in in_gpu_ms else None,
+                    "streamed_bytes": streamed,
+                    "model_bytes": model_bytes,
+                    "num_blocks": layers,
+                    "num_resident_blocks": store.num_resident,
+                    "engine_init_s": init_s,
+                    "host_rss_over_model": _rss_bytes()[0] / model_bytes,
+                    "prefetch_depth": prefetch_depth,
+                    "num_slots": engine.zo_runner.num_slots,
+                    "device_budget": device_budget(engine, b * s, vocab),
+                },
+            )
             records.append(rec)
             log(json.dumps({k: v for k, v in rec.items() if k != "step_ms_all"}))
             log(_budget_line(name, b, s, mode, rec["device_budget"], rec.get("peak_allocated_bytes")))
@@ -366,17 +430,32 @@ def environment() -> dict[str, Any]:
     import deepspeed
     import transformers
 
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-           "host": socket.gethostname()}
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "host": socket.gethostname(),
+    }
     if torch.cuda.is_available():
         env["card"] = torch.cuda.get_device_name()
     return env
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    head = ("model", "batch", "mode", "step ms", "tok/s", "x in-GPU", "x floor", "x transfer", "peak GiB",
-            "NVML GiB", "RSS GiB")
+    head = (
+        "model",
+        "batch",
+        "mode",
+        "step ms",
+        "tok/s",
+        "x in-GPU",
+        "x floor",
+        "x transfer",
+        "peak GiB",
+        "NVML GiB",
+        "RSS GiB",
+    )
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
 
     def f(v, fmt):
@@ -384,11 +463,23 @@ def table(records: list[dict[str, Any]]) -> str:
 
     for r in records:
         nv = r.get("nvml_used_bytes")
-        lines.append(" | ".join([r["model"], r["batch"], r["mode"], f(r["step_ms"], ".1f"), f(r["tokens_per_s"], ".0f"),
-                                 f(r.get("ratio_to_in_gpu"), ".2f"), f(r.get("ratio_to_floor"), ".2f"),
-                                 f(r.get("ratio_to_transfer_floor"), ".2f"),
-                                 f(r.get("peak_allocated_bytes", 0) / _GIB, ".2f"), f(nv / _GIB if nv else None, ".2f"),
-                                 f(r["host_rss_bytes"] / _GIB, ".2f")]))
+        lines.append(
+            " | ".join(
+                [
+                    r["model"],
+                    r["batch"],
+                    r["mode"],
+                    f(r["step_ms"], ".1f"),
+                    f(r["tokens_per_s"], ".0f"),
+                    f(r.get("ratio_to_in_gpu"), ".2f"),
+                    f(r.get("ratio_to_floor"), ".2f"),
+                    f(r.get("ratio_to_transfer_floor"), ".2f"),
+                    f(r.get("peak_allocated_bytes", 0) / _GIB, ".2f"),
+                    f(nv / _GIB if nv else None, ".2f"),
+                    f(r["host_rss_bytes"] / _GIB, ".2f"),
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
@@ -412,10 +503,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps(result["environment"]), json.dumps(result["bandwidth"]), flush=True)
     for i, name in enumerate(args.models.split(",")):
         result["records"] += run_offload_bench(
-            name, batches, warmup=args.warmup, steps=args.steps, in_gpu=not args.no_in_gpu, half=not args.no_half,
-            timeline_png=args.timeline if i == 0 else None, bandwidth=result["bandwidth"],
+            name,
+            batches,
+            warmup=args.warmup,
+            steps=args.steps,
+            in_gpu=not args.no_in_gpu,
+            half=not args.no_half,
+            timeline_png=args.timeline if i == 0 else None,
+            bandwidth=result["bandwidth"],
             prefetch_depth=args.prefetch_depth,
-            log=lambda s: print(s, flush=True))
+            log=lambda s: print(s, flush=True),
+        )
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
     print(table(result["records"]))

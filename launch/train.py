@@ -15,7 +15,7 @@ With no model or data argument it runs the embedded default: a tiny randomly ini
 a generated sentiment task (zo2_ds.data), evaluated on held-out sentences before and after. CPU or GPU
 is chosen automatically. Results land in --output_dir: a DeepSpeed checkpoint and its HF copy (model/ or
 the PEFT adapter/), metrics.json, log.jsonl; with --eval_every, best/ holds the best-dev checkpoint.
-notes/TASKS.md has the task, adapter, evaluation and plotting recipes.
+launch/README.md has the task, adapter, evaluation and plotting recipes.
 """
 
 from __future__ import annotations

@@ -15,8 +15,10 @@ from zo2_ds import zo
 from zo2_ds.testing import ds_config, tiny_causal_lm
 
 VOCAB = 96
-SCHEDULE = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 2e-3, "warmup_num_steps": 3,
-                                           "warmup_type": "linear"}}
+SCHEDULE = {
+    "type": "WarmupLR",
+    "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 2e-3, "warmup_num_steps": 3, "warmup_type": "linear"},
+}
 
 
 def batches(num_steps: int, grad_accum: int, micro_batch: int = 2, seq: int = 12, seed: int = 1) -> list:
@@ -115,11 +117,17 @@ def test_engine_matches_plain_mezo_reference_bit_exactly(arch, tied, q, grad_acc
     data = batches(num_steps, grad_accum)
     lr = 2e-3
     lrs = lr_schedule_from_deepspeed(schedule["params"], num_steps) if schedule else [lr] * num_steps
-    ref_losses = reference_mezo(ref_model, data, eps=eps, seed=seed, q=q, lr_of_step=lambda t: lrs[t],
-                                weight_decay=weight_decay)
+    ref_losses = reference_mezo(
+        ref_model, data, eps=eps, seed=seed, q=q, lr_of_step=lambda t: lrs[t], weight_decay=weight_decay
+    )
 
-    config = ds_config(grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, scheduler=schedule,
-                       zo2={"eps": eps, "seed": seed, "num_perturbations": q})
+    config = ds_config(
+        grad_accum=grad_accum,
+        lr=lr,
+        weight_decay=weight_decay,
+        scheduler=schedule,
+        zo2={"eps": eps, "seed": seed, "num_perturbations": q},
+    )
     engine, losses = run_engine(base, config, data)
 
     assert engine.global_steps == num_steps
@@ -128,8 +136,9 @@ def test_engine_matches_plain_mezo_reference_bit_exactly(arch, tied, q, grad_acc
     for (name, p), (_, r) in zip(engine.module.named_parameters(), ref_model.named_parameters()):
         assert torch.equal(p, r), f"{name} differs from the reference"
         assert p.grad is None
-        moved += int(not torch.equal(p, dict(tiny_causal_lm(arch, tied=tied, vocab_size=VOCAB)
-                                             .named_parameters())[name]))
+        moved += int(
+            not torch.equal(p, dict(tiny_causal_lm(arch, tied=tied, vocab_size=VOCAB).named_parameters())[name])
+        )
     assert moved > 0, "training did not change any parameter"
     if tied:
         assert engine.module.get_output_embeddings().weight is engine.module.get_input_embeddings().weight
@@ -169,8 +178,9 @@ def test_perturbed_forward_restores_parameters_exactly(dtype):
         assert math.isfinite(out.loss.item())
     for n, p in engine.module.named_parameters():
         assert torch.equal(p, before[n]), n
-        assert isinstance(engine.module.get_submodule(n.rsplit(".", 1)[0])._parameters[n.rsplit(".", 1)[1]],
-                          torch.nn.Parameter)
+        assert isinstance(
+            engine.module.get_submodule(n.rsplit(".", 1)[0])._parameters[n.rsplit(".", 1)[1]], torch.nn.Parameter
+        )
 
 
 def test_failed_forward_leaves_parameters_clean():
@@ -297,8 +307,9 @@ def test_zero_stage_is_rejected():
 
 
 def test_monitor_receives_loss_lr_and_g(tmp_path):
-    config = ds_config(csv_monitor={"enabled": True, "output_path": str(tmp_path), "job_name": "zo"},
-                       zo2={"num_perturbations": 2})
+    config = ds_config(
+        csv_monitor={"enabled": True, "output_path": str(tmp_path), "job_name": "zo"}, zo2={"num_perturbations": 2}
+    )
     engine, _ = run_engine_steps(zo2_ds.initialize(model=tiny_causal_lm("opt"), config=config)[0], 3)
     files = {p.name: p for p in (tmp_path / "zo").glob("*.csv")}
     for name in ("Train_Samples_train_loss.csv", "Train_Samples_lr.csv", "Train_Samples_zo_projected_grad_1.csv"):

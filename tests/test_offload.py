@@ -148,8 +148,9 @@ def test_runs_block_major_with_one_upload_per_block_per_step():
 
 def test_write_back_is_issued_as_soon_as_the_update_is_in_the_slot():
     """A block's updated theta reaches its master while the block's own passes still run (not after)."""
-    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", layers=3),
-                                   config=make_config({"enabled": True, "prefetch_depth": 0}, q=2))
+    engine, *_ = zo2_ds.initialize(
+        model=tiny_causal_lm("opt", layers=3), config=make_config({"enabled": True, "prefetch_depth": 0}, q=2)
+    )
     runner, store = engine.zo_runner, engine.zo_offload_store
     seen = []
 
@@ -311,7 +312,7 @@ def test_transfer_dtype_is_the_parameters_own_or_explained():
     same = trajectory(copy.deepcopy(base), {"enabled": True, "transfer_dtype": "fp32"}, data)
     assert_same(off, same)
     for wanted in ("bf16", "fp16"):
-        with pytest.raises(NotImplementedError, match=r"full master where z is generated.*notes/OFFLOAD\.md"):
+        with pytest.raises(NotImplementedError, match=r"full master where z is generated.*zo2_ds/offload/README\.md"):
             config = make_config({"enabled": True, "transfer_dtype": wanted})
             zo2_ds.initialize(model=copy.deepcopy(base), config=config)
 
@@ -332,8 +333,10 @@ def test_device_bytes_are_the_ring_scratch_and_resident_blocks(depth, num_reside
     assert budget["slot_ring"] == runner.num_slots * block_bytes == sum(s.numel() for s in runner._slots)
     assert budget["resident_blocks"] == num_resident * block_bytes
     align = store_mod.ALIGN_BYTES
-    trainable = [sum(-(-p.numel() * p.element_size() // align) * align for p in block.parameters() if p.requires_grad)
-                 for block in store.blocks.blocks]
+    trainable = [
+        sum(-(-p.numel() * p.element_size() // align) * align for p in block.parameters() if p.requires_grad)
+        for block in store.blocks.blocks
+    ]
     assert budget["perturbation_scratch"] == max(trainable) == runner._scratch.numel()
     embed = engine.module.get_input_embeddings().weight
     assert budget["outside_perturbed"] == embed.numel() * embed.element_size()  # the tied embedding / head
@@ -414,9 +417,18 @@ def test_hf_trainer_with_offload_equals_without(tmp_path):
         ds = copy.deepcopy(shipped)
         ds["zo2"]["offload"] = {"enabled": offload}
         args = TrainingArguments(
-            output_dir=str(tmp_path / str(offload)), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-            max_steps=3, learning_rate=1e-2, warmup_steps=1, logging_steps=1, save_strategy="no", report_to=[],
-            deepspeed=ds, use_cpu=True, disable_tqdm=True,
+            output_dir=str(tmp_path / str(offload)),
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            max_steps=3,
+            learning_rate=1e-2,
+            warmup_steps=1,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            deepspeed=ds,
+            use_cpu=True,
+            disable_tqdm=True,
         )
         model = copy.deepcopy(base)
         trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(48))
@@ -474,8 +486,9 @@ def test_cuda_offload_equals_in_gpu_bit_exactly(dtype, delay, depth):
     data = batches(4, 2, seq=32)
     kw = dict(q=2, grad_accum=2, schedule=SCHEDULE, weight_decay=0.1, dtype=dtype)
     off = trajectory(copy.deepcopy(base), {"enabled": False}, data, device="cuda", **kw)
-    engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base),
-                                   config=make_config({"enabled": True, "prefetch_depth": depth}, **kw))
+    engine, *_ = zo2_ds.initialize(
+        model=copy.deepcopy(base), config=make_config({"enabled": True, "prefetch_depth": depth}, **kw)
+    )
     store = engine.zo_offload_store
     # Page-locked (cudaHostRegister'ed exactly, which torch's is_pinned() does not report) and host-resident.
     assert all(store.host_pinned) and all(home.device.type == "cpu" for home in store.homes)
@@ -533,12 +546,13 @@ def _dp_worker(out_dir: str, offload: bool) -> None:
     """One rank (env RANK / WORLD_SIZE set by the test): train 3 steps on its shard, save what it ends with."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     # Each rank starts from a different init: the broadcast from rank 0 (staged per block) must fix it.
-    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", layers=3, seed=rank),
-                                   config=make_config({"enabled": offload}, q=2, lr=5e-3))
+    engine, *_ = zo2_ds.initialize(
+        model=tiny_causal_lm("opt", layers=3, seed=rank), config=make_config({"enabled": offload}, q=2, lr=5e-3)
+    )
     engine.train()
     losses, gs = [], []
     for micro_batches in batches(3, 1, micro_batch=2 * world):
-        ids = micro_batches[0]["input_ids"][rank * 2:(rank + 1) * 2]
+        ids = micro_batches[0]["input_ids"][rank * 2 : (rank + 1) * 2]
         out = engine(input_ids=ids, labels=ids)
         engine.backward(out.loss)
         engine.step()
@@ -560,14 +574,27 @@ def test_data_parallel_ranks_offload_on_their_own_and_match_offload_off(tmp_path
         out = tmp_path / str(offload)
         out.mkdir()
         port = str(free_port())
-        code = (f"import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r}); import test_offload; "
-                f"test_offload._dp_worker({str(out)!r}, {offload})")
+        code = (
+            f"import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r}); import test_offload; "
+            f"test_offload._dp_worker({str(out)!r}, {offload})"
+        )
         procs = []
         for rank in range(2):
-            env = dict(os.environ, DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, GLOO_SOCKET_IFNAME="lo")
-            procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True))
+            env = dict(
+                os.environ,
+                DS_ACCELERATOR="cpu",
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                GLOO_SOCKET_IFNAME="lo",
+            )
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                )
+            )
         for p in procs:
             log, _ = p.communicate(timeout=300)
             assert p.returncode == 0, log[-3000:]

@@ -225,7 +225,15 @@ def test_gpu_task_benchmark_script_at_tiny_size(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(OUT=str(tmp_path / "out"), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "run_tasks_gpu.sh"), "--tiny", "--steps", "3", "--work_dir", str(tmp_path)],
+        [
+            "bash",
+            str(REPO / "launch" / "benchmarks" / "run_tasks_gpu.sh"),
+            "--tiny",
+            "--steps",
+            "3",
+            "--work_dir",
+            str(tmp_path),
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -32,9 +32,18 @@ def test_hf_trainer_trains_with_zo(tmp_path):
     # The shipped Trainer config: "auto" values are filled in by the Trainer.
     ds = json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / "zo2_trainer.json").read_text())
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
-        learning_rate=1e-2, warmup_steps=1, logging_steps=1, save_strategy="no", report_to=[], deepspeed=ds,
-        use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        learning_rate=1e-2,
+        warmup_steps=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        deepspeed=ds,
+        use_cpu=True,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(64))
     result = trainer.train()

@@ -49,7 +49,7 @@ class OffloadConfig(DeepSpeedConfigModel):
     that dtype): blocks cross the link as they are, and offload on equals offload off bit for bit. A
     narrower transfer of wider masters (bf16 over the link, fp32 on the host) raises NotImplementedError:
     every step's update of a block needs the block's full master where z is generated (the GPU), so no
-    exact scheme moves fewer bytes per step (notes/OFFLOAD.md). Cast the model (fp16 / bf16 config
+    exact scheme moves fewer bytes per step (zo2_ds/offload/README.md). Cast the model (fp16 / bf16 config
     block) to halve the transfer, or keep blocks resident (max_gpu_memory)."""
 
     blocks_attr: str | None = None

@@ -383,8 +383,7 @@ def _loss_of(output: Any) -> torch.Tensor:
         raise TypeError(
             "zo2: the model's forward must return a scalar loss tensor, an object with a .loss (e.g. an HF "
             "ModelOutput: pass labels= to the model), a dict with a 'loss' tensor, or a tuple starting with the "
-            f"loss; got {type(output).__name__}"
-            + (" with loss=None" if hasattr(output, "loss") else "")
+            f"loss; got {type(output).__name__}" + (" with loss=None" if hasattr(output, "loss") else "")
         )
     if loss.numel() != 1:
         raise TypeError(f"zo2: the loss must be a scalar tensor, got shape {tuple(loss.shape)}")

@@ -69,7 +69,7 @@ __all__ = [
 
 _ROW = 1024  # part of z's definition (see module docstring): changing it changes every z
 # Philox4x32-7: seven rounds pass TestU01's BigCrush (Salmon et al., SC'11, "Random123"); cuRAND and torch
-# use ten as a safety margin. Measured on an H200 (benchmarks/): 10 rounds made the fp16 perturbation
+# use ten as a safety margin. Measured on an H200 (launch/benchmarks/): 10 rounds made the fp16 perturbation
 # compute-bound (1.25x a copy of the same bytes), 7 rounds run at copy speed (1.04x).
 _PHILOX_ROUNDS = 7
 _NUM_WARPS = 4  # 1024 lanes / 128 threads = 8 elements a thread per quarter: 16-byte fp16 loads

@@ -17,8 +17,16 @@ __all__ = ["tiny_causal_lm", "ds_config", "cpu_dist_env", "require_cuda", "TINY_
 TINY_ARCHS = ("opt", "gpt2", "llama", "qwen2", "mistral")
 
 
-def tiny_causal_lm(arch: str = "opt", *, tied: bool = True, vocab_size: int = 96, hidden: int = 16,
-                   layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def tiny_causal_lm(
+    arch: str = "opt",
+    *,
+    tied: bool = True,
+    vocab_size: int = 96,
+    hidden: int = 16,
+    layers: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
     """A randomly initialised causal LM of the given architecture, small enough for CPU tests.
 
     Dropout is left at the architecture's default; the ZO engine runs its perturbed passes with dropout off.
@@ -27,16 +35,30 @@ def tiny_causal_lm(arch: str = "opt", *, tied: bool = True, vocab_size: int = 96
 
     common = dict(vocab_size=vocab_size, tie_word_embeddings=tied)
     if arch == "opt":
-        cfg = tf.OPTConfig(hidden_size=hidden, num_hidden_layers=layers, ffn_dim=2 * hidden, num_attention_heads=2,
-                           max_position_embeddings=64, word_embed_proj_dim=hidden, **common)
+        cfg = tf.OPTConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            ffn_dim=2 * hidden,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            word_embed_proj_dim=hidden,
+            **common,
+        )
         cls = tf.OPTForCausalLM
     elif arch == "gpt2":
         cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=2, n_positions=64, **common)
         cls = tf.GPT2LMHeadModel
     elif arch in ("llama", "qwen2", "mistral"):
         config_cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[arch]
-        cfg = config_cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, **common)
+        cfg = config_cls(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+            **common,
+        )
         cls = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "mistral": tf.MistralForCausalLM}[arch]
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(TINY_ARCHS)}")
@@ -45,9 +67,17 @@ def tiny_causal_lm(arch: str = "opt", *, tied: bool = True, vocab_size: int = 96
     return model
 
 
-def ds_config(*, micro_batch: int = 2, grad_accum: int = 1, lr: float = 1e-3, weight_decay: float = 0.0,
-              zo2: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None,
-              dtype: str = "fp32", **extra: Any) -> dict[str, Any]:
+def ds_config(
+    *,
+    micro_batch: int = 2,
+    grad_accum: int = 1,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    zo2: dict[str, Any] | None = None,
+    scheduler: dict[str, Any] | None = None,
+    dtype: str = "fp32",
+    **extra: Any,
+) -> dict[str, Any]:
     """A DeepSpeed config dict with a zo2 block (enabled unless zo2 says otherwise)."""
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,

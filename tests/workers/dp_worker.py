@@ -36,7 +36,7 @@ def main() -> None:
     engine.train()
     losses, gs = [], []
     for ids in global_batches(args.steps, args.global_batch):
-        shard = ids[rank * micro:(rank + 1) * micro]
+        shard = ids[rank * micro : (rank + 1) * micro]
         out = engine(input_ids=shard, labels=shard)
         engine.backward(out.loss)
         engine.step()

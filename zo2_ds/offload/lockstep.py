@@ -85,8 +85,10 @@ class LockStep:
         context = _ThreadContext.capture()
         own_pool = pool is None
         pool = pool if pool is not None else PassPool()
-        done = [pool.submit(j - 1, lambda j=j: self._run_pass(j, forwards[j], results, context))
-                for j in range(1, self.num_passes)]
+        done = [
+            pool.submit(j - 1, lambda j=j: self._run_pass(j, forwards[j], results, context))
+            for j in range(1, self.num_passes)
+        ]
         try:
             self._run_pass(0, forwards[0], results, None)
         finally:
@@ -201,8 +203,9 @@ class _ThreadContext:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             device = torch.cuda.current_device()
             stream = torch.cuda.current_stream(device)
-        autocast = [(kind, torch.get_autocast_dtype(kind)) for kind in ("cuda", "cpu")
-                    if torch.is_autocast_enabled(kind)]
+        autocast = [
+            (kind, torch.get_autocast_dtype(kind)) for kind in ("cuda", "cpu") if torch.is_autocast_enabled(kind)
+        ]
         return cls(torch.is_grad_enabled(), device, stream, autocast)
 
     def enter(self) -> list[Any]:

@@ -62,13 +62,20 @@ class OffloadRunner:
         in_blocks = store.param_ids
         key_of = {id(tp.param): tp.key for tp in engine.zo_params}
         self._in_blocks = in_blocks
-        self.resident = ResidentRunner(engine.module, [tp for tp in engine.zo_params if id(tp.param) not in in_blocks],
-                                       cfg.eps, cfg.seed)
+        self.resident = ResidentRunner(
+            engine.module, [tp for tp in engine.zo_params if id(tp.param) not in in_blocks], cfg.eps, cfg.seed
+        )
         # Trainable entries of each block: (entry index, z key).
-        self._train = [[(i, key_of[id(e.param)]) for i, e in enumerate(store.entries[b]) if id(e.param) in key_of]
-                       for b in range(num_blocks)]
-        self._entry_of = {id(e.param): (b, t) for b in range(num_blocks)
-                          for t, (i, _) in enumerate(self._train[b]) for e in [store.entries[b][i]]}
+        self._train = [
+            [(i, key_of[id(e.param)]) for i, e in enumerate(store.entries[b]) if id(e.param) in key_of]
+            for b in range(num_blocks)
+        ]
+        self._entry_of = {
+            id(e.param): (b, t)
+            for b in range(num_blocks)
+            for t, (i, _) in enumerate(self._train[b])
+            for e in [store.entries[b][i]]
+        }
 
         # Perturbation scratch: one block's trainable tensors at theta + scale z. One buffer serves every
         # pass (pass j+1 overwrites it after pass j's kernels, in compute-stream order): a second buffer
@@ -82,8 +89,10 @@ class OffloadRunner:
             offsets.append(block_offsets)
             scratch_bytes = max(scratch_bytes, off)
         self._scratch = torch.empty(scratch_bytes, dtype=torch.uint8, device=self.device)
-        self._pert_views = [[_view(self._scratch, off, store.entries[b][i]) for (i, _), off in
-                             zip(self._train[b], offsets[b])] for b in range(num_blocks)]
+        self._pert_views = [
+            [_view(self._scratch, off, store.entries[b][i]) for (i, _), off in zip(self._train[b], offsets[b])]
+            for b in range(num_blocks)
+        ]
 
         # The slot ring, block b always in the same slot: one computing, prefetch_depth uploading ahead, and
         # one more so that a block's write-back overlaps the next upload instead of delaying it.
@@ -92,8 +101,10 @@ class OffloadRunner:
         slot_bytes = max((store.sizes[b] for b in streamed), default=0)
         self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.num_slots)]
         self._slot_of = {b: pos % self.num_slots for pos, b in enumerate(streamed)}
-        self._dev_views = [store.views(b, self._slots[self._slot_of[b]]) if store.is_streamed(b) else
-                           store.home_views[b] for b in range(num_blocks)]
+        self._dev_views = [
+            store.views(b, self._slots[self._slot_of[b]]) if store.is_streamed(b) else store.home_views[b]
+            for b in range(num_blocks)
+        ]
         self._streamed = streamed
 
         self._uploaded = [self.streams.marker() for _ in range(num_blocks)]
@@ -187,13 +198,22 @@ class OffloadRunner:
         """
         store = self.store
         in_blocks = self._in_blocks
-        outside = sum(p.numel() * p.element_size() for p in _distinct(self._module.parameters())
-                      if id(p) not in in_blocks and p.device.type == self.device.type)
-        outside += sum(b.numel() * b.element_size() for b in self._module.buffers()
-                       if b.device.type == self.device.type)
-        per_module = [sum(p.numel() * p.element_size() for p in _distinct(mod._parameters.values())
-                          if p is not None and p.requires_grad and id(p) not in in_blocks)
-                      for mod in self._module.modules()]
+        outside = sum(
+            p.numel() * p.element_size()
+            for p in _distinct(self._module.parameters())
+            if id(p) not in in_blocks and p.device.type == self.device.type
+        )
+        outside += sum(
+            b.numel() * b.element_size() for b in self._module.buffers() if b.device.type == self.device.type
+        )
+        per_module = [
+            sum(
+                p.numel() * p.element_size()
+                for p in _distinct(mod._parameters.values())
+                if p is not None and p.requires_grad and id(p) not in in_blocks
+            )
+            for mod in self._module.modules()
+        ]
         return {
             "resident_blocks": sum(store.sizes[b] for b in store.resident),
             "slot_ring": sum(slot.numel() for slot in self._slots),
@@ -416,8 +436,9 @@ def _view(flat: torch.Tensor, offset: int, entry: Any) -> torch.Tensor:
     return flat[offset : offset + entry.nbytes].view(entry.dtype).view(entry.shape)
 
 
-def _update_and_perturb(theta: torch.Tensor, update: _Update | None, seed: int, scales: tuple[float, ...],
-                        outs: tuple[torch.Tensor, ...]) -> None:
+def _update_and_perturb(
+    theta: torch.Tensor, update: _Update | None, seed: int, scales: tuple[float, ...], outs: tuple[torch.Tensor, ...]
+) -> None:
     """Apply ``update`` to theta in place (if any), then ``outs[j] = theta + scales[j] z(seed)``.
 
     On CUDA the fused kernel reads theta once; it is bit-identical to the separate calls used elsewhere.

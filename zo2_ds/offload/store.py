@@ -48,8 +48,9 @@ class Entry:
 class BlockStore:
     """The block list, each block's flat home buffer and its parameter slices."""
 
-    def __init__(self, blocks: BlockList, device: torch.device, entries: list[list[Entry]], sizes: list[int],
-                 num_resident: int):
+    def __init__(
+        self, blocks: BlockList, device: torch.device, entries: list[list[Entry]], sizes: list[int], num_resident: int
+    ):
         self.blocks = blocks
         self.device = device
         self.entries = entries
@@ -95,8 +96,17 @@ def parse_bytes(value: int | str) -> int:
     if isinstance(value, int):
         return value
     text = value.strip().upper().replace(" ", "")
-    units = {"TIB": 1024**4, "GIB": 1024**3, "MIB": 1024**2, "KIB": 1024, "TB": 10**12, "GB": 10**9, "MB": 10**6,
-             "KB": 10**3, "B": 1}
+    units = {
+        "TIB": 1024**4,
+        "GIB": 1024**3,
+        "MIB": 1024**2,
+        "KIB": 1024,
+        "TB": 10**12,
+        "GB": 10**9,
+        "MB": 10**6,
+        "KB": 10**3,
+        "B": 1,
+    }
     for unit, scale in units.items():
         if text.endswith(unit):
             try:
@@ -106,8 +116,9 @@ def parse_bytes(value: int | str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f'zo2.offload.max_gpu_memory: cannot read {value!r} as bytes (e.g. 8000000000 or "8GB")') \
-            from None
+        raise ValueError(
+            f'zo2.offload.max_gpu_memory: cannot read {value!r} as bytes (e.g. 8000000000 or "8GB")'
+        ) from None
 
 
 def available_host_bytes() -> int:
@@ -254,7 +265,7 @@ def _check_transfer_dtype(cfg, layouts) -> None:
         f"zo2.offload.transfer_dtype={cfg.transfer_dtype!r} with {sorted(str(d) for d in dtypes)} parameters is not "
         "implemented: blocks cross the link in their own dtype. Every step updates every block, and the exact "
         "update needs the full master where z is generated (on the GPU), so a narrower transfer could not move "
-        'fewer bytes without dropping the masters\' low bits (see notes/OFFLOAD.md). Use "auto", cast the model '
-        "(fp16 / bf16 config block) so the masters themselves are in the transfer dtype, or keep more blocks "
-        "resident (zo2.offload.max_gpu_memory)."
+        "fewer bytes without dropping the masters' low bits (see zo2_ds/offload/README.md). "
+        'Use "auto", cast the model (fp16 / bf16 config block) so the masters themselves are in the transfer '
+        "dtype, or keep more blocks resident (zo2.offload.max_gpu_memory)."
     )

@@ -2,14 +2,14 @@
 # One device-machine call for the offloader: its CUDA tests, then the offload benchmark one model per
 # process (an OOM, crash or timeout loses that model only). Logs, JSON and the timeline PNG go to $OUT.
 #
-#   run (device tool), carry [".whl"]:  bash benchmarks/run_offload_gpu.sh
+#   run (device tool), carry [".whl"]:  bash launch/benchmarks/run_offload_gpu.sh
 #   knobs: MODELS="opt-1.3b opt-6.7b opt-13b"  BATCHES=1x2048,16x256  STEPS=4  WARMUP=2  SKIP_TESTS=1
 #          NO_IN_GPU="opt-13b" (models benchmarked without the in-GPU baseline)
 #          DEPTHS="1 0" (zo2.offload.prefetch_depth values; the ring holds depth + 2 blocks; a depth other
 #          than 1 runs without the in-GPU baseline and writes offload_<model>_depth<d>.json)
 # On a CPU machine: the CPU tests of the offloader and a tiny-model run.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/zo2_offload_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1

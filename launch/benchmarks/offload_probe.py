@@ -1,13 +1,13 @@
 """Where the time of one offloaded step goes: torch.profiler CPU/CUDA tables for an OPT shape (diagnostics).
 
-    DS_ACCELERATOR=cuda python benchmarks/offload_probe.py opt-1.3b 1x2048
+DS_ACCELERATOR=cuda python launch/benchmarks/offload_probe.py opt-1.3b 1x2048
 """
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import bench_offload as bo  # noqa: E402
 import torch  # noqa: E402

@@ -1,7 +1,7 @@
 """Short real-size task runs of launch/train.py on one GPU: speed and peak memory, full ZO vs LoRA.
 
-    OUT=results benchmarks/run_tasks_gpu.sh                 # OPT-1.3B shape, fp16, 200 steps, two runs
-    OUT=/tmp/o benchmarks/run_tasks_gpu.sh --tiny --steps 3  # the CPU smoke test (tests/test_train_tasks.py)
+    OUT=results launch/benchmarks/run_tasks_gpu.sh                 # OPT-1.3B shape, fp16, 200 steps, two runs
+    OUT=/tmp/o launch/benchmarks/run_tasks_gpu.sh --tiny --steps 3  # the CPU smoke test (tests/test_train_tasks.py)
 
 The model is OPT-1.3B's shape with random weights (no download; built directly on the GPU, where
 HF's init takes milliseconds, and saved with save_pretrained); the tokenizer is the default task's
@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OPT_1_3B = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192, vocab_size=50272)
 TINY = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, vocab_size=128)
 # MeZO's settings: full-parameter lr 1e-6 / eps 1e-3 (OPT-1.3B scale), LoRA lr 1e-4 / eps 1e-2.

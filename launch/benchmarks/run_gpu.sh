@@ -2,11 +2,11 @@
 # One device-machine call: kernel tests, kernel microbenchmark, then the model benchmark one model per
 # process (an OOM, crash or timeout loses that model only). Logs and JSON go to $OUT; a table prints last.
 #
-#   run (device tool), carry [".whl"]:  bash benchmarks/run_gpu.sh
+#   run (device tool), carry [".whl"]:  bash launch/benchmarks/run_gpu.sh
 #   knobs: MODES_1B=forward,zo_engine  MODELS="opt-1.3b opt-6.7b opt-13b"  BATCHES=1x2048,16x256  STEPS=10  SKIP_TESTS=1  SKIP_KERNELS=1
 # On a CPU machine it degrades to the CPU tests and a tiny-model run.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/zo2_bench_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1

@@ -7,7 +7,12 @@ the @cuda tests run it with streams and events, with the compute stream delayed 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -453,6 +458,80 @@ def test_parse_bytes():
         store_mod.parse_bytes("lots")
 
 
+def _check_multi_tensor_offload(device: str, dtype: str = "fp32") -> None:
+    """The offloader's CUDA path: one multi-tensor launch per block and pass (the first fusing the pending
+    update), one update launch per block on flush, and the trajectory of offload off (the resident runner's
+    multi-tensor kernels), bit for bit. Counts the launches by wrapping the kernels' entry points."""
+    from zo2_ds import kernels
+
+    calls: dict[str, list] = {"multi": [], "fused_multi": [], "update_multi": [], "single": []}
+    wrapped = {
+        "perturbed_into_multi": "multi",
+        "update_and_perturb_multi_": "fused_multi",
+        "apply_update_multi_": "update_multi",
+        "perturbed_into": "single",
+        "update_and_perturb_": "single",
+        "apply_update_": "single",
+    }
+    originals = {name: getattr(kernels, name) for name in wrapped}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls[wrapped[name]].append(id(args[0]))  # the table (multi) or theta (single)
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    base = tiny_causal_lm("opt", tied=True, vocab_size=VOCAB, layers=3)
+    data = batches(3, 1)
+    kw = dict(q=2, weight_decay=0.1, schedule=SCHEDULE, dtype=dtype)
+    for name in wrapped:
+        setattr(kernels, name, counting(name))
+    try:
+        off = trajectory(copy.deepcopy(base), {"enabled": False}, data, device=device, **kw)
+        for key in calls:
+            calls[key].clear()
+        on = trajectory(copy.deepcopy(base), {"enabled": True}, data, device=device, **kw)
+    finally:
+        for name, fn in originals.items():
+            setattr(kernels, name, fn)
+    assert_same(off, on)
+    runner = on[0].zo_runner
+    num_blocks = runner.store.num_blocks
+    assert all(isinstance(t, kernels.TensorTable) for t in runner._tables), runner._tables
+    assert not calls["single"], "no per-tensor launch"
+    # Launches on the blocks' tables (the others are the resident runner's, for tensors outside the blocks):
+    # 3 steps of 2q = 4 passes; the first pass of steps 2 and 3 fuses the pending update, every other pass
+    # only perturbs, one launch per block each; the eval forward applies the last update (one per block).
+    tables = {id(t) for t in runner._tables}
+    counts = {k: sum(i in tables for i in v) for k, v in calls.items()}
+    assert counts == {"multi": (3 * 4 - 2) * num_blocks, "fused_multi": 2 * num_blocks,
+                      "update_multi": num_blocks, "single": 0}, counts  # fmt: skip
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_offload_multi_tensor_path_under_triton_interpreter():
+    """The offloader's CUDA code path (multi-tensor tables per block, fused lazy update) run by Triton's
+    CPU interpreter on CPU tensors: bit-identical to offload off, one launch per block and pass."""
+    code = textwrap.dedent(
+        f"""
+        import runpy
+        from zo2_ds import zo
+        zo._use_kernels = lambda t: True  # the kernels' path, on CPU tensors
+        ns = runpy.run_path({str(Path(__file__))!r})
+        ns["_check_multi_tensor_offload"]("cpu")
+        print("ok")
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    from zo2_ds.testing import free_port
+
+    env.update(TRITON_INTERPRET="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()))  # its own process group
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and "ok" in res.stdout, (res.stdout[-2000:], res.stderr[-3000:])
+
+
 # -- CUDA: streams, events, pinned memory ---------------------------------------------------------------
 
 
@@ -501,6 +580,12 @@ def test_cuda_offload_equals_in_gpu_bit_exactly(dtype, delay, depth):
     mb = data[-1][0]
     eval_loss = engine(**{k: v.cuda() for k, v in mb.items()}).loss.item()
     assert_same(off, (engine, losses, gs, eval_loss, params_of(engine)))
+
+
+@pytest.mark.cuda
+def test_cuda_offload_one_multi_tensor_launch_per_block_and_pass():
+    assert CUDA, "run with DS_ACCELERATOR=cuda"
+    _check_multi_tensor_offload("cuda", "fp16")
 
 
 @pytest.mark.cuda

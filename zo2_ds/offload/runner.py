@@ -1,9 +1,10 @@
 """OffloadRunner: the ZO step with the blocks streamed through a fixed ring of GPU slots.
 
 Same interface as :class:`zo2_ds.perturb.ResidentRunner` (``run``, ``run_plain``, ``update``, ``flush``,
-``close``) and the same arithmetic on every tensor (``zo.perturbed_into`` / ``zo.apply_update_``, or the
-fused ``kernels.update_and_perturb_`` on CUDA, with z keyed by the parameter's canonical name), so a
-trajectory with offloading is bit-identical to one without.
+``close``) and the same arithmetic on every tensor (``zo.perturbed_into`` / ``zo.apply_update_`` on CPU; on
+CUDA the multi-tensor kernels over one ``kernels.TensorTable`` per block, one launch per block and pass:
+``update_and_perturb_multi_`` for the first pass, ``perturbed_into_multi`` for the others; z keyed by the
+parameter's canonical name), so a trajectory with offloading is bit-identical to one without.
 
 One step, for block b (streamed; a resident block is the same minus the copies):
 
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-from zo2_ds import zo
+from zo2_ds import perturb, zo
 from zo2_ds.offload.lockstep import LockStep, PassPool
 from zo2_ds.offload.store import ALIGN_BYTES, BlockStore
 from zo2_ds.offload.streams import Streams
@@ -43,7 +44,9 @@ from zo2_ds.perturb import ResidentRunner, UpdateGroup
 
 __all__ = ["OffloadRunner"]
 
-_Update = tuple[list[int], list[float], float, float]  # seeds, coefs, lr, weight decay
+# A block tensor's pending update: the step's pass hashes (zo.z_pass_hash, one per perturbation, shared by
+# every tensor of the step), coefs, lr and the group's weight decay (applied where zo.uses_weight_decay).
+_Update = tuple[tuple[int, ...], list[float], float, float]
 _Spec = tuple[int, int, float]  # step, perturbation index, scale
 
 
@@ -87,12 +90,20 @@ class OffloadRunner:
                 block_offsets.append(off)
                 off += -(-store.entries[b][i].nbytes // ALIGN_BYTES) * ALIGN_BYTES
             offsets.append(block_offsets)
-            scratch_bytes = max(scratch_bytes, off)
+            # The multi-tensor kernels' layout (kernels.TensorTable: each tensor at a 64-element boundary)
+            # needs no more for 1-, 2- and 4-byte dtypes; taken into account all the same.
+            table_bytes = sum(
+                -(-(e.nbytes // e.dtype.itemsize) // 64) * 64 * e.dtype.itemsize
+                for e in (store.entries[b][i] for i, _ in self._train[b])
+            )
+            scratch_bytes = max(scratch_bytes, off, table_bytes)
         self._scratch = torch.empty(scratch_bytes, dtype=torch.uint8, device=self.device)
         self._pert_views = [
             [_view(self._scratch, off, store.entries[b][i]) for (i, _), off in zip(self._train[b], offsets[b])]
             for b in range(num_blocks)
         ]
+        self._pert_views_torch = list(self._pert_views)
+        self._scratch_typed: dict[torch.dtype, torch.Tensor] = {}
 
         # The slot ring, block b always in the same slot: one computing, prefetch_depth uploading ahead, and
         # one more so that a block's write-back overlaps the next upload instead of delaying it.
@@ -121,6 +132,16 @@ class OffloadRunner:
         self._sched: LockStep | None = None
         self._pool = PassPool()
         self._specs: list[_Spec | None] = []
+        self._spec_hashes: list[int] = []  # zo.z_pass_hash of each spec of the run, computed once per run
+        # CUDA multi-tensor path: one kernels.TensorTable per block over its trainable tensors in its device
+        # home (the block's fixed slot, or its resident buffer), built at the block's first use and kept (the
+        # keys differ per block, the pointers per slot: a block always lands in the same slot); the
+        # perturbation then goes into the scratch in the table's layout. None: not built yet; False: the
+        # per-tensor path (CPU, mixed dtypes, kernels off or failed).
+        self._tables: list[Any] = [None] * num_blocks
+        self._decay = [
+            [zo.uses_weight_decay(store.entries[b][i].param) for i, _ in self._train[b]] for b in range(num_blocks)
+        ]
         self.timeline: list[tuple[str, int, Any, Any]] | None = [] if timeline else None
 
         self._handles = []
@@ -150,8 +171,10 @@ class OffloadRunner:
         if any(p is not None for p in self._pending):
             self.flush()  # two updates without a forward in between: apply the older one first
         coefs = [float(c) for c in coefs]
+        hashes = tuple(zo.z_pass_hash(self.seed, step, i) for i in range(len(coefs)))
         outside = []
         for group in groups:
+            update: _Update = (hashes, coefs, group.lr, group.weight_decay)
             rest = []
             for p in group.params:
                 where = self._entry_of.get(id(p))
@@ -159,12 +182,9 @@ class OffloadRunner:
                     rest.append(p)
                     continue
                 b, t = where
-                key = self._train[b][t][1]
-                seeds = [zo.z_seed(self.seed, step, i, key) for i in range(len(coefs))]
-                wd = group.weight_decay if zo.uses_weight_decay(p) else 0.0
                 if self._pending[b] is None:
                     self._pending[b] = [None] * len(self._train[b])
-                self._pending[b][t] = (seeds, coefs, group.lr, wd)
+                self._pending[b][t] = update
             if rest:
                 outside.append(UpdateGroup(tuple(rest), group.lr, group.weight_decay))
         self.resident.update(step, coefs, outside)
@@ -229,6 +249,7 @@ class OffloadRunner:
     # -- one schedule ----------------------------------------------------------------------------
     def _run(self, specs: list[_Spec | None], forward: Callable[[], Any]) -> list[Any]:
         self._specs = specs
+        self._spec_hashes = [0 if s is None else zo.z_pass_hash(self.seed, s[0], s[1]) for s in specs]
         self._sched = LockStep(len(specs), self.store.num_blocks, on_turn=self._on_turn)
         self._cursor = 0
         ok = False
@@ -268,9 +289,9 @@ class OffloadRunner:
             j = sched.enter_block(b)
             spec = self._specs[j]
             if j == 0:
-                self._acquire(b, spec)  # pending update fused with pass 0's perturbation
+                self._acquire(b, spec, self._spec_hashes[0])  # pending update fused with pass 0's perturbation
             elif spec is not None:
-                self._perturb(b, None, spec)
+                self._perturb(b, None, spec, self._spec_hashes[j])
             if spec is not None:
                 for (i, _), v in zip(self._train[b], self._pert_views[b]):
                     self.store.entries[b][i].param.data = v
@@ -293,7 +314,7 @@ class OffloadRunner:
         return post_hook
 
     # -- block lifecycle -------------------------------------------------------------------------
-    def _acquire(self, b: int, spec: _Spec | None) -> None:
+    def _acquire(self, b: int, spec: _Spec | None, pass_hash: int = 0) -> None:
         """Make block b computable: its upload done, params on the device, pending update applied, z_0 drawn."""
         streamed = self.store.is_streamed(b)
         compute = self.streams.compute()
@@ -307,12 +328,9 @@ class OffloadRunner:
         pending, self._pending[b] = self._pending[b], None
         self._acquired.add(b)
         if spec is not None:
-            self._perturb(b, pending, spec)
+            self._perturb(b, pending, spec, pass_hash)
         elif pending is not None:
-            views = self._dev_views[b]
-            for (i, _), upd in zip(self._train[b], pending):
-                if upd is not None:
-                    zo.apply_update_(views[i], *upd)
+            self._update(b, pending)
         if pending is not None and streamed:
             self._write_back(b)
         self._prefetch()
@@ -336,15 +354,84 @@ class OffloadRunner:
             self._written[b].record(wb)
         self._dirty[b] = True
 
-    def _perturb(self, b: int, pending: list[_Update | None] | None, spec: _Spec) -> None:
-        """theta (+ pending update, in place) -> theta + scale z_i into the scratch views."""
-        step, index, scale = spec
+    def _perturb(self, b: int, pending: list[_Update | None] | None, spec: _Spec, pass_hash: int) -> None:
+        """theta (+ pending update, in place) -> theta + scale z_i into the scratch views
+        (``pass_hash`` = zo.z_pass_hash(seed, step, index) of ``spec``)."""
+        scale = spec[2]
+        table = self._table(b)
+        if table:
+            update = _block_update(pending)
+            if pending is None or update is not None:
+                from zo2_ds import kernels
+
+                flat = self._scratch_flat(table)
+                try:
+                    if update is None:
+                        kernels.perturbed_into_multi(table, flat, pass_hash, scale)
+                    else:
+                        kernels.update_and_perturb_multi_(table, update, pass_hash, (scale,), (flat,))
+                    return
+                except Exception as exc:  # noqa: BLE001 - triton compile failures; nothing was launched
+                    self._multi_failed(exc)
+            else:  # tensors of one block in groups of different lr / weight decay: tensor by tensor
+                self._pert_views[b] = self._pert_views_torch[b]
+                self._tables[b] = False
         views = self._dev_views[b]
         outs = self._pert_views[b]
         for t, (i, key) in enumerate(self._train[b]):
-            upd = pending[t] if pending is not None else None
-            seed = zo.z_seed(self.seed, step, index, key)
+            upd = _tensor_update(pending[t], self._decay[b][t], key) if pending is not None else None
+            seed = zo.z_seed_from_pass(pass_hash, key)
             _update_and_perturb(views[i], upd, seed, (scale,), (outs[t],))
+
+    def _update(self, b: int, pending: list[_Update | None]) -> None:
+        """Apply block b's pending update in place (no perturbation: a plain forward or a flush)."""
+        table = self._table(b)
+        update = _block_update(pending) if table else None
+        if update is not None:
+            from zo2_ds import kernels
+
+            try:
+                kernels.apply_update_multi_(table, *update)
+                return
+            except Exception as exc:  # noqa: BLE001 - as in _perturb
+                self._multi_failed(exc)
+        views = self._dev_views[b]
+        for t, ((i, key), upd) in enumerate(zip(self._train[b], pending)):
+            if upd is not None:
+                zo.apply_update_(views[i], *_tensor_update(upd, self._decay[b][t], key))
+
+    def _table(self, b: int) -> Any:
+        """Block b's kernels.TensorTable (built at its first use), or False for the per-tensor path."""
+        table = self._tables[b]
+        if table is None:
+            if not perturb._MULTI_TENSOR["enabled"] or not self._train[b]:
+                table = False
+            else:
+                views = self._dev_views[b]
+                table = perturb._kernel_table(
+                    [views[i] for i, _ in self._train[b]], [key for _, key in self._train[b]], self._decay[b]
+                )
+            if table and table.scratch_numel * table._dummy.element_size() > self._scratch.numel():
+                table = False  # cannot happen with the scratch sized in __init__; kept as a guard
+            if table:
+                self._pert_views[b] = table.views(self._scratch_flat(table))
+            self._tables[b] = table
+        return table
+
+    def _scratch_flat(self, table: Any) -> torch.Tensor:
+        """The perturbation scratch as a flat tensor of the table's dtype (a view, made once per dtype)."""
+        flat = self._scratch_typed.get(table.dtype)
+        if flat is None:
+            size = self._scratch.numel() // table._dummy.element_size()
+            flat = self._scratch_typed[table.dtype] = self._scratch[: size * table._dummy.element_size()].view(
+                table.dtype
+            )
+        return flat
+
+    def _multi_failed(self, exc: Exception) -> None:
+        perturb._multi_tensor_failed(exc)
+        self._tables = [False] * len(self._tables)
+        self._pert_views = list(self._pert_views_torch)
 
     def _release(self, b: int) -> None:
         """All passes are done with block b: point its params home, free its slot (behind its write-back, if
@@ -430,6 +517,27 @@ def _holders_of_blocks(model: torch.nn.Module, store: BlockStore) -> list[torch.
         holders.append(model.get_submodule(".".join(path[: i + 1])))
     holders.extend(store.blocks.blocks)
     return list({id(m): m for m in holders}.values())
+
+
+def _block_update(pending: list[_Update | None] | None) -> tuple[tuple[int, ...], list[float], float, float] | None:
+    """The block's pending update as one multi-tensor update (pass hashes, coefs, lr, weight decay), or None
+    when there is none or its tensors differ in lr / weight decay / step (the per-tensor path then)."""
+    if not pending:
+        return None
+    first = pending[0]
+    if first is None or any(u is not first and u != first for u in pending):
+        return None
+    return first
+
+
+def _tensor_update(
+    update: _Update | None, decays: bool, key: int
+) -> tuple[list[int], list[float], float, float] | None:
+    """One tensor's pending update as zo.apply_update_'s (seeds, coefs, lr, weight decay)."""
+    if update is None:
+        return None
+    hashes, coefs, lr, wd = update
+    return [zo.z_seed_from_pass(h, key) for h in hashes], coefs, lr, (wd if decays else 0.0)
 
 
 def _view(flat: torch.Tensor, offset: int, entry: Any) -> torch.Tensor:

@@ -80,6 +80,9 @@ class ZOEngine(DeepSpeedEngine):
                 "or pass optimizer= to initialize"
             )
         self.zo_params = trainable_params(self.module)
+        self._zo_param_ids = frozenset(id(tp.param) for tp in self.zo_params)
+        # HF configs with a KV cache switched on, found once: the perturbed passes turn it off.
+        self._kv_cache_configs = _kv_cache_configs(self.module)
         if not self.zo_params:
             raise ValueError("zo2: the model has no parameter with requires_grad=True; nothing to train")
         self.zo_runner = self._build_runner()
@@ -210,7 +213,7 @@ class ZOEngine(DeepSpeedEngine):
         # up to the perturbation, or g measures dropout noise. No KV cache either: nothing reuses it.
         self.module.train(False)
         try:
-            with torch.no_grad(), _kv_cache_off(self.module):
+            with torch.no_grad(), _kv_cache_off(self._kv_cache_configs):
                 pairs = self.zo_runner.run(self.global_steps, cfg.num_perturbations, one_pass)
         finally:
             self.module.train(True)
@@ -285,10 +288,9 @@ class ZOEngine(DeepSpeedEngine):
             return
         q = len(self._last_g)
         coefs = [v / q for v in self._last_g]
-        trainable = {id(tp.param) for tp in self.zo_params}
         groups = []
         for group in self.optimizer.param_groups:
-            params = tuple(p for p in group["params"] if id(p) in trainable)
+            params = tuple(p for p in group["params"] if id(p) in self._zo_param_ids)
             if params:
                 groups.append(UpdateGroup(params, float(group["lr"]), float(group.get("weight_decay", 0.0))))
         self.zo_runner.update(self.global_steps, coefs, groups)
@@ -353,20 +355,25 @@ def _check_compatible(config_class: Any) -> None:
         raise ValueError("zo2 is incompatible with hybrid_engine")
 
 
-@contextlib.contextmanager
-def _kv_cache_off(module: torch.nn.Module) -> Iterator[None]:
-    """Set ``config.use_cache = False`` on every HF model inside ``module`` for the duration."""
+def _kv_cache_configs(module: torch.nn.Module) -> list[Any]:
+    """The distinct HF configs inside ``module`` whose ``use_cache`` is on."""
     configs = {}
     for sub in module.modules():
         config = getattr(sub, "config", None)
         if getattr(config, "use_cache", False) is True:
             configs[id(config)] = config
-    for config in configs.values():
+    return list(configs.values())
+
+
+@contextlib.contextmanager
+def _kv_cache_off(configs: list[Any]) -> Iterator[None]:
+    """``config.use_cache = False`` on each of ``configs`` for the duration (nothing reuses the cache)."""
+    for config in configs:
         config.use_cache = False
     try:
         yield
     finally:
-        for config in configs.values():
+        for config in configs:
             config.use_cache = True
 
 

@@ -123,6 +123,7 @@ def build_model(
             model = OPTForCausalLM(config)
     finally:
         torch.set_default_dtype(saved_dtype)
+    model.tie_weights()  # no_init_weights skips the tying that post_init does: OPT's head is its embedding
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

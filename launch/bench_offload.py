@@ -62,6 +62,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Allocator segments that grow and shrink in place: the cache then holds little beyond what is allocated
+# (NVML counts the cache). Set before CUDA is initialised; a value in the environment wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 for _key, _value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
     os.environ.setdefault(_key, _value)
 os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -77,6 +80,7 @@ OPT_SHAPES = {
     "tiny": (64, 4, 4),
 }
 _GIB = 1024**3
+_LEAN_LOSS = [True]  # zo2.lean_loss of every engine built here (--no-lean-loss: HF's own loss, for A/B)
 
 
 def build_opt(name: str, device: torch.device, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
@@ -103,6 +107,7 @@ def build_opt(name: str, device: torch.device, dtype: torch.dtype = torch.float1
             model = OPTForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
+    model.tie_weights()  # no_init_weights skips the tying that post_init does: OPT's head is its embedding
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -144,6 +149,102 @@ def measure_link_bandwidth(nbytes: int = _GIB, repeats: int = 5) -> dict[str, fl
         "d2h_gbps": nbytes / timed(lambda: host2.copy_(dev2, non_blocking=True)) / 1e9,
         "bidir_sum_gbps": 2 * nbytes / timed(both) / 1e9,
     }
+
+
+def cuda_context_bytes() -> int | None:
+    """NVML-used bytes with CUDA initialised, a cuBLAS handle made and nothing allocated: the floor of any
+    NVML reading of this process (call before anything else touches the GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.ones(64, 64, device="cuda", dtype=torch.float16)
+    (a @ a).sum().item()
+    del a
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return _nvml_used_bytes()
+
+
+def memory_trace_of_one_step(engine: Any, batch: dict[str, torch.Tensor], path: str, top: int = 25) -> dict:
+    """Record the allocator's history over one step and write, to ``path``, what is alive at the step's peak.
+
+    Allocations made before the step (the slot ring, scratch, resident model...) are summed as ``baseline``;
+    those made during it are grouped by the first frames of zo2_ds / transformers / torch code that made
+    them. Returns {"baseline", "peak", "groups": [(bytes, where)]}.
+    """
+    if not torch.cuda.is_available():
+        return {}
+    mem = torch.cuda.memory
+    _sync()
+    baseline = torch.cuda.memory_allocated()
+    mem._record_memory_history(enabled="all", context="all", stacks="python", max_entries=500_000)
+    try:
+        out = engine(**batch)
+        engine.backward(out.loss)
+        engine.step()
+        del out
+        _sync()
+        snap = mem._snapshot()
+    finally:
+        mem._record_memory_history(enabled=None)
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    peak_live: dict[int, tuple[int, str]] = {}
+    for ev in snap["device_traces"][torch.cuda.current_device()]:
+        action, addr, size = ev["action"], ev["addr"], ev["size"]
+        if action == "alloc":
+            live[addr] = (size, _where(ev.get("frames", [])))
+            total += size
+            if total > peak:
+                peak, peak_live = total, dict(live)
+        elif action == "free_requested" and addr in live:
+            total -= live.pop(addr)[0]
+    groups: dict[str, int] = {}
+    for size, where in peak_live.values():
+        groups[where] = groups.get(where, 0) + size
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
+    lines = [
+        f"baseline (allocated before the step) {baseline / 2**20:.1f} MiB",
+        f"peak of allocations made during the step {peak / 2**20:.1f} MiB (total {(baseline + peak) / 2**20:.1f} MiB)",
+        f"torch max_memory_allocated {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB, "
+        f"max_memory_reserved {torch.cuda.max_memory_reserved() / 2**20:.1f} MiB",
+        "alive at the peak, by where allocated (MiB):",
+    ] + [f"  {size / 2**20:9.1f}  {where}" for where, size in ranked]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return {"baseline": baseline, "peak": peak, "groups": ranked}
+
+
+def _where(frames: list[dict[str, Any]]) -> str:
+    keep = []
+    for f in frames:
+        name = f.get("filename", "")
+        if any(k in name for k in ("zo2_ds/", "transformers/", "deepspeed/", "torch/nn/", "bench_offload")):
+            short = name.split("site-packages/")[-1].split("/main/")[-1]
+            keep.append(f"{short}:{f.get('line')}:{f.get('name')}")
+        if len(keep) == 3:
+            break
+    return " < ".join(keep) or "?"
+
+
+def profile_one_step(engine: Any, batch: dict[str, torch.Tensor], path: str) -> None:
+    """A torch.profiler chrome trace (host and device) of two offloaded steps, gzipped to ``path``."""
+    import gzip
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    _sync()
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            out = engine(**batch)
+            engine.backward(out.loss)
+            engine.step()
+        _sync()
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+            dst.write(src.read())
 
 
 def _release_cached_memory() -> None:
@@ -188,7 +289,7 @@ def _engine(model: torch.nn.Module, offload: dict[str, Any], micro_batch: int) -
         "train_micro_batch_size_per_gpu": micro_batch,
         "steps_per_print": 10**9,
         "optimizer": {"type": "SGD", "params": {"lr": 1e-7}},
-        "zo2": {"enabled": True, "eps": 1e-3, "offload": offload},
+        "zo2": {"enabled": True, "eps": 1e-3, "offload": offload, "lean_loss": _LEAN_LOSS[0]},
     }
     if torch.cuda.is_available():
         config["fp16"] = {"enabled": True, "initial_scale_power": 0}
@@ -206,6 +307,7 @@ def time_zo_steps(engine: Any, batch: dict[str, torch.Tensor], warmup: int, step
         out = engine(**batch)
         engine.backward(out.loss)
         engine.step()
+        del out  # as a training loop drops the step's output: its logits are not alive in the next step
         _sync()
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
@@ -298,15 +400,17 @@ def _record(name: str, mode: str, batch_size: int, seq: int, times: list[float],
 def device_budget(engine: Any, tokens: int, vocab: int) -> dict[str, int]:
     """GPU bytes by part for one offloaded step: the offloader's own buffers (exact) and the loss tail (estimate).
 
-    ``logits_kept``: one pass's logits, returned to the caller (model dtype). ``loss_tail``: the current
-    pass's logits, HF's causal-LM loss's fp32 copy of them and cross_entropy's fp32 log-softmax; all three
-    transient, one pass at a time. Block activations (a few hidden-size and ffn-size tensors per token),
-    the CUDA context and library workspaces are not counted.
+    ``logits``: one pass's logits (model dtype; the last pass's are returned to the caller, earlier passes'
+    are freed at their loss). ``loss_chunks``: zo2_ds.loss's fp32 chunk and its log-softmax (HF's own loss
+    would hold two fp32 copies of the whole logits instead). Block activations (a few hidden-size and
+    ffn-size tensors per token), the CUDA context and library workspaces are not counted.
     """
+    from zo2_ds import loss
+
     budget = dict(engine.zo_runner.device_bytes())
     element = engine.module.get_input_embeddings().weight.element_size()
-    budget["logits_kept"] = tokens * vocab * element
-    budget["loss_tail"] = tokens * vocab * (element + 4 + 4)
+    budget["logits"] = tokens * vocab * element
+    budget["loss_chunks"] = 2 * loss._CHUNK_BYTES
     budget["total"] = sum(budget.values())
     return budget
 
@@ -328,6 +432,8 @@ def run_offload_bench(
     timeline_png: str | None = None,
     bandwidth: dict[str, float] | None = None,
     prefetch_depth: int = 1,
+    mem_trace: str | None = None,
+    profile: str | None = None,
     log=print,
 ) -> list[dict[str, Any]]:
     """Records for one model shape (see the module docstring). Each record is printed as it is made."""
@@ -415,6 +521,10 @@ def run_offload_bench(
             records.append(rec)
             log(json.dumps({k: v for k, v in rec.items() if k != "step_ms_all"}))
             log(_budget_line(name, b, s, mode, rec["device_budget"], rec.get("peak_allocated_bytes")))
+            if mem_trace and mode == "offload" and (b, s) == batches[0]:
+                memory_trace_of_one_step(engine, batch, mem_trace)
+            if profile and mode == "offload" and (b, s) == batches[0]:
+                profile_one_step(engine, batch, profile)
             if timeline_png and mode == "offload" and (b, s) == batches[0]:
                 spans = timeline_of_one_step(engine, batch)
                 if spans:
@@ -494,12 +604,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prefetch-depth", type=int, default=1, help="zo2.offload.prefetch_depth (ring: depth + 2)")
     parser.add_argument("--timeline", default=None, help="PNG of one offloaded step (first model and batch)")
     parser.add_argument("--out", default=None, help="results JSON")
+    parser.add_argument("--mem-trace", default=None, help="text file: what is alive at one offloaded step's peak")
+    parser.add_argument("--profile", default=None, help="gzipped chrome trace of two offloaded steps")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny OPT")
+    parser.add_argument("--no-lean-loss", action="store_true", help="zo2.lean_loss false (HF's loss), for A/B")
     args = parser.parse_args(argv)
+    _LEAN_LOSS[0] = not args.no_lean_loss
     if args.tiny:
         args.models, args.batches, args.warmup, args.steps = "tiny", "2x16", 1, 2
     batches = [tuple(int(x) for x in b.split("x")) for b in args.batches.split(",")]
+    context = cuda_context_bytes()
     result: dict[str, Any] = {"environment": environment(), "bandwidth": measure_link_bandwidth(), "records": []}
+    result["environment"]["cuda_context_nvml_bytes"] = context
+    result["environment"]["pytorch_cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     print(json.dumps(result["environment"]), json.dumps(result["bandwidth"]), flush=True)
     for i, name in enumerate(args.models.split(",")):
         result["records"] += run_offload_bench(
@@ -512,6 +629,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             timeline_png=args.timeline if i == 0 else None,
             bandwidth=result["bandwidth"],
             prefetch_depth=args.prefetch_depth,
+            mem_trace=args.mem_trace if i == 0 else None,
+            profile=args.profile if i == 0 else None,
             log=lambda s: print(s, flush=True),
         )
         if args.out:

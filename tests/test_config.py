@@ -27,7 +27,7 @@ def test_defaults():
 @pytest.mark.parametrize(
     "block,message",
     [
-        ({"epsilon": 1e-3}, r"zo2\.epsilon: unknown key; allowed keys are: enabled, eps, num_perturbations"),
+        ({"epsilon": 1e-3}, r"zo2\.epsilon: unknown key; allowed keys are: enabled, eps, lean_loss, num_perturbations"),
         ({"eps": 0}, r"zo2\.eps: Input should be greater than 0"),
         ({"eps": "small"}, r"zo2\.eps: Input should be a valid number"),
         ({"num_perturbations": 0}, r"zo2\.num_perturbations: Input should be greater than or equal to 1"),

@@ -145,10 +145,32 @@ def test_runs_block_major_with_one_upload_per_block_per_step():
     # Per step: each block once, all four passes (+z0, -z0, +z1, -z1) on it before the next block.
     one_step = [(b, j) for b in range(3) for j in range(4)]
     assert order == one_step * 2
-    assert uploads == [0, 1, 2] * 2
+    # Once per block per step; each step ends by uploading the next step's first blocks into the free slots
+    # (the ring holds all three here): step 0's own uploads, then those for steps 1 and 2.
+    assert uploads == [0, 1, 2] * 3
+    assert runner._slot_owner == [0, 1, 2]
     assert runner.pending_blocks == [0, 1, 2]  # step 1's update waits for the next upload
-    runner.flush()
-    assert runner.pending_blocks == []
+    runner.flush()  # drops the blocks uploaded ahead (the masters may change next), streams each block once
+    assert runner.pending_blocks == [] and runner._slot_owner == [None] * 3
+    assert uploads == [0, 1, 2] * 4
+
+
+def test_next_steps_first_blocks_are_uploaded_during_the_step_end():
+    """5 blocks, 3 slots: every step after the first finds blocks 0-2 uploaded already."""
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", layers=5), config=make_config({"enabled": True}))
+    runner = engine.zo_runner
+    uploads, in_run, at_start = [], [], []
+    issue = runner._issue_upload
+    runner._issue_upload = lambda b: (uploads.append(b), in_run.append(runner._sched is not None), issue(b))
+    runner.store.blocks.blocks[0].register_forward_pre_hook(
+        lambda m, a: at_start.append(list(runner._slot_owner)) if runner._sched.current_pass == 0 else None
+    )
+    train(engine, batches(3, 1))
+    assert uploads == [0, 1, 2, 3, 4, 0, 1, 2] + [3, 4, 0, 1, 2] * 2
+    assert at_start == [[0, 1, 2]] * 3  # step 0 fills the ring at its start, later steps before it
+    # The next step's blocks go up inside the run, as soon as blocks 3 and 4 free their slots (block 2's
+    # slot is free earlier; it follows block 1 in upload order).
+    assert all(in_run)
 
 
 def test_write_back_is_issued_as_soon_as_the_update_is_in_the_slot():

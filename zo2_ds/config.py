@@ -74,6 +74,10 @@ class ZO2Config(DeepSpeedConfigModel):
     num_perturbations: int = Field(1, ge=1, le=64)
     """q: directions per step; the update averages the q estimates g_i z_i (n-SPSA)."""
 
+    lean_loss: bool = True
+    """Compute HF causal-LM losses chunk by chunk (zo2_ds.loss): the same value bit for bit as transformers'
+    ``ForCausalLMLoss``, without its two fp32 copies of the logits (0.76 GiB for OPT at 1x2048)."""
+
     offload: OffloadConfig = Field(default_factory=OffloadConfig)
     """CPU offloading of the transformer blocks (ZO2)."""
 

@@ -32,6 +32,7 @@ from deepspeed.utils import logger
 
 from zo2_ds import zo
 from zo2_ds.config import ZO2Config, parse_zo2_config
+from zo2_ds.loss import install_lean_loss, uninstall_lean_loss
 from zo2_ds.perturb import ResidentRunner, UpdateGroup, trainable_params
 
 __all__ = ["ZOEngine", "ZOOptimizer"]
@@ -85,7 +86,9 @@ class ZOEngine(DeepSpeedEngine):
         self._kv_cache_configs = _kv_cache_configs(self.module)
         if not self.zo_params:
             raise ValueError("zo2: the model has no parameter with requires_grad=True; nothing to train")
+        self._lean_loss_models = install_lean_loss(self.module) if self.zo_config.lean_loss else []
         self.zo_runner = self._build_runner()
+        self.tput_timer = _OncePerStepThroughputTimer(self)
         self.optimizer.apply_update = self._apply_update
         self.zo_skipped_steps = 0
         self._g_sum: torch.Tensor | None = None  # sum over micro-batches of g_i, shape [q], on device
@@ -170,12 +173,15 @@ class ZOEngine(DeepSpeedEngine):
     _zo_timed_forward = False  # True while forward() holds DeepSpeed's forward timers for all its passes
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        """Train mode: the seeded dual forward. Eval mode: one plain forward."""
+        """Train mode: the seeded dual forward; returns the output of the last pass (theta - eps z_{q-1})
+        with its loss replaced by the mean of every L+ and L-. Eval mode: one plain forward."""
         # DeepSpeed times a forward from its prologue to its epilogue (hooks on the module). Time the 2q
         # passes as one span instead: the offloader interleaves them, and a pass's prologue would find the
         # timer still running (wall_clock_breakdown asserts); the figure is then the whole ZO forward.
         timers = self.engine_timers.forward_timers
         self._start_timers(timers)
+        if self.training_dataloader is None:
+            self.tput_timer.start_step()
         self._zo_timed_forward = True
         try:
             return self._zo_forward(*inputs, **kwargs)
@@ -197,16 +203,22 @@ class ZOEngine(DeepSpeedEngine):
                 return self.zo_runner.run_plain(lambda: DeepSpeedEngine.forward(self, *inputs, **kwargs))
         cfg = self.zo_config
         # Each pass is reduced to its scalar loss at once, so 2q sets of logits (and KV caches) are never
-        # alive together; one full output is kept to return to the caller.
-        first_output: list[Any] = []
+        # alive together. The last pass's full output is the one returned to the caller: kept from any
+        # earlier pass, its logits would still be alive during every later pass's loss. Passes start in
+        # order (sequentially, or in turn under the offloader's lock-step), so a counter names them.
+        num_passes = 2 * cfg.num_perturbations
+        last_output: list[Any] = []
+        started = [0]
         lock = threading.Lock()
 
         def one_pass() -> torch.Tensor:
+            with lock:  # the offloader runs passes in lock-step threads
+                index = started[0]
+                started[0] += 1
             output = DeepSpeedEngine.forward(self, *inputs, **kwargs)
             loss = _loss_of(output)
-            with lock:  # the offloader runs passes in lock-step threads
-                if not first_output:
-                    first_output.append(output)
+            if index == num_passes - 1:
+                last_output.append(output)
             return loss
 
         # Dropout off for the perturbed passes (as MeZO does): L+ and L- must see the same network
@@ -225,7 +237,7 @@ class ZOEngine(DeepSpeedEngine):
         stats = torch.cat([g, mean_loss.reshape(1)])
         self._g_sum = stats if self._g_sum is None else self._g_sum + stats
         self._g_count += 1
-        return _with_loss(first_output[0], mean_loss.to(plus_losses.dtype))
+        return _with_loss(last_output[0], mean_loss.to(plus_losses.dtype))
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
         """No autograd work: the projected gradient was measured in forward."""
@@ -337,7 +349,38 @@ class ZOEngine(DeepSpeedEngine):
         if runner is not None:
             runner.flush()
             runner.close()
+        uninstall_lean_loss(getattr(self, "_lean_loss_models", []))
         super().destroy()
+
+
+class _OncePerStepThroughputTimer:
+    """DeepSpeed's ThroughputTimer, started once per ZO forward instead of once per pass.
+
+    DeepSpeed starts it in every ``DeepSpeedEngine.forward``, i.e. 2q times per ZO step, and by default each
+    start and stop synchronizes the device. A device-wide synchronize at the start of a pass drains the
+    queue the offloader keeps ahead of the host (the next blocks' uploads), leaving the GPU idle while the
+    host prepares the pass. The ZO step already waits for the device once per step (reading g), so the
+    timer keeps DeepSpeed's per-step figures without its own synchronize, unless the config asks for it
+    explicitly (``"timers": {"throughput": {"synchronized": true}}``).
+    """
+
+    def __init__(self, engine: Any):
+        timer = engine.tput_timer
+        self._timer = timer
+        self._engine = engine
+        explicit = ((engine._config._param_dict.get("timers") or {}).get("throughput") or {}).get("synchronized")
+        if not explicit and getattr(timer.config, "synchronized", False):
+            timer.config = timer.config.model_copy(update={"synchronized": False})
+
+    def start(self) -> None:  # called by every pass's DeepSpeedEngine.forward: a no-op inside a ZO forward
+        if not self._engine._zo_timed_forward:
+            self._timer.start()
+
+    def start_step(self) -> None:
+        self._timer.start()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._timer, name)
 
 
 def _check_compatible(config_class: Any) -> None:

@@ -92,6 +92,7 @@ class _Unit:
     params: tuple[nn.Parameter, ...] = ()  # tensors[i].param, for the table's storage check
     table: Any = None  # kernels.TensorTable on CUDA (built at the first use), False when not applicable
     held: torch.Tensor | None = None  # the pool buffer holding this unit's perturbed values, while swapped in
+    contains_block: bool = False  # the unit's module runs a block inside its forward (see share_scratch)
     views: tuple[torch.Tensor | None, list[torch.Tensor]] = (None, [])  # (buffer, its views) cache
 
 
@@ -136,8 +137,14 @@ class ResidentRunner:
         # without the pool; the tensors and the units' cached views of them stay, and the next pass
         # re-allocates the same bytes from the caching allocator.
         self._pool: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        self._pass_spec: tuple[int, int, float] | None = None
-        self._units_done = 0
+        # Units finished per pass (keyed by the pass's (step, index, scale)): passes may interleave (the
+        # offloader's lock-step), so each counts its own.
+        self._units_done: dict[tuple[int, int, float], int] = {}
+        # A buffer lent by the offloader (its perturbation scratch, idle outside the blocks), used for units
+        # that hold no block, so the perturbed embedding / head costs no memory of its own.
+        self._shared: torch.Tensor | None = None
+        self._shared_typed: dict[torch.dtype, torch.Tensor] = {}
+        self._shared_busy = False
         self._update_tables: dict[tuple[int, ...], list[tuple[list[nn.Parameter], Any]]] = {}
         self.units = self._build_units(module)
         self._handles = []
@@ -163,10 +170,32 @@ class ResidentRunner:
                     index = len(unit.tensors)
                     unit.tensors.append(tp)
                 unit.slots.append((mod, attr, index))
+        blocks = {id(b) for b in set(block_of.values())}
         for unit in units.values():
             unit.param_ids = frozenset(id(tp.param) for tp in unit.tensors)
             unit.params = tuple(tp.param for tp in unit.tensors)
+            unit.contains_block = any(id(sub) in blocks for sub in unit.module.modules())
         return list(units.values())
+
+    def share_scratch(self, buffer: torch.Tensor) -> None:
+        """Perturb units that run no block into ``buffer`` (flat uint8) when it is free and large enough.
+
+        The offloader lends its block perturbation scratch: a unit outside the blocks (embeddings, head,
+        final norm) never runs while a block does, and every use is on the compute stream, in order.
+        """
+        self._shared, self._shared_typed, self._shared_busy = buffer, {}, False
+
+    def shared_bytes_wanted(self) -> int:
+        """Bytes the largest unit outside the blocks needs in the multi-tensor scratch layout (0 if none)."""
+        wanted = 0
+        for unit in self.units:
+            if unit.contains_block or not unit.tensors:
+                continue
+            wanted = max(
+                wanted,
+                sum(-(-tp.param.numel() // 64) * 64 * tp.param.element_size() for tp in unit.tensors),
+            )
+        return wanted
 
     # -- hooks -----------------------------------------------------------------------------------
     def _make_pre_hook(self, unit: _Unit) -> Callable:
@@ -180,8 +209,6 @@ class ResidentRunner:
                         f"{type(owner).__name__}.{attr} is already perturbed: the module was re-entered "
                         "during its own forward, which zo2_ds does not support"
                     )
-            if active != self._pass_spec:
-                self._pass_spec, self._units_done = active, 0
             step, index, scale = active
             values = self._perturb_unit(unit, self._pass_hash(step, index), scale)
             for owner, attr, i in unit.slots:
@@ -197,12 +224,16 @@ class ResidentRunner:
             for owner, attr, i in unit.slots:
                 owner._parameters[attr] = unit.tensors[i].param
             if unit.held is not None:
-                self._pool[(unit.held.device, unit.held.dtype)].append(unit.held)
+                if self._shared_typed.get(unit.held.dtype) is unit.held:
+                    self._shared_busy = False
+                else:
+                    self._pool[(unit.held.device, unit.held.dtype)].append(unit.held)
                 unit.held = None
-            if self._active is not None:
-                self._units_done += 1
-                if self._units_done == len(self.units):
-                    self._units_done = 0
+            active = self._active
+            if active is not None:
+                done = self._units_done.get(active, 0) + 1
+                self._units_done[active] = done
+                if done == len(self.units):
                     self._release_pool_memory()
 
         return post_hook
@@ -225,11 +256,16 @@ class ResidentRunner:
             ]
         from zo2_ds import kernels
 
-        buf = self._take_scratch(table.device, table.dtype, table.scratch_numel)
+        buf = self._take_shared(unit, table)
+        if buf is None:
+            buf = self._take_scratch(table.device, table.dtype, table.scratch_numel)
         try:
             kernels.perturbed_into_multi(table, buf, pass_hash, scale)
         except Exception as exc:  # noqa: BLE001 - compilation problems of triton surface as many types
-            self._pool[(buf.device, buf.dtype)].append(buf)
+            if self._shared_typed.get(buf.dtype) is buf:
+                self._shared_busy = False
+            else:
+                self._pool[(buf.device, buf.dtype)].append(buf)
             _multi_tensor_failed(exc)
             unit.table = False
             return self._perturb_unit(unit, pass_hash, scale)
@@ -247,6 +283,19 @@ class ResidentRunner:
             return table
         unit.table = _kernel_table([p.data for p in unit.params], [tp.key for tp in unit.tensors])
         return unit.table
+
+    def _take_shared(self, unit: _Unit, table: Any) -> torch.Tensor | None:
+        shared = self._shared
+        if shared is None or self._shared_busy or unit.contains_block or shared.device != table.device:
+            return None
+        typed = self._shared_typed.get(table.dtype)
+        if typed is None:
+            itemsize = table._dummy.element_size()
+            typed = self._shared_typed[table.dtype] = shared[: shared.numel() // itemsize * itemsize].view(table.dtype)
+        if typed.numel() < table.scratch_numel:
+            return None
+        self._shared_busy = True
+        return typed
 
     def _take_scratch(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
         free = self._pool.setdefault((device, dtype), [])
@@ -272,7 +321,7 @@ class ResidentRunner:
         """Within this context, forwards of the module see theta + sign * eps * z(step, index)."""
         self._active = (step, index, sign * self.eps)
         self._perturbed_in_pass.clear()
-        self._pass_spec, self._units_done = None, 0
+        self._units_done.clear()
         try:
             yield
         finally:
@@ -338,6 +387,7 @@ class ResidentRunner:
         self._handles.clear()
         self._pool.clear()
         self._update_tables.clear()
+        self._shared, self._shared_typed, self._shared_busy = None, {}, False
         for unit in self.units:
             unit.table, unit.views = None, (None, [])
 

@@ -7,6 +7,9 @@
 #          NO_IN_GPU="opt-13b" (models benchmarked without the in-GPU baseline)
 #          DEPTHS="1 0" (zo2.offload.prefetch_depth values; the ring holds depth + 2 blocks; a depth other
 #          than 1 runs without the in-GPU baseline and writes offload_<model>_depth<d>.json)
+#          NO_HALF=1 (skip the half-resident mode)  TESTS="tests/test_offload.py ..." (the CUDA tests to run)
+#          MEM_TRACE_MODEL=opt-13b (write offload_memtrace_<model>_depth<d>.txt: what is alive at the peak)
+#          PROFILE_MODEL=opt-1.3b (write offload_profile_<model>.json.gz: torch.profiler trace of 2 steps)
 # On a CPU machine: the CPU tests of the offloader and a tiny-model run.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -37,7 +40,8 @@ main() {
   if [ -z "${SKIP_TESTS:-}" ]; then
     echo "== offload tests (DS_ACCELERATOR=$DS_ACCELERATOR)"
     if [ "$cuda" = 1 ]; then sel=(-m cuda); else sel=(); fi
-    timeout 240 python3 -m pytest -q -rs -x "${sel[@]}" tests/test_offload.py 2>&1 | tee "$OUT/offload_pytest.txt" | tail -30
+    # shellcheck disable=SC2086
+    timeout 300 python3 -m pytest -q -rs -x "${sel[@]}" ${TESTS:-tests/test_offload.py} 2>&1 | tee "$OUT/offload_pytest.txt" | tail -30
   fi
   for model in $models; do
     for depth in ${DEPTHS:-1}; do
@@ -46,6 +50,11 @@ main() {
       if [ "$model" = tiny ]; then extra=(--tiny); fi
       case " ${NO_IN_GPU:-opt-13b} " in *" $model "*) extra+=(--no-in-gpu);; esac
       if [ "$depth" != 1 ]; then extra+=(--no-in-gpu); suffix="_depth$depth"; fi
+      if [ -n "${NO_HALF:-}" ]; then extra+=(--no-half); fi
+      if [ "$model" = "${MEM_TRACE_MODEL:-}" ]; then extra+=(--mem-trace "$OUT/offload_memtrace_$model$suffix.txt"); fi
+      if [ "$model" = "${PROFILE_MODEL:-}" ] && [ "$depth" = 1 ]; then
+        extra+=(--profile "$OUT/offload_profile_$model.json.gz")
+      fi
       local timeline=()
       if [ "$depth" = 1 ] && { [ "$model" = "${TIMELINE_MODEL:-opt-1.3b}" ] || [ "$model" = tiny ]; }; then
         timeline=(--timeline "$OUT/offload_timeline_$model.png")

@@ -31,6 +31,7 @@ events only (``flush`` synchronises, once).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +44,10 @@ from zo2_ds.offload.streams import Streams
 from zo2_ds.perturb import ResidentRunner, UpdateGroup
 
 __all__ = ["OffloadRunner"]
+
+# ZO2_DS_PREFETCH_NEXT_STEP=0 stops uploading the next step's first blocks at the end of a step (benchmarks
+# compare the two; see OffloadRunner._prefetch_next_step).
+_PREFETCH_NEXT_STEP = os.environ.get("ZO2_DS_PREFETCH_NEXT_STEP", "1") != "0"
 
 # A block tensor's pending update: the step's pass hashes (zo.z_pass_hash, one per perturbation, shared by
 # every tensor of the step), coefs, lr and the group's weight decay (applied where zo.uses_weight_decay).
@@ -97,7 +102,11 @@ class OffloadRunner:
                 for e in (store.entries[b][i] for i, _ in self._train[b])
             )
             scratch_bytes = max(scratch_bytes, off, table_bytes)
+        # The same buffer holds the perturbed copy of the largest unit outside the blocks (the tied embedding
+        # / head): those units never run while a block does, so one buffer serves both (max, not sum).
+        scratch_bytes = max(scratch_bytes, -(-self.resident.shared_bytes_wanted() // ALIGN_BYTES) * ALIGN_BYTES)
         self._scratch = torch.empty(scratch_bytes, dtype=torch.uint8, device=self.device)
+        self.resident.share_scratch(self._scratch)
         self._pert_views = [
             [_view(self._scratch, off, store.entries[b][i]) for (i, _), off in zip(self._train[b], offsets[b])]
             for b in range(num_blocks)
@@ -129,6 +138,8 @@ class OffloadRunner:
         self._dirty = [False] * num_blocks  # streamed block whose write-back was issued in this residency
         self._acquired: set[int] = set()
         self._cursor: int | None = None  # next position in `streamed` to upload during a run
+        # During a training run, positions past the end wrap to the next step's blocks (see _prefetch).
+        self._wrap = False
         self._sched: LockStep | None = None
         self._pool = PassPool()
         self._specs: list[_Spec | None] = []
@@ -193,6 +204,8 @@ class OffloadRunner:
         """Apply every pending block update now (streaming those blocks once); wait for all copies."""
         if self._sched is not None:
             return  # a state_dict taken inside a forward: nothing consistent to flush mid-step
+        # Blocks uploaded ahead for the next step are dropped: the masters may be read or replaced next.
+        self._drop_prefetched()
         for b in range(self.store.num_blocks):
             if self._pending[b] is not None:
                 self._acquire(b, None)
@@ -213,7 +226,8 @@ class OffloadRunner:
         reused: ``resident_blocks`` (the budget), ``slot_ring`` (``num_slots`` x the largest streamed
         block), ``perturbation_scratch`` (the largest block's trainable tensors at theta + eps z),
         ``outside_blocks`` (embeddings, head, norms, buffers) and ``outside_perturbed`` (the largest unit
-        of trainable tensors outside the blocks, perturbed into a pooled copy: the tied embedding / head).
+        of trainable tensors outside the blocks, perturbed into a pooled copy: the tied embedding / head;
+        0 where it goes into the perturbation scratch, which is sized for it: the multi-tensor path).
         Activations, logits and library workspaces come on top (launch/bench_offload.py estimates them).
         """
         store = self.store
@@ -239,8 +253,11 @@ class OffloadRunner:
             "slot_ring": sum(slot.numel() for slot in self._slots),
             "perturbation_scratch": self._scratch.numel(),
             "outside_blocks": outside,
-            "outside_perturbed": max(per_module, default=0),
+            "outside_perturbed": 0 if self._shares_scratch() else max(per_module, default=0),
         }
+
+    def _shares_scratch(self) -> bool:
+        return self.streams.enabled and perturb._MULTI_TENSOR["enabled"] and bool(self.resident.params)
 
     @property
     def pending_blocks(self) -> list[int]:
@@ -252,17 +269,45 @@ class OffloadRunner:
         self._spec_hashes = [0 if s is None else zo.z_pass_hash(self.seed, s[0], s[1]) for s in specs]
         self._sched = LockStep(len(specs), self.store.num_blocks, on_turn=self._on_turn)
         self._cursor = 0
+        self._wrap = specs[0] is not None and _PREFETCH_NEXT_STEP
         ok = False
+        self.resident._units_done.clear()
         try:
             self._prefetch()
             outs = self._sched.run([forward] * len(specs), self._pool)
             ok = True
-            return outs
         finally:
-            self._sched, self._cursor = None, None
+            self._sched, self._cursor, self._wrap = None, None, False
             self.resident._active = None
             if not ok:
                 self._recover()
+        if specs[0] is not None and _PREFETCH_NEXT_STEP:
+            self._prefetch_next_step()
+        return outs
+
+    def _prefetch_next_step(self) -> None:
+        """After a training run: queue the first blocks of the next step into the (now free) slots.
+
+        Their masters already hold this step's theta (each block's write-back is ordered before its next
+        upload), and the update this step is about to compute is applied in the slot when the block is
+        acquired, so the copies are valid for the next run. They keep the link busy through the end of this
+        step and the host's work between steps (the g sync, the update bookkeeping, the next forward's
+        preamble), which otherwise leaves it idle. Anything else that needs the slots or changes the
+        masters first drops them (``_drop_prefetched``).
+        """
+        self._cursor = 0
+        try:
+            self._prefetch()
+        finally:
+            self._cursor = None
+
+    def _drop_prefetched(self) -> None:
+        """Forget blocks uploaded ahead that no forward holds: their slots are free once the copies land."""
+        up = self.streams.upload
+        for slot, owner in enumerate(self._slot_owner):
+            if owner is not None and owner not in self._acquired:
+                self._slot_free[slot].record(up)  # behind the upload into the slot
+                self._slot_owner[slot] = None
 
     def _on_turn(self, j: int) -> None:
         # Parameters outside the blocks follow whichever pass holds the turn.
@@ -273,6 +318,7 @@ class OffloadRunner:
         wait for every copy, point params home."""
         for b in sorted(self._acquired):
             self._release(b)
+        self._drop_prefetched()
         self.streams.synchronize()
         for slot in range(self.num_slots):
             self._slot_owner[slot] = None
@@ -284,6 +330,8 @@ class OffloadRunner:
         def pre_hook(mod: torch.nn.Module, args: Any) -> None:
             sched = self._sched
             if sched is None:  # a forward outside the runner (model called directly): stream b plainly
+                if b not in self._acquired:
+                    self._drop_prefetched()
                 self._acquire(b, None)
                 return
             j = sched.enter_block(b)
@@ -477,11 +525,22 @@ class OffloadRunner:
         self._slot_owner[slot] = b
 
     def _prefetch(self) -> None:
-        """During a run: upload the next streamed blocks in order while their slots are free."""
+        """During a run: upload the next streamed blocks in order while their slots are free.
+
+        In a training run the order continues into the next step's blocks (position n + k is block k of the
+        next step): a slot freed by one of the last blocks of this step takes one of the first of the next
+        at once, so the link keeps working through the end of the step. By then block k is done for this
+        step, its write-back is ordered before the upload, and the next step applies its pending update at
+        acquire. Anything but the next training run drops these copies first (``_drop_prefetched``).
+        """
         if self._cursor is None:
             return
-        while self._cursor < len(self._streamed):
-            b = self._streamed[self._cursor]
+        n = len(self._streamed)
+        end = 2 * n if self._wrap else n
+        while self._cursor < end:
+            b = self._streamed[self._cursor % n]
+            if self._cursor >= n and b in self._acquired:
+                return  # still in use by this step (a ring as large as the stream): its slot frees later
             owner = self._slot_owner[self._slot_of[b]]
             if owner == b:
                 self._cursor += 1

@@ -432,6 +432,7 @@ def run_offload_bench(
     timeline_png: str | None = None,
     bandwidth: dict[str, float] | None = None,
     prefetch_depth: int = 1,
+    write_back_interval: int | None = None,
     mem_trace: str | None = None,
     profile: str | None = None,
     log=print,
@@ -471,11 +472,12 @@ def run_offload_bench(
         del engine, model
         _release_cached_memory()
 
-    modes = [("offload", {"enabled": True, "prefetch_depth": prefetch_depth})]
+    common = {"enabled": True, "prefetch_depth": prefetch_depth}
+    if write_back_interval is not None:
+        common["write_back_interval"] = write_back_interval
+    modes = [("offload", dict(common))]
     if half:
-        modes.append(
-            ("offload_half", {"enabled": True, "prefetch_depth": prefetch_depth, "num_resident_blocks": layers // 2})
-        )
+        modes.append(("offload_half", {**common, "num_resident_blocks": layers // 2}))
     for mode, offload in modes:
         model = build_opt(name, device, dtype)
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -514,6 +516,7 @@ def run_offload_bench(
                     "engine_init_s": init_s,
                     "host_rss_over_model": _rss_bytes()[0] / model_bytes,
                     "prefetch_depth": prefetch_depth,
+                    "write_back_interval": engine.zo_runner.write_back_interval,
                     "num_slots": engine.zo_runner.num_slots,
                     "device_budget": device_budget(engine, b * s, vocab),
                 },
@@ -607,6 +610,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--mem-trace", default=None, help="text file: what is alive at one offloaded step's peak")
     parser.add_argument("--profile", default=None, help="gzipped chrome trace of two offloaded steps")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny OPT")
+    parser.add_argument("--write-back-interval", type=int, default=None, help="zo2.offload.write_back_interval")
     parser.add_argument("--no-lean-loss", action="store_true", help="zo2.lean_loss false (HF's loss), for A/B")
     args = parser.parse_args(argv)
     _LEAN_LOSS[0] = not args.no_lean_loss
@@ -629,6 +633,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             timeline_png=args.timeline if i == 0 else None,
             bandwidth=result["bandwidth"],
             prefetch_depth=args.prefetch_depth,
+            write_back_interval=args.write_back_interval,
             mem_trace=args.mem_trace if i == 0 else None,
             profile=args.profile if i == 0 else None,
             log=lambda s: print(s, flush=True),

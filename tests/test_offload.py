@@ -102,6 +102,9 @@ def assert_same(a, b):
         ("qwen2", False, 1, 3, 0.1, SCHEDULE, {"prefetch_depth": 2}),
         ("mistral", False, 2, 2, 0.0, SCHEDULE, {"num_resident_blocks": 2}),
         ("gpt2", False, 2, 1, 0.1, None, {"prefetch_depth": 0}),
+        ("opt", True, 1, 2, 0.1, SCHEDULE, {"write_back_interval": 1}),
+        ("llama", False, 2, 1, 0.0, SCHEDULE, {"write_back_interval": 3, "prefetch_depth": 0}),
+        ("qwen2", True, 1, 1, 0.1, None, {"write_back_interval": 5, "num_resident_blocks": 1}),
     ],
 )
 def test_offload_on_equals_off_bit_exactly(arch, tied, q, grad_accum, weight_decay, schedule, offload):
@@ -173,11 +176,11 @@ def test_next_steps_first_blocks_are_uploaded_during_the_step_end():
     assert all(in_run)
 
 
-def test_write_back_is_issued_as_soon_as_the_update_is_in_the_slot():
+@pytest.mark.parametrize("interval", [1, 2])
+def test_write_back_is_issued_as_soon_as_the_update_is_in_the_slot(interval):
     """A block's updated theta reaches its master while the block's own passes still run (not after)."""
-    engine, *_ = zo2_ds.initialize(
-        model=tiny_causal_lm("opt", layers=3), config=make_config({"enabled": True, "prefetch_depth": 0}, q=2)
-    )
+    offload = {"enabled": True, "prefetch_depth": 0, "write_back_interval": interval}
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", layers=3), config=make_config(offload, q=2))
     runner, store = engine.zo_runner, engine.zo_offload_store
     seen = []
 
@@ -189,8 +192,32 @@ def test_write_back_is_issued_as_soon_as_the_update_is_in_the_slot():
     for b, block in enumerate(store.blocks.blocks):
         block.register_forward_pre_hook(lambda m, a, b=b: check(m, a, b))
     train(engine, batches(2, 1))
-    # Step 0 has nothing pending; in step 1 every block was written back at pass 0, before pass 1 ran.
-    assert seen == [(b, True, False) for b in range(3)] + [(b, True, True) for b in range(3)]
+    # Step 0 has nothing pending. In step 1, with interval 1 every block was written back at pass 0, before
+    # pass 1 ran; with 2 only block 1 (its turn: (step + block) % 2 == 0), the others keep theta_0 at home.
+    step1 = [(b, True, True) if interval == 1 or b == 1 else (b, False, False) for b in range(3)]
+    assert seen == [(b, True, False) for b in range(3)] + step1
+
+
+@pytest.mark.parametrize("interval", [1, 2, 3])
+def test_write_backs_are_spread_over_steps_and_flush_writes_every_block(interval):
+    offload = {"enabled": True, "write_back_interval": interval}
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("llama", layers=6), config=make_config(offload))
+    runner = engine.zo_runner
+    written: list[int] = []
+    write_back = runner._write_back
+    runner._write_back = lambda b: (written.append(b), write_back(b))
+    per_step = []
+    for micro in batches(7, 1):
+        before = len(written)
+        train(engine, [micro])
+        per_step.append(sorted(written[before:]))
+    # Step 0 has nothing to write; later, each block every `interval` steps, 6 / interval blocks a step.
+    assert per_step[0] == []
+    for step, blocks in enumerate(per_step[1:], start=1):
+        assert blocks == [b for b in range(6) if (step + b) % interval == 0], (step, blocks)
+    assert all(len(p) <= interval for p in runner._pending)
+    runner.flush()
+    assert runner.pending_blocks == []
 
 
 def test_state_dict_and_eval_see_flushed_updates():
@@ -513,7 +540,7 @@ def _check_multi_tensor_offload(device: str, dtype: str = "fp32") -> None:
         off = trajectory(copy.deepcopy(base), {"enabled": False}, data, device=device, **kw)
         for key in calls:
             calls[key].clear()
-        on = trajectory(copy.deepcopy(base), {"enabled": True}, data, device=device, **kw)
+        on = trajectory(copy.deepcopy(base), {"enabled": True, "write_back_interval": 1}, data, device=device, **kw)
     finally:
         for name, fn in originals.items():
             setattr(kernels, name, fn)
@@ -525,6 +552,7 @@ def _check_multi_tensor_offload(device: str, dtype: str = "fp32") -> None:
     # Launches on the blocks' tables (the others are the resident runner's, for tensors outside the blocks):
     # 3 steps of 2q = 4 passes; the first pass of steps 2 and 3 fuses the pending update, every other pass
     # only perturbs, one launch per block each; the eval forward applies the last update (one per block).
+    # (write_back_interval 1: with more, an upload also re-applies the updates its master lacks.)
     tables = {id(t) for t in runner._tables}
     counts = {k: sum(i in tables for i in v) for k, v in calls.items()}
     assert counts == {"multi": (3 * 4 - 2) * num_blocks, "fused_multi": 2 * num_blocks,

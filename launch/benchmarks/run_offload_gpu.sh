@@ -7,6 +7,7 @@
 #          NO_IN_GPU="opt-13b" (models benchmarked without the in-GPU baseline)
 #          DEPTHS="1 0" (zo2.offload.prefetch_depth values; the ring holds depth + 2 blocks; a depth other
 #          than 1 runs without the in-GPU baseline and writes offload_<model>_depth<d>.json)
+#          WBI=2 (zo2.offload.write_back_interval; default: the config's)
 #          NO_HALF=1 (skip the half-resident mode)  TESTS="tests/test_offload.py ..." (the CUDA tests to run)
 #          MEM_TRACE_MODEL=opt-13b (write offload_memtrace_<model>_depth<d>.txt: what is alive at the peak)
 #          PROFILE_MODEL=opt-1.3b (write offload_profile_<model>.json.gz: torch.profiler trace of 2 steps)
@@ -51,6 +52,7 @@ main() {
       case " ${NO_IN_GPU:-opt-13b} " in *" $model "*) extra+=(--no-in-gpu);; esac
       if [ "$depth" != 1 ]; then extra+=(--no-in-gpu); suffix="_depth$depth"; fi
       if [ -n "${NO_HALF:-}" ]; then extra+=(--no-half); fi
+      if [ -n "${WBI:-}" ]; then extra+=(--write-back-interval "$WBI"); fi
       if [ "$model" = "${MEM_TRACE_MODEL:-}" ]; then extra+=(--mem-trace "$OUT/offload_memtrace_$model$suffix.txt"); fi
       if [ "$model" = "${PROFILE_MODEL:-}" ] && [ "$depth" = 1 ]; then
         extra+=(--profile "$OUT/offload_profile_$model.json.gz")

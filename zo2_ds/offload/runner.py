@@ -134,7 +134,12 @@ class OffloadRunner:
         self._written = [self.streams.marker() for _ in range(num_blocks)]
         self._slot_owner: list[int | None] = [None] * self.num_slots
 
-        self._pending: list[list[_Update | None] | None] = [None] * num_blocks
+        # Per block, the updates not yet in its master, oldest first: one entry per step, each a per-tensor
+        # list (None for a tensor without update). A streamed block's master is rewritten every
+        # write_back_interval uploads (staggered over the blocks); in between, each upload re-applies the
+        # entries to the uploaded master in order, which gives the same bits as one update per step.
+        self._pending: list[list[list[_Update | None]]] = [[] for _ in range(num_blocks)]
+        self.write_back_interval = cfg.offload.write_back_interval
         self._dirty = [False] * num_blocks  # streamed block whose write-back was issued in this residency
         self._acquired: set[int] = set()
         self._cursor: int | None = None  # next position in `streamed` to upload during a run
@@ -179,11 +184,12 @@ class OffloadRunner:
 
     def update(self, step: int, coefs: Sequence[float], groups: Sequence[UpdateGroup]) -> None:
         """Eager for parameters outside the blocks; recorded for the blocks' next upload (lr of this step)."""
-        if any(p is not None for p in self._pending):
-            self.flush()  # two updates without a forward in between: apply the older one first
+        if any(len(p) >= self.write_back_interval for p in self._pending):
+            self.flush()  # updates without forwards in between: keep at most write_back_interval pending
         coefs = [float(c) for c in coefs]
         hashes = tuple(zo.z_pass_hash(self.seed, step, i) for i in range(len(coefs)))
         outside = []
+        entries: dict[int, list[_Update | None]] = {}
         for group in groups:
             update: _Update = (hashes, coefs, group.lr, group.weight_decay)
             rest = []
@@ -193,11 +199,13 @@ class OffloadRunner:
                     rest.append(p)
                     continue
                 b, t = where
-                if self._pending[b] is None:
-                    self._pending[b] = [None] * len(self._train[b])
-                self._pending[b][t] = update
+                if b not in entries:
+                    entries[b] = [None] * len(self._train[b])
+                entries[b][t] = update
             if rest:
                 outside.append(UpdateGroup(tuple(rest), group.lr, group.weight_decay))
+        for b, entry in entries.items():
+            self._pending[b].append(entry)
         self.resident.update(step, coefs, outside)
 
     def flush(self) -> None:
@@ -207,7 +215,7 @@ class OffloadRunner:
         # Blocks uploaded ahead for the next step are dropped: the masters may be read or replaced next.
         self._drop_prefetched()
         for b in range(self.store.num_blocks):
-            if self._pending[b] is not None:
+            if self._pending[b]:
                 self._acquire(b, None)
                 self._release(b)
         self.streams.synchronize()
@@ -261,7 +269,7 @@ class OffloadRunner:
 
     @property
     def pending_blocks(self) -> list[int]:
-        return [b for b, p in enumerate(self._pending) if p is not None]
+        return [b for b, p in enumerate(self._pending) if p]
 
     # -- one schedule ----------------------------------------------------------------------------
     def _run(self, specs: list[_Spec | None], forward: Callable[[], Any]) -> list[Any]:
@@ -373,14 +381,26 @@ class OffloadRunner:
         self._trace("compute", b, compute, start=True)
         for e, v in zip(self.store.entries[b], self._dev_views[b]):
             e.param.data = v
-        pending, self._pending[b] = self._pending[b], None
+        entries = self._pending[b]
         self._acquired.add(b)
+        # The updates not in the master, oldest first, in place; the newest fused with pass 0's perturbation.
+        for entry in entries[:-1]:
+            self._update(b, entry)
+        last = entries[-1] if entries else None
         if spec is not None:
-            self._perturb(b, pending, spec, pass_hash)
-        elif pending is not None:
-            self._update(b, pending)
-        if pending is not None and streamed:
-            self._write_back(b)
+            self._perturb(b, last, spec, pass_hash)
+        elif last is not None:
+            self._update(b, last)
+        if entries:
+            # A resident block's home is its device buffer: applied is stored. A streamed block's master is
+            # rewritten now when due (a flush or plain run, write_back_interval entries, or its turn in the
+            # staggered rotation); otherwise its entries stay, to be applied again at the next upload.
+            interval = self.write_back_interval
+            due = spec is None or len(entries) >= interval or (spec[0] + b) % interval == 0
+            if streamed and due:
+                self._write_back(b)
+            if not streamed or due:
+                self._pending[b] = []
         self._prefetch()
 
     def _write_back(self, b: int) -> None:

@@ -247,6 +247,31 @@ def profile_one_step(engine: Any, batch: dict[str, torch.Tensor], path: str) -> 
             dst.write(src.read())
 
 
+def host_profile_of_steps(engine: Any, batch: dict[str, torch.Tensor], path: str, steps: int = 10) -> None:
+    """cProfile of ``steps`` offloaded steps (the host's side: Python, launches, hooks), top functions to ``path``."""
+    import cProfile
+    import io
+    import pstats
+
+    _sync()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        out = engine(**batch)
+        engine.backward(out.loss)
+        engine.step()
+        del out
+    prof.disable()
+    _sync()
+    wall = (time.perf_counter() - t0) / steps * 1e3
+    buf = io.StringIO()
+    buf.write(f"{steps} steps, {wall:.1f} ms a step under cProfile\n")
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(45)
+    Path(path).write_text(buf.getvalue())
+
+
 def _release_cached_memory() -> None:
     """Give cached device and pinned host blocks back, so later memory readings see only the run."""
     gc.collect()
@@ -435,6 +460,7 @@ def run_offload_bench(
     write_back_interval: int | None = None,
     mem_trace: str | None = None,
     profile: str | None = None,
+    host_profile: str | None = None,
     log=print,
 ) -> list[dict[str, Any]]:
     """Records for one model shape (see the module docstring). Each record is printed as it is made."""
@@ -526,6 +552,8 @@ def run_offload_bench(
             log(_budget_line(name, b, s, mode, rec["device_budget"], rec.get("peak_allocated_bytes")))
             if mem_trace and mode == "offload" and (b, s) == batches[0]:
                 memory_trace_of_one_step(engine, batch, mem_trace)
+            if host_profile and mode == "offload" and (b, s) == batches[0]:
+                host_profile_of_steps(engine, batch, host_profile)
             if profile and mode == "offload" and (b, s) == batches[0]:
                 profile_one_step(engine, batch, profile)
             if timeline_png and mode == "offload" and (b, s) == batches[0]:
@@ -609,6 +637,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None, help="results JSON")
     parser.add_argument("--mem-trace", default=None, help="text file: what is alive at one offloaded step's peak")
     parser.add_argument("--profile", default=None, help="gzipped chrome trace of two offloaded steps")
+    parser.add_argument("--host-profile", default=None, help="text: cProfile of 10 offloaded steps")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny OPT")
     parser.add_argument("--write-back-interval", type=int, default=None, help="zo2.offload.write_back_interval")
     parser.add_argument("--no-lean-loss", action="store_true", help="zo2.lean_loss false (HF's loss), for A/B")
@@ -636,6 +665,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             write_back_interval=args.write_back_interval,
             mem_trace=args.mem_trace if i == 0 else None,
             profile=args.profile if i == 0 else None,
+            host_profile=args.host_profile if i == 0 else None,
             log=lambda s: print(s, flush=True),
         )
         if args.out:

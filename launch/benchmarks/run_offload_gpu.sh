@@ -10,6 +10,7 @@
 #          WBI=2 (zo2.offload.write_back_interval; default: the config's)
 #          NO_HALF=1 (skip the half-resident mode)  TESTS="tests/test_offload.py ..." (the CUDA tests to run)
 #          MEM_TRACE_MODEL=opt-13b (write offload_memtrace_<model>_depth<d>.txt: what is alive at the peak)
+#          HOST_PROFILE_MODEL=opt-1.3b (write offload_hostprof_<model>.txt: cProfile of 10 steps, pass 0's thread)
 #          PROFILE_MODEL=opt-1.3b (write offload_profile_<model>.json.gz: torch.profiler trace of 2 steps)
 # On a CPU machine: the CPU tests of the offloader and a tiny-model run.
 set -uo pipefail
@@ -54,6 +55,7 @@ main() {
       if [ -n "${NO_HALF:-}" ]; then extra+=(--no-half); fi
       if [ -n "${WBI:-}" ]; then extra+=(--write-back-interval "$WBI"); fi
       if [ "$model" = "${MEM_TRACE_MODEL:-}" ]; then extra+=(--mem-trace "$OUT/offload_memtrace_$model$suffix.txt"); fi
+      if [ "$model" = "${HOST_PROFILE_MODEL:-}" ]; then extra+=(--host-profile "$OUT/offload_hostprof_$model$suffix.txt"); fi
       if [ "$model" = "${PROFILE_MODEL:-}" ] && [ "$depth" = 1 ]; then
         extra+=(--profile "$OUT/offload_profile_$model.json.gz")
       fi

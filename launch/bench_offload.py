@@ -80,6 +80,7 @@ OPT_SHAPES = {
     "tiny": (64, 4, 4),
 }
 _GIB = 1024**3
+_GC_FREEZE = [False]  # --gc-freeze: gc.freeze() after each engine is built
 _LEAN_LOSS = [True]  # zo2.lean_loss of every engine built here (--no-lean-loss: HF's own loss, for A/B)
 
 
@@ -320,6 +321,11 @@ def _engine(model: torch.nn.Module, offload: dict[str, Any], micro_batch: int) -
         config["fp16"] = {"enabled": True, "initial_scale_power": 0}
     engine, *_ = zo2_ds.initialize(model=model, config=config)
     engine.train()
+    if _GC_FREEZE[0]:
+        # Long-lived objects (the model, libraries) out of the collector's reach: a full collection then
+        # scans only what the steps allocate, not the whole heap.
+        gc.collect()
+        gc.freeze()
     return engine
 
 
@@ -640,9 +646,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--host-profile", default=None, help="text: cProfile of 10 offloaded steps")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny OPT")
     parser.add_argument("--write-back-interval", type=int, default=None, help="zo2.offload.write_back_interval")
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after building each engine")
     parser.add_argument("--no-lean-loss", action="store_true", help="zo2.lean_loss false (HF's loss), for A/B")
     args = parser.parse_args(argv)
     _LEAN_LOSS[0] = not args.no_lean_loss
+    _GC_FREEZE[0] = args.gc_freeze
     if args.tiny:
         args.models, args.batches, args.warmup, args.steps = "tiny", "2x16", 1, 2
     batches = [tuple(int(x) for x in b.split("x")) for b in args.batches.split(",")]

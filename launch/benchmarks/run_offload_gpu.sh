@@ -54,6 +54,7 @@ main() {
       if [ "$depth" != 1 ]; then extra+=(--no-in-gpu); suffix="_depth$depth"; fi
       if [ -n "${NO_HALF:-}" ]; then extra+=(--no-half); fi
       if [ -n "${WBI:-}" ]; then extra+=(--write-back-interval "$WBI"); fi
+      if [ -n "${GC_FREEZE:-}" ]; then extra+=(--gc-freeze); fi
       if [ "$model" = "${MEM_TRACE_MODEL:-}" ]; then extra+=(--mem-trace "$OUT/offload_memtrace_$model$suffix.txt"); fi
       if [ "$model" = "${HOST_PROFILE_MODEL:-}" ]; then extra+=(--host-profile "$OUT/offload_hostprof_$model$suffix.txt"); fi
       if [ "$model" = "${PROFILE_MODEL:-}" ] && [ "$depth" = 1 ]; then

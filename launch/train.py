@@ -81,6 +81,9 @@ def set_process_env(local_rank: int | None) -> None:
     share of the cores per local rank. Runs before deepspeed is imported (it picks its accelerator then)."""
     import socket
 
+    # An allocator cache that grows and shrinks in place holds little beyond what is allocated: what the GPU
+    # shows (NVML) stays close to what the step needs (zo2_ds/offload/README.md, "GPU memory").
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
 
     if local_rank is not None:

@@ -195,6 +195,26 @@ def test_failed_forward_leaves_parameters_clean():
         assert torch.equal(p, before[n]), n
 
 
+def test_perturbed_passes_run_without_dropout_and_keep_each_modules_mode():
+    model = tiny_causal_lm("opt")
+    engine, *_ = zo2_ds.initialize(model=model, config=ds_config())
+    engine.train()
+    frozen_part = engine.module.model.decoder.final_layer_norm
+    frozen_part.eval()  # the user's choice for one submodule: kept after the step
+    seen = []
+    handle = engine.module.model.decoder.layers[0].register_forward_pre_hook(
+        lambda m, a: seen.append(any(x.training for x in engine.module.modules()))
+    )
+    ids = torch.randint(0, VOCAB, (2, 10))
+    out = engine(input_ids=ids, labels=ids)
+    engine.backward(out.loss)
+    engine.step()
+    handle.remove()
+    assert seen == [False, False]  # every module in eval mode during both passes
+    assert not frozen_part.training
+    assert all(m.training for m in engine.module.modules() if m is not frozen_part)
+
+
 def test_eval_mode_runs_one_plain_forward():
     model = tiny_causal_lm("opt")
     engine, *_ = zo2_ds.initialize(model=model, config=ds_config())

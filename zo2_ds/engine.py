@@ -223,12 +223,8 @@ class ZOEngine(DeepSpeedEngine):
 
         # Dropout off for the perturbed passes (as MeZO does): L+ and L- must see the same network
         # up to the perturbation, or g measures dropout noise. No KV cache either: nothing reuses it.
-        self.module.train(False)
-        try:
-            with torch.no_grad(), _kv_cache_off(self._kv_cache_configs):
-                pairs = self.zo_runner.run(self.global_steps, cfg.num_perturbations, one_pass)
-        finally:
-            self.module.train(True)
+        with _eval_mode(self.module), torch.no_grad(), _kv_cache_off(self._kv_cache_configs):
+            pairs = self.zo_runner.run(self.global_steps, cfg.num_perturbations, one_pass)
         plus_losses = torch.stack([p for p, _ in pairs])
         minus_losses = torch.stack([m for _, m in pairs])
         g = zo.projected_grad(plus_losses, minus_losses, cfg.eps)
@@ -396,6 +392,45 @@ def _check_compatible(config_class: Any) -> None:
         )
     if config_class.hybrid_engine.enabled:
         raise ValueError("zo2 is incompatible with hybrid_engine")
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Every submodule's ``training`` False for the duration, then each one's own flag back.
+
+    ``module.train(False)`` / ``train(True)`` per step costs milliseconds of host time on a large model
+    (``nn.Module.__setattr__`` for each of hundreds of modules, twice), which an offloaded small model's
+    step cannot hide; it would also turn on modules the user had put in eval mode. Where a module's class
+    does more in ``train`` than set the flag (other than HF's override, which only re-casts hub kernels
+    when they are used), ``train`` is called as before.
+    """
+    modules = list(module.modules())
+    if not all(_plain_train(m) for m in modules):
+        module.train(False)
+        try:
+            yield
+        finally:
+            module.train(True)
+        return
+    saved = [m.training for m in modules]
+    for m in modules:
+        m.__dict__["training"] = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, saved):
+            m.__dict__["training"] = flag
+
+
+def _plain_train(module: torch.nn.Module) -> bool:
+    train = type(module).train
+    if train is torch.nn.Module.train:
+        return True
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return train is PreTrainedModel.train and not getattr(module, "_use_kernels", False)
 
 
 def _kv_cache_configs(module: torch.nn.Module) -> list[Any]:

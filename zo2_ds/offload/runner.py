@@ -145,6 +145,7 @@ class OffloadRunner:
         self._cursor: int | None = None  # next position in `streamed` to upload during a run
         # During a training run, positions past the end wrap to the next step's blocks (see _prefetch).
         self._wrap = False
+        self._compute: Any = None  # the compute stream, while a run is in progress
         self._sched: LockStep | None = None
         self._pool = PassPool()
         self._specs: list[_Spec | None] = []
@@ -278,6 +279,8 @@ class OffloadRunner:
         self._sched = LockStep(len(specs), self.store.num_blocks, on_turn=self._on_turn)
         self._cursor = 0
         self._wrap = specs[0] is not None and _PREFETCH_NEXT_STEP
+        # Every pass runs on the caller's stream (the lock-step threads enter it): looked up once per run.
+        self._compute = self.streams.compute()
         ok = False
         self.resident._units_done.clear()
         try:
@@ -285,7 +288,7 @@ class OffloadRunner:
             outs = self._sched.run([forward] * len(specs), self._pool)
             ok = True
         finally:
-            self._sched, self._cursor, self._wrap = None, None, False
+            self._sched, self._cursor, self._wrap, self._compute = None, None, False, None
             self.resident._active = None
             if not ok:
                 self._recover()
@@ -373,7 +376,7 @@ class OffloadRunner:
     def _acquire(self, b: int, spec: _Spec | None, pass_hash: int = 0) -> None:
         """Make block b computable: its upload done, params on the device, pending update applied, z_0 drawn."""
         streamed = self.store.is_streamed(b)
-        compute = self.streams.compute()
+        compute = self._compute or self.streams.compute()
         if streamed:
             if self._slot_owner[self._slot_of[b]] != b:
                 self._issue_upload(b)
@@ -412,7 +415,7 @@ class OffloadRunner:
         """
         slot = self._slot_of[b]
         wb = self.streams.writeback
-        self._updated[slot].record(self.streams.compute())
+        self._updated[slot].record(self._compute or self.streams.compute())
         with self.streams.on(wb):
             self._updated[slot].wait(wb)
             self._trace("writeback", b, wb, start=True)
@@ -505,7 +508,7 @@ class OffloadRunner:
         """All passes are done with block b: point its params home, free its slot (behind its write-back, if
         one was issued), upload the next."""
         self._acquired.discard(b)
-        compute = self.streams.compute()
+        compute = self._compute or self.streams.compute()
         self._trace("compute", b, compute, start=False)
         if not self.store.is_streamed(b):
             for e, v in zip(self.store.entries[b], self.store.home_views[b]):

@@ -36,6 +36,13 @@ def test_defaults():
         ({"offload": {"enable": True}}, r"zo2\.offload\.enable: unknown key; allowed keys are: blocks_attr, enabled"),
         ({"offload": {"prefetch_depth": -1}}, r"zo2\.offload\.prefetch_depth: Input should be greater than or equal"),
         ({"offload": {"transfer_dtype": "fp8"}}, r"zo2\.offload\.transfer_dtype: Input should be 'auto', 'fp32'"),
+        (
+            {"offload": {"write_back_interval": 0}},
+            r"zo2\.offload\.write_back_interval: Input should be greater than or equal to 1 \(got 0\); "
+            r"or Input should be 'auto'$",
+        ),
+        ({"offload": {"write_back_interval": 17}}, r"zo2\.offload\.write_back_interval: Input should be less"),
+        ({"lean_loss": "no"}, r"zo2\.lean_loss: Input should be a valid boolean"),
     ],
 )
 def test_bad_blocks_name_the_key_and_what_is_allowed(block, message):

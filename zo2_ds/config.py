@@ -12,7 +12,7 @@ block drives the lr, as in any DeepSpeed job.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from pydantic import ConfigDict, Field, ValidationError
@@ -37,14 +37,16 @@ class OffloadConfig(DeepSpeedConfigModel):
     waits for the write-back of the slot's previous block. 0 (two slots) saves one block of GPU memory:
     the next upload then queues behind the previous block's write-back on the link."""
 
-    write_back_interval: int = Field(4, ge=1, le=16)
-    """A streamed block's updated theta is copied back to its pinned master every this many steps, staggered
-    over the blocks (with 4, a quarter of them each step); at the uploads in between, the GPU re-applies the
-    updates the master lacks, in order, so the trajectory is bit-identical for every value. 1 writes every
-    block back every step (each block crosses the link once each way per step). Larger values cut the
-    device-to-host traffic, which on PCIe slows the host-to-device uploads when both run at once (H100: OPT-13B
-    1x2048 547 / 512 / 486 ms per step with 1 / 2 / 4), for at most interval - 1 extra in-place update
-    kernels per block and step. Checkpoints, eval, ``state_dict`` and ``flush`` write every block back first."""
+    write_back_interval: Annotated[int, Field(ge=1, le=16)] | Literal["auto"] = "auto"
+    """A streamed block's updated theta is copied back to its pinned master every this many steps (1-16),
+    staggered over the blocks (with 4, a quarter of them each step); at the uploads in between, the GPU
+    re-applies the updates the master lacks, in order, so the trajectory is bit-identical for every value.
+    1 writes every block back every step (each block crosses the link once each way per step). Larger
+    values cut the device-to-host traffic, which on PCIe slows the host-to-device uploads when both run at
+    once (H100: OPT-13B 1x2048 547 / 512 / 486 ms per step with 1 / 2 / 4), for at most interval - 1 extra
+    in-place update kernels per block and step. "auto": 4 on a device with streams (CUDA), 1 on a
+    synchronized device (CPU: no link to save, and re-applying an update there means drawing z again on
+    the CPU). Checkpoints, eval, ``state_dict`` and ``flush`` write every block back first."""
 
     max_gpu_memory: int | str | None = None
     """Bytes of GPU memory blocks may keep permanently resident (int, or a string like "8GB");
@@ -91,8 +93,13 @@ class ZO2Config(DeepSpeedConfigModel):
     """CPU offloading of the transformer blocks (ZO2)."""
 
 
+def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The config keys of an error location, without pydantic's union-branch tags (e.g. 'constrained-int')."""
+    return tuple(part for part in loc if not (isinstance(part, str) and ("[" in part or "-" in part)))
+
+
 def _describe(err: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in (ZO2_KEY, *err["loc"]))
+    key = ".".join(str(part) for part in (ZO2_KEY, *_field_path(err["loc"])))
     if err["type"] == "extra_forbidden":
         parent = ZO2Config
         for part in err["loc"][:-1]:
@@ -116,5 +123,15 @@ def parse_zo2_config(param_dict: dict[str, Any] | None) -> ZO2Config:
     try:
         return ZO2Config(strict=True, **block)
     except ValidationError as exc:
-        problems = "\n  ".join(_describe(e) for e in exc.errors())
+        # One line per key: the messages of a union's branches joined ("... or ...").
+        by_key: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for e in exc.errors():
+            by_key.setdefault(_field_path(e["loc"]), []).append(e)
+        lines = []
+        for errs in by_key.values():
+            first = _describe(errs[0])
+            if len(errs) > 1:
+                first += "".join(f"; or {e['msg']}" for e in errs[1:])
+            lines.append(first)
+        problems = "\n  ".join(lines)
         raise ValueError(f"invalid '{ZO2_KEY}' block in the DeepSpeed config:\n  {problems}") from None

@@ -139,7 +139,8 @@ class OffloadRunner:
         # write_back_interval uploads (staggered over the blocks); in between, each upload re-applies the
         # entries to the uploaded master in order, which gives the same bits as one update per step.
         self._pending: list[list[list[_Update | None]]] = [[] for _ in range(num_blocks)]
-        self.write_back_interval = cfg.offload.write_back_interval
+        interval = cfg.offload.write_back_interval
+        self.write_back_interval = (4 if self.streams.enabled else 1) if interval == "auto" else interval
         self._dirty = [False] * num_blocks  # streamed block whose write-back was issued in this residency
         self._acquired: set[int] = set()
         self._cursor: int | None = None  # next position in `streamed` to upload during a run

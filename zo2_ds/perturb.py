@@ -321,12 +321,16 @@ class ResidentRunner:
         """Within this context, forwards of the module see theta + sign * eps * z(step, index)."""
         self._active = (step, index, sign * self.eps)
         self._perturbed_in_pass.clear()
-        self._units_done.clear()
+        self.begin_passes()
         try:
             yield
         finally:
             self._active = None
         self._check_all_perturbed()
+
+    def begin_passes(self) -> None:
+        """Start counting finished units afresh (the offloader calls it before its interleaved passes)."""
+        self._units_done.clear()
 
     def run(self, step: int, num_perturbations: int, forward: Callable[[], Any]) -> list[tuple[Any, Any]]:
         """[(output at theta + eps z_i, output at theta - eps z_i) for i in range(q)]."""

@@ -46,7 +46,7 @@ from zo2_ds.perturb import ResidentRunner, UpdateGroup
 __all__ = ["OffloadRunner"]
 
 # ZO2_DS_PREFETCH_NEXT_STEP=0 stops uploading the next step's first blocks at the end of a step (benchmarks
-# compare the two; see OffloadRunner._prefetch_next_step).
+# compare the two; see OffloadRunner._prefetch).
 _PREFETCH_NEXT_STEP = os.environ.get("ZO2_DS_PREFETCH_NEXT_STEP", "1") != "0"
 
 # A block tensor's pending update: the step's pass hashes (zo.z_pass_hash, one per perturbation, shared by
@@ -146,6 +146,7 @@ class OffloadRunner:
         self._cursor: int | None = None  # next position in `streamed` to upload during a run
         # During a training run, positions past the end wrap to the next step's blocks (see _prefetch).
         self._wrap = False
+        self._released: set[int] = set()  # blocks this run is done with (wrapped prefetch waits for them)
         self._compute: Any = None  # the compute stream, while a run is in progress
         self._sched: LockStep | None = None
         self._pool = PassPool()
@@ -280,10 +281,11 @@ class OffloadRunner:
         self._sched = LockStep(len(specs), self.store.num_blocks, on_turn=self._on_turn)
         self._cursor = 0
         self._wrap = specs[0] is not None and _PREFETCH_NEXT_STEP
+        self._released.clear()
         # Every pass runs on the caller's stream (the lock-step threads enter it): looked up once per run.
         self._compute = self.streams.compute()
         ok = False
-        self.resident._units_done.clear()
+        self.resident.begin_passes()
         try:
             self._prefetch()
             outs = self._sched.run([forward] * len(specs), self._pool)
@@ -293,25 +295,7 @@ class OffloadRunner:
             self.resident._active = None
             if not ok:
                 self._recover()
-        if specs[0] is not None and _PREFETCH_NEXT_STEP:
-            self._prefetch_next_step()
         return outs
-
-    def _prefetch_next_step(self) -> None:
-        """After a training run: queue the first blocks of the next step into the (now free) slots.
-
-        Their masters already hold this step's theta (each block's write-back is ordered before its next
-        upload), and the update this step is about to compute is applied in the slot when the block is
-        acquired, so the copies are valid for the next run. They keep the link busy through the end of this
-        step and the host's work between steps (the g sync, the update bookkeeping, the next forward's
-        preamble), which otherwise leaves it idle. Anything else that needs the slots or changes the
-        masters first drops them (``_drop_prefetched``).
-        """
-        self._cursor = 0
-        try:
-            self._prefetch()
-        finally:
-            self._cursor = None
 
     def _drop_prefetched(self) -> None:
         """Forget blocks uploaded ahead that no forward holds: their slots are free once the copies land."""
@@ -509,6 +493,7 @@ class OffloadRunner:
         """All passes are done with block b: point its params home, free its slot (behind its write-back, if
         one was issued), upload the next."""
         self._acquired.discard(b)
+        self._released.add(b)
         compute = self._compute or self.streams.compute()
         self._trace("compute", b, compute, start=False)
         if not self.store.is_streamed(b):
@@ -553,9 +538,12 @@ class OffloadRunner:
 
         In a training run the order continues into the next step's blocks (position n + k is block k of the
         next step): a slot freed by one of the last blocks of this step takes one of the first of the next
-        at once, so the link keeps working through the end of the step. By then block k is done for this
-        step, its write-back is ordered before the upload, and the next step applies its pending update at
-        acquire. Anything but the next training run drops these copies first (``_drop_prefetched``).
+        at once, so the link keeps working through the end of the step and the host's work between steps
+        (the g sync, the update bookkeeping, the next forward's preamble), which otherwise leaves it idle.
+        By then block k is done for this step, its write-back is ordered before the upload, and the next
+        step applies its pending updates at acquire. The last block's release happens inside the run, so
+        every free slot is taken before the run returns. Anything but the next training run drops these
+        copies first (``_drop_prefetched``).
         """
         if self._cursor is None:
             return
@@ -563,8 +551,8 @@ class OffloadRunner:
         end = 2 * n if self._wrap else n
         while self._cursor < end:
             b = self._streamed[self._cursor % n]
-            if self._cursor >= n and b in self._acquired:
-                return  # still in use by this step (a ring as large as the stream): its slot frees later
+            if self._cursor >= n and b not in self._released:
+                return  # still to run (or running) in this step: its next-step copy waits for its release
             owner = self._slot_owner[self._slot_of[b]]
             if owner == b:
                 self._cursor += 1

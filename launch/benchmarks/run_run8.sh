@@ -1,7 +1,7 @@
 #!/bin/bash
 # Run 8 (one device call, carry [".whl"]): CUDA tests; OPT-1.3B A/B (default; native allocator; without the
 # next-step prefetch); OPT-13B at depth 0 and 1 and OPT-30B at depth 0 (memory); OPT-6.7B (step time).
-#   run (device tool): bash launch/benchmarks/run_h200_run8.sh       results under $OUT (default /tmp/zo2_run8)
+#   run (device tool): bash launch/benchmarks/run_run8.sh       results under $OUT (default /tmp/zo2_run8)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=${OUT:-/tmp/zo2_run8}

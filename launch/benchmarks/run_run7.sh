@@ -1,7 +1,7 @@
 #!/bin/bash
 # Run 7 (one device call): CUDA tests, then the memory and step-time measurements of the offloader after
 # the lean loss, the shared perturbation scratch and the next-step prefetch. Carry [".whl"].
-#   run (device tool): bash launch/benchmarks/run_h100_run7.sh
+#   run (device tool): bash launch/benchmarks/run_run7.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/zo2_run7}

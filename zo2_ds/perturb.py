@@ -224,10 +224,7 @@ class ResidentRunner:
             for owner, attr, i in unit.slots:
                 owner._parameters[attr] = unit.tensors[i].param
             if unit.held is not None:
-                if self._shared_typed.get(unit.held.dtype) is unit.held:
-                    self._shared_busy = False
-                else:
-                    self._pool[(unit.held.device, unit.held.dtype)].append(unit.held)
+                self._give_back(unit.held)
                 unit.held = None
             active = self._active
             if active is not None:
@@ -262,10 +259,7 @@ class ResidentRunner:
         try:
             kernels.perturbed_into_multi(table, buf, pass_hash, scale)
         except Exception as exc:  # noqa: BLE001 - compilation problems of triton surface as many types
-            if self._shared_typed.get(buf.dtype) is buf:
-                self._shared_busy = False
-            else:
-                self._pool[(buf.device, buf.dtype)].append(buf)
+            self._give_back(buf)
             _multi_tensor_failed(exc)
             unit.table = False
             return self._perturb_unit(unit, pass_hash, scale)
@@ -296,6 +290,13 @@ class ResidentRunner:
             return None
         self._shared_busy = True
         return typed
+
+    def _give_back(self, buf: torch.Tensor) -> None:
+        """Return a buffer from _take_shared or _take_scratch."""
+        if self._shared_typed.get(buf.dtype) is buf:
+            self._shared_busy = False
+        else:
+            self._pool[(buf.device, buf.dtype)].append(buf)
 
     def _take_scratch(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
         free = self._pool.setdefault((device, dtype), [])

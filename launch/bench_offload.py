@@ -21,6 +21,9 @@ Each offload record also carries ``device_budget``: what the offloader holds on 
 its perturbed copy) plus estimates of the loss tail (logits kept for the caller, the fp32 copy and
 log-softmax of the loss), printed as one line per record to compare with the measured peak.
 ``--prefetch-depth 0`` runs the two-slot ring (one block less on the GPU).
+``--dtype fp32 --transfer-dtypes auto,bf16`` runs fp32 masters streamed as they are (``offload``) and with
+bf16 transfers (``offload_xfer_bf16``, zo2.offload.transfer_dtype); its transfer floor counts the bytes a
+step moves on average (the exact master one step in write_back_interval, the bf16 copy at the others).
 ``launch/bench.py`` calls :func:`run_offload_bench` for its offload rows.
 """
 
@@ -82,6 +85,7 @@ OPT_SHAPES = {
 _GIB = 1024**3
 _GC_FREEZE = [False]  # --gc-freeze: gc.freeze() after each engine is built
 _LEAN_LOSS = [True]  # zo2.lean_loss of every engine built here (--no-lean-loss: HF's own loss, for A/B)
+_HALF = [True]  # the model in fp16 on CUDA (--dtype fp32: fp32 masters, no fp16 config block)
 
 
 def build_opt(name: str, device: torch.device, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
@@ -317,7 +321,7 @@ def _engine(model: torch.nn.Module, offload: dict[str, Any], micro_batch: int) -
         "optimizer": {"type": "SGD", "params": {"lr": 1e-7}},
         "zo2": {"enabled": True, "eps": 1e-3, "offload": offload, "lean_loss": _LEAN_LOSS[0]},
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and _HALF[0]:
         config["fp16"] = {"enabled": True, "initial_scale_power": 0}
     engine, *_ = zo2_ds.initialize(model=model, config=config)
     engine.train()
@@ -464,6 +468,7 @@ def run_offload_bench(
     bandwidth: dict[str, float] | None = None,
     prefetch_depth: int = 1,
     write_back_interval: int | None = None,
+    transfer_dtypes: tuple[str, ...] = ("auto",),
     mem_trace: str | None = None,
     profile: str | None = None,
     host_profile: str | None = None,
@@ -471,7 +476,7 @@ def run_offload_bench(
 ) -> list[dict[str, Any]]:
     """Records for one model shape (see the module docstring). Each record is printed as it is made."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = torch.float16 if device.type == "cuda" and _HALF[0] else torch.float32
     bandwidth = bandwidth if bandwidth is not None else measure_link_bandwidth()
     _release_cached_memory()
     hidden, layers, _ = OPT_SHAPES[name]
@@ -507,7 +512,10 @@ def run_offload_bench(
     common = {"enabled": True, "prefetch_depth": prefetch_depth}
     if write_back_interval is not None:
         common["write_back_interval"] = write_back_interval
-    modes = [("offload", dict(common))]
+    modes = [
+        ("offload" if xfer == "auto" else f"offload_xfer_{xfer}", {**common, "transfer_dtype": xfer})
+        for xfer in transfer_dtypes
+    ]
     if half:
         modes.append(("offload_half", {**common, "num_resident_blocks": layers // 2}))
     for mode, offload in modes:
@@ -518,6 +526,9 @@ def run_offload_bench(
         init_s = time.perf_counter() - t0
         store = engine.zo_offload_store
         streamed = store.streamed_bytes()
+        if store.narrow is not None:  # per step on average: the exact master at 1 step in k, else the copy
+            k = engine.zo_runner.write_back_interval
+            streamed = sum((store.sizes[b] + (k - 1) * store.narrow.sizes[b]) / k for b in store.streamed)
         for b, s in batches:
             batch = batch_of(b, s)
             if device.type == "cuda":
@@ -549,6 +560,8 @@ def run_offload_bench(
                     "host_rss_over_model": _rss_bytes()[0] / model_bytes,
                     "prefetch_depth": prefetch_depth,
                     "write_back_interval": engine.zo_runner.write_back_interval,
+                    "transfer_dtype": offload["transfer_dtype"] if "transfer_dtype" in offload else "auto",
+                    "dtype": str(dtype),
                     "num_slots": engine.zo_runner.num_slots,
                     "device_budget": device_budget(engine, b * s, vocab),
                 },
@@ -566,7 +579,7 @@ def run_offload_bench(
                 spans = timeline_of_one_step(engine, batch)
                 if spans:
                     Path(timeline_png).with_suffix(".json").write_text(json.dumps(spans))
-                    plot_timeline(spans, timeline_png, f"{name} {b}x{s} fp16, one offloaded step")
+                    plot_timeline(spans, timeline_png, f"{name} {b}x{s} {dtype}, one offloaded step")
         engine.destroy()
         del engine, model, store
         _release_cached_memory()
@@ -648,7 +661,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--write-back-interval", type=int, default=None, help="zo2.offload.write_back_interval")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after building each engine")
     parser.add_argument("--no-lean-loss", action="store_true", help="zo2.lean_loss false (HF's loss), for A/B")
+    parser.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="the model's dtype on CUDA")
+    parser.add_argument(
+        "--transfer-dtypes", default="auto", help='zo2.offload.transfer_dtype per offload mode, e.g. "auto,bf16"'
+    )
     args = parser.parse_args(argv)
+    _HALF[0] = args.dtype == "fp16"
     _LEAN_LOSS[0] = not args.no_lean_loss
     _GC_FREEZE[0] = args.gc_freeze
     if args.tiny:
@@ -671,6 +689,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bandwidth=result["bandwidth"],
             prefetch_depth=args.prefetch_depth,
             write_back_interval=args.write_back_interval,
+            transfer_dtypes=tuple(args.transfer_dtypes.split(",")),
             mem_trace=args.mem_trace if i == 0 else None,
             profile=args.profile if i == 0 else None,
             host_profile=args.host_profile if i == 0 else None,

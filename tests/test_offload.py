@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import zo2_ds
+from zo2_ds import zo
 from zo2_ds.offload import store as store_mod
 from zo2_ds.testing import ds_config, tiny_causal_lm
 
@@ -143,7 +144,7 @@ def test_runs_block_major_with_one_upload_per_block_per_step():
     for b, block in enumerate(runner.store.blocks.blocks):
         block.register_forward_pre_hook(lambda m, a, b=b: order.append((b, runner._sched.current_pass)))
     issue = runner._issue_upload
-    runner._issue_upload = lambda b: (uploads.append(b), issue(b))
+    runner._issue_upload = lambda b, *full: (uploads.append(b), issue(b, *full))
     train(engine, batches(2, 1))
     # Per step: each block once, all four passes (+z0, -z0, +z1, -z1) on it before the next block.
     one_step = [(b, j) for b in range(3) for j in range(4)]
@@ -164,7 +165,11 @@ def test_next_steps_first_blocks_are_uploaded_during_the_step_end():
     runner = engine.zo_runner
     uploads, in_run, at_start = [], [], []
     issue = runner._issue_upload
-    runner._issue_upload = lambda b: (uploads.append(b), in_run.append(runner._sched is not None), issue(b))
+    runner._issue_upload = lambda b, *full: (
+        uploads.append(b),
+        in_run.append(runner._sched is not None),
+        issue(b, *full),
+    )
     runner.store.blocks.blocks[0].register_forward_pre_hook(
         lambda m, a: at_start.append(list(runner._slot_owner)) if runner._sched.current_pass == 0 else None
     )
@@ -340,12 +345,16 @@ def test_budget_keeps_blocks_resident_and_bad_input_is_explained(monkeypatch):
     monkeypatch.setattr(store_mod, "available_host_bytes", lambda: 1000)
     with pytest.raises(ValueError, match=r"pinned host masters .* need .* GiB.*only 0\.00 GiB is available"):
         zo2_ds.initialize(model=tiny_causal_lm("llama", layers=4), config=make_config({"enabled": True}))
-    monkeypatch.undo()
-
-    with pytest.raises(NotImplementedError, match=r"zo2\.offload\.transfer_dtype='bf16'"):
+    # With a narrower transfer_dtype the host holds the narrow copies too (fp32 + bf16: half the blocks
+    # more). The masters replace the model's storage block by block, so they need one block more; the
+    # bf16 copies of 4 blocks need 2 more.
+    monkeypatch.setattr(store_mod, "available_host_bytes", lambda: int(2.5 * block_bytes))
+    zo2_ds.initialize(model=tiny_causal_lm("llama", layers=4), config=make_config({"enabled": True}))
+    with pytest.raises(ValueError, match=r"masters of 4 streamed blocks and their transfer_dtype copies need"):
         zo2_ds.initialize(
-            model=tiny_causal_lm("llama", layers=2), config=make_config({"enabled": True, "transfer_dtype": "bf16"})
+            model=tiny_causal_lm("llama", layers=4), config=make_config({"enabled": True, "transfer_dtype": "bf16"})
         )
+    monkeypatch.undo()
 
     class NoBlocks(torch.nn.Module):
         def __init__(self):
@@ -359,16 +368,190 @@ def test_budget_keeps_blocks_resident_and_bad_input_is_explained(monkeypatch):
         zo2_ds.initialize(model=NoBlocks(), config=make_config({"enabled": True}))
 
 
-def test_transfer_dtype_is_the_parameters_own_or_explained():
+def test_transfer_dtype_must_be_narrower_than_the_parameters():
     base = tiny_causal_lm("opt", layers=2)
     data = batches(2, 1)
     off = trajectory(copy.deepcopy(base), {"enabled": False}, data)
     same = trajectory(copy.deepcopy(base), {"enabled": True, "transfer_dtype": "fp32"}, data)
     assert_same(off, same)
-    for wanted in ("bf16", "fp16"):
-        with pytest.raises(NotImplementedError, match=r"full master where z is generated.*zo2_ds/offload/README\.md"):
-            config = make_config({"enabled": True, "transfer_dtype": wanted})
+    assert same[0].zo_offload_store.narrow is None
+    for model_dtype, wanted in (("bf16", "fp32"), ("bf16", "fp16")):
+        with pytest.raises(ValueError, match=rf"transfer_dtype='{wanted}' must be narrower.*torch\.bfloat16"):
+            config = make_config({"enabled": True, "transfer_dtype": wanted}, dtype=model_dtype)
             zo2_ds.initialize(model=copy.deepcopy(base), config=config)
+    big = copy.deepcopy(base)
+    with torch.no_grad():
+        big.model.decoder.layers[1].fc1.weight[0, 0] = 1e6
+    with pytest.raises(ValueError, match=r"model\.decoder\.layers\.1\.fc1\.weight has values outside the range"):
+        zo2_ds.initialize(model=big, config=make_config({"enabled": True, "transfer_dtype": "fp16"}))
+
+
+def _mezo_update(theta, step, g, lr, wd, z):
+    """One plain MeZO update of one fp32 tensor (the arithmetic of tests/test_engine.py's reference)."""
+    q = len(g)
+    direction = (g[0] / q) * z(step, 0)
+    for i in range(1, q):
+        direction += (g[i] / q) * z(step, i)
+    return theta - lr * (direction + wd * theta)
+
+
+def reference_narrow_transfer(model, data, *, blocks, exact_blocks, eps, seed, q, lr, wd, interval, narrow):
+    """Plain MeZO where block b's forwards at step s see its exact weights when (s + b) % interval == 0,
+    and otherwise its weights as of that step, rounded to ``narrow`` and widened, plus the updates since
+    (in order, in fp32): the documented semantics of a narrower zo2.offload.transfer_dtype.
+
+    Independent of the runner: weights are written in place, the updates applied eagerly. Returns the
+    reported losses, the g of every step and the final exact weights.
+    """
+    model.eval()
+    named = dict(model.named_parameters())  # distinct tensors
+    block_of = {n: int(n[len(blocks) + 1 :].split(".")[0]) for n in named if n.startswith(blocks + ".")}
+    block_of = {n: b for n, b in block_of.items() if b not in exact_blocks}
+    exact = {n: p.detach().clone() for n, p in named.items()}
+    snap = {n: exact[n].to(narrow).float() for n in block_of}
+    since = {b: [] for b in set(block_of.values())}
+
+    def z_of(n):
+        return lambda step, i: zo.generate_z(zo.z_seed(seed, step, i, zo.param_key(n)), named[n].shape)
+
+    losses, gs = [], []
+    for step, micro_batches in enumerate(data):
+        theta = dict(exact)
+        for n, b in block_of.items():
+            if (step + b) % interval == 0:
+                snap[n] = exact[n].to(narrow).float()
+            else:
+                t = snap[n]
+                for s_, g_ in since[b]:
+                    t = _mezo_update(t, s_, g_, lr, wd if t.dim() >= 2 else 0.0, z_of(n))
+                theta[n] = t
+        for b in since:
+            if (step + b) % interval == 0:
+                since[b] = []
+        g_sum = None
+        for mb in micro_batches:  # every micro-batch of a step sees the same weights
+            plus, minus = [], []
+            with torch.no_grad():
+                for i in range(q):
+                    for sign, out in ((1, plus), (-1, minus)):
+                        for n, p in named.items():
+                            p.copy_(theta[n].float() + (sign * eps) * z_of(n)(step, i))
+                        out.append(model(**mb).loss)
+            lp, lm = torch.stack(plus), torch.stack(minus)
+            g = (lp.float() - lm.float()) / (2.0 * eps)
+            g_sum = g if g_sum is None else g_sum + g
+            losses.append(((lp.float().mean() + lm.float().mean()) / 2).item())
+        g = (g_sum.float() / len(micro_batches)).tolist()
+        gs.append(g)
+        for n in named:
+            exact[n] = _mezo_update(exact[n], step, g, lr, wd if exact[n].dim() >= 2 else 0.0, z_of(n))
+        for b in since:
+            since[b].append((step, g))
+    return losses, gs, exact
+
+
+@pytest.mark.parametrize(
+    "arch,tied,q,grad_accum,interval,wd,narrow,offload",
+    [
+        ("opt", True, 1, 1, 3, 0.0, "bf16", {}),
+        ("llama", False, 2, 2, 2, 0.1, "bf16", {"prefetch_depth": 0}),
+        ("qwen2", True, 1, 1, 4, 0.0, "fp16", {"num_resident_blocks": 1}),
+        ("gpt2", False, 1, 3, 5, 0.1, "bf16", {"prefetch_depth": 2}),
+        ("mistral", True, 2, 2, 3, 0.0, "bf16", {"prefetch_depth": 1}),
+    ],
+)
+def test_narrow_transfer_equals_its_reference_bit_exactly(arch, tied, q, grad_accum, interval, wd, narrow, offload):
+    base = tiny_causal_lm(arch, tied=tied, vocab_size=VOCAB, layers=4)
+    data = batches(7, grad_accum)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[narrow]
+    cfg = {"enabled": True, "transfer_dtype": narrow, "write_back_interval": interval, **offload}
+    kw = dict(q=q, grad_accum=grad_accum, weight_decay=wd)
+    engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=make_config(cfg, **kw))
+    resident = engine.zo_offload_store.resident
+    losses, gs = train(engine, data)
+    params = params_of(engine)
+
+    assert resident == ({0} if offload.get("num_resident_blocks") else set())
+    ref_losses, ref_gs, ref_params = reference_narrow_transfer(
+        copy.deepcopy(base),
+        data,
+        blocks=engine.zo_offload_store.blocks.path,
+        exact_blocks=resident,  # a resident block never crosses the link: exact weights at every step
+        eps=1e-3,
+        seed=1234,
+        q=q,
+        lr=2e-3,
+        wd=wd,
+        interval=interval,
+        narrow=dtype,
+    )
+    assert losses == ref_losses
+    assert gs == ref_gs
+    for name, value in ref_params.items():
+        assert torch.equal(params[name], value), name
+    off = trajectory(copy.deepcopy(base), {"enabled": False}, data, **kw)
+    assert losses != off[1]  # the narrow copies were used ...
+    assert max(abs(a - b) for a, b in zip(losses, off[1])) < 1e-2  # ... and only rounded the weights
+
+
+def test_narrow_transfer_recovers_from_a_wrong_prefetch_guess():
+    """Without the engine's next_step hint, the copies uploaded ahead at the end of a micro-step are the
+    wrong ones at every other step: they are uploaded again at acquire, and the trajectory is unchanged."""
+    base = tiny_causal_lm("llama", tied=False, vocab_size=VOCAB, layers=4)
+    data = batches(5, 2)
+    cfg = make_config({"enabled": True, "transfer_dtype": "bf16", "write_back_interval": 2}, grad_accum=2)
+    results, reissued = [], []
+    for hint in (True, False):
+        engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=cfg)
+        runner = engine.zo_runner
+        run, copy_in, count = runner.run, runner._copy_in, [0]
+
+        def run_without_hint(step, q, forward, next_step=None, run=run):
+            return run(step, q, forward)
+
+        def counting_copy_in(b, full, copy_in=copy_in, runner=runner, count=count):
+            count[0] += runner._slot_owner[runner._slot_of[b]] == b  # again, into the slot it holds
+            copy_in(b, full)
+
+        runner._copy_in = counting_copy_in
+        if not hint:
+            runner.run = run_without_hint
+        results.append((*train(engine, data), params_of(engine)))
+        reissued.append(count[0])
+    assert reissued[0] == 0 and reissued[1] > 0
+    assert results[0][:2] == results[1][:2]
+    for name, value in results[0][2].items():
+        assert torch.equal(results[1][2][name], value), name
+
+
+def test_narrow_copies_follow_the_masters_through_loads_and_flushes():
+    base = tiny_causal_lm("opt", vocab_size=VOCAB, layers=4)
+    cfg = make_config({"enabled": True, "transfer_dtype": "bf16", "write_back_interval": 3})
+    engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=cfg)
+    store, runner = engine.zo_offload_store, engine.zo_runner
+
+    def check_copies():
+        for b in store.streamed:
+            if runner._pending[b]:
+                continue  # its copy is its master at its last write-back, which is behind
+            for e, n in zip(store.entries[b], store.narrow.entries[b]):
+                assert torch.equal(n.view(store.narrow.homes[b]), e.view(store.homes[b]).to(n.dtype)), e.param
+
+    check_copies()
+    train(engine, batches(4, 1))
+    runner.flush()
+    check_copies()
+    engine.module.load_state_dict(base.state_dict())  # the masters change under the copies
+    assert runner._stale == [True] * 4
+    losses, _ = train(engine, batches(1, 1, seed=9))
+    assert runner._stale == [False] * 4  # remade from the exact uploads at the first step after the load
+    check_copies()
+    # That first step saw the loaded masters exactly, like a fresh engine at a write-back step of every block.
+    fresh, *_ = zo2_ds.initialize(
+        model=copy.deepcopy(base), config=make_config({"enabled": True, "write_back_interval": 1})
+    )
+    fresh.global_steps = engine.global_steps - 1
+    assert losses == train(fresh, batches(1, 1, seed=9))[0]
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])
@@ -592,10 +775,10 @@ def _delay_everything(engine, cycles):
         block.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(cycles))
     issue, release = runner._issue_upload, runner._release
 
-    def slow_issue(b):
+    def slow_issue(b, *full):
         with torch.cuda.stream(runner.streams.upload):
             torch.cuda._sleep(cycles)
-        issue(b)
+        issue(b, *full)
 
     def slow_release(b):
         with torch.cuda.stream(runner.streams.writeback):
@@ -630,6 +813,40 @@ def test_cuda_offload_equals_in_gpu_bit_exactly(dtype, delay, depth):
     mb = data[-1][0]
     eval_loss = engine(**{k: v.cuda() for k, v in mb.items()}).loss.item()
     assert_same(off, (engine, losses, gs, eval_loss, params_of(engine)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("depth", [1, 0])
+def test_cuda_narrow_transfer_is_race_free_and_keeps_exact_masters(depth):
+    """fp32 masters with bf16 transfers on the GPU: the same bits with every stream delayed, masters equal
+    to the recorded g applied eagerly (zo.apply_update_), losses within bf16 rounding of offload off."""
+    assert CUDA, "run with DS_ACCELERATOR=cuda"
+    base = tiny_causal_lm("llama", tied=False, vocab_size=VOCAB, hidden=64, layers=5)
+    data = batches(5, 2, seq=32)
+    kw = dict(q=2, grad_accum=2, weight_decay=0.1)
+    cfg = {"enabled": True, "prefetch_depth": depth, "transfer_dtype": "bf16", "write_back_interval": 3}
+    runs = []
+    for delay in (0, 2_000_000):
+        engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=make_config(cfg, **kw))
+        assert engine.zo_offload_store.narrow is not None and engine.zo_runner.write_back_interval == 3
+        if delay:
+            _delay_everything(engine, delay)
+        losses, gs = train(engine, data, "cuda")
+        engine.eval()
+        eval_loss = engine(**{k: v.cuda() for k, v in data[-1][0].items()}).loss.item()
+        runs.append((engine, losses, gs, eval_loss, params_of(engine)))
+    assert_same(runs[0], runs[1])
+    _, losses, gs, _, params = runs[0]
+    eager = {n: p.detach().cuda() for n, p in base.named_parameters()}
+    for step, g in enumerate(gs):
+        for n, theta in eager.items():
+            seeds = [zo.z_seed(1234, step, i, zo.param_key(n)) for i in range(len(g))]
+            wd = 0.1 if zo.uses_weight_decay(theta) else 0.0
+            zo.apply_update_(theta, seeds, [v / len(g) for v in g], 2e-3, wd)
+    for n, theta in eager.items():
+        assert torch.equal(params[n], theta.cpu()), n
+    off = trajectory(copy.deepcopy(base), {"enabled": False}, data, device="cuda", **kw)
+    assert losses != off[1] and max(abs(a - b) for a, b in zip(losses, off[1])) < 1e-2
 
 
 @pytest.mark.cuda

@@ -56,12 +56,17 @@ class OffloadConfig(DeepSpeedConfigModel):
     """Alternative to max_gpu_memory: keep this many blocks permanently on the GPU."""
 
     transfer_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    """dtype blocks cross the link in. Only the parameters' own dtype is accepted ("auto", or the name of
-    that dtype): blocks cross the link as they are, and offload on equals offload off bit for bit. A
-    narrower transfer of wider masters (bf16 over the link, fp32 on the host) raises NotImplementedError:
-    every step's update of a block needs the block's full master where z is generated (the GPU), so no
-    exact scheme moves fewer bytes per step (zo2_ds/offload/README.md). Cast the model (fp16 / bf16 config
-    block) to halve the transfer, or keep blocks resident (max_gpu_memory)."""
+    """dtype wider block parameters cross the link in. "auto" (or the parameters' own dtype): every block
+    crosses as it is, and offload on equals offload off bit for bit. Narrower (e.g. "bf16" for an fp32
+    model): the host keeps the exact fp32 masters plus a bf16 copy of each streamed block (+50% host
+    memory); a block uploads its exact master only at its write-back steps (one step in
+    ``write_back_interval``, staggered) and its bf16 copy at the others, which the GPU widens and brings up
+    to date with the pending updates. The masters' updates are exact (the same arithmetic as offload
+    off); the forwards between a block's write-back steps see its master as of its last write-back step
+    rounded to bf16, plus the updates since. Traffic per streamed block and step, for fp32 with "bf16"
+    and an interval of k: (2(k-1) + 4) / k bytes per parameter up, 6 / k down. With interval 1 (the CPU's
+    "auto") every upload is exact. "fp16" rejects a model with values beyond fp16's range. See
+    zo2_ds/offload/README.md."""
 
     blocks_attr: str | None = None
     """Dotted path from the model to its nn.ModuleList of repeated blocks (e.g. "model.decoder.layers"),

@@ -224,7 +224,9 @@ class ZOEngine(DeepSpeedEngine):
         # Dropout off for the perturbed passes (as MeZO does): L+ and L- must see the same network
         # up to the perturbation, or g measures dropout noise. No KV cache either: nothing reuses it.
         with _eval_mode(self.module), torch.no_grad(), _kv_cache_off(self._kv_cache_configs):
-            pairs = self.zo_runner.run(self.global_steps, cfg.num_perturbations, one_pass)
+            step = self.global_steps
+            next_step = step + 1 if self.is_gradient_accumulation_boundary() else step
+            pairs = self.zo_runner.run(step, cfg.num_perturbations, one_pass, next_step=next_step)
         plus_losses = torch.stack([p for p, _ in pairs])
         minus_losses = torch.stack([m for _, m in pairs])
         g = zo.projected_grad(plus_losses, minus_losses, cfg.eps)

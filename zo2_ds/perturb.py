@@ -333,8 +333,11 @@ class ResidentRunner:
         """Start counting finished units afresh (the offloader calls it before its interleaved passes)."""
         self._units_done.clear()
 
-    def run(self, step: int, num_perturbations: int, forward: Callable[[], Any]) -> list[tuple[Any, Any]]:
-        """[(output at theta + eps z_i, output at theta - eps z_i) for i in range(q)]."""
+    def run(
+        self, step: int, num_perturbations: int, forward: Callable[[], Any], next_step: int | None = None
+    ) -> list[tuple[Any, Any]]:
+        """[(output at theta + eps z_i, output at theta - eps z_i) for i in range(q)] (``next_step``: see
+        OffloadRunner.run; nothing to prefetch here)."""
         outputs = []
         for index in range(num_perturbations):
             with self.perturbed(step, index, +1):

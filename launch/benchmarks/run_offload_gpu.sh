@@ -8,6 +8,7 @@
 #          DEPTHS="1 0" (zo2.offload.prefetch_depth values; the ring holds depth + 2 blocks; a depth other
 #          than 1 runs without the in-GPU baseline and writes offload_<model>_depth<d>.json)
 #          WBI=2 (zo2.offload.write_back_interval; default: the config's)
+#          DTYPE=fp32 (the model's dtype; default fp16)  XFER=auto,bf16 (zo2.offload.transfer_dtype per mode)
 #          NO_HALF=1 (skip the half-resident mode)  TESTS="tests/test_offload.py ..." (the CUDA tests to run)
 #          MEM_TRACE_MODEL=opt-13b (write offload_memtrace_<model>_depth<d>.txt: what is alive at the peak)
 #          HOST_PROFILE_MODEL=opt-1.3b (write offload_hostprof_<model>.txt: cProfile of 10 steps, pass 0's thread)
@@ -54,6 +55,8 @@ main() {
       if [ "$depth" != 1 ]; then extra+=(--no-in-gpu); suffix="_depth$depth"; fi
       if [ -n "${NO_HALF:-}" ]; then extra+=(--no-half); fi
       if [ -n "${WBI:-}" ]; then extra+=(--write-back-interval "$WBI"); fi
+      if [ -n "${DTYPE:-}" ]; then extra+=(--dtype "$DTYPE"); fi
+      if [ -n "${XFER:-}" ]; then extra+=(--transfer-dtypes "$XFER"); fi
       if [ -n "${GC_FREEZE:-}" ]; then extra+=(--gc-freeze); fi
       if [ "$model" = "${MEM_TRACE_MODEL:-}" ]; then extra+=(--mem-trace "$OUT/offload_memtrace_$model$suffix.txt"); fi
       if [ "$model" = "${HOST_PROFILE_MODEL:-}" ]; then extra+=(--host-profile "$OUT/offload_hostprof_$model$suffix.txt"); fi

@@ -127,6 +127,27 @@ class OffloadRunner:
         ]
         self._streamed = streamed
 
+        # zo2.offload.transfer_dtype narrower than the masters (see _wants_full): a block comes up either as
+        # its exact master (into its slot) or as its narrow copy, through a staging buffer, widened into the
+        # slot on the upload stream; a write-back also narrows the slot into the block's narrow copy on the
+        # write-back stream. One staging buffer per direction: each stream uses its own in order.
+        narrow = store.narrow
+        self._narrow = narrow
+        self._stage_up = self._stage_wb = None
+        self._up_views: list[list[torch.Tensor]] = [[] for _ in range(num_blocks)]
+        self._wb_views: list[list[torch.Tensor]] = [[] for _ in range(num_blocks)]
+        if narrow is not None and streamed:
+            stage_bytes = max(narrow.sizes[b] for b in streamed)
+            self._stage_up = torch.empty(stage_bytes, dtype=torch.uint8, device=self.device)
+            self._stage_wb = torch.empty(stage_bytes, dtype=torch.uint8, device=self.device)
+            for b in streamed:
+                self._up_views[b] = [n.view(self._stage_up) for n in narrow.entries[b]]
+                self._wb_views[b] = [n.view(self._stage_wb) for n in narrow.entries[b]]
+        self._full = [True] * num_blocks  # the copy in block b's slot is its exact master
+        self._stale = [False] * num_blocks  # block b's narrow copy may not match its master (after a load)
+        self._run_step: int | None = None  # the training step of the run in progress (None: plain)
+        self._next_step: int | None = None  # the step of the next training run (for the wrapped prefetch)
+
         self._uploaded = [self.streams.marker() for _ in range(num_blocks)]
         self._updated = [self.streams.marker() for _ in range(self.num_slots)]
         self._computed = [self.streams.marker() for _ in range(self.num_slots)]
@@ -172,12 +193,20 @@ class OffloadRunner:
         for mod in _holders_of_blocks(engine.module, store):
             self._handles.append(mod.register_state_dict_pre_hook(lambda *_: self.flush()))
             self._handles.append(mod.register_load_state_dict_pre_hook(lambda *_: self.flush()))
+            self._handles.append(mod.register_load_state_dict_post_hook(lambda *_: self.masters_changed()))
         self._module = engine.module
 
     # -- the runner interface --------------------------------------------------------------------
-    def run(self, step: int, num_perturbations: int, forward: Callable[[], Any]) -> list[tuple[Any, Any]]:
-        """[(output at theta + eps z_i, output at theta - eps z_i) for i in range(q)], block-major."""
+    def run(
+        self, step: int, num_perturbations: int, forward: Callable[[], Any], next_step: int | None = None
+    ) -> list[tuple[Any, Any]]:
+        """[(output at theta + eps z_i, output at theta - eps z_i) for i in range(q)], block-major.
+
+        ``next_step``: the step of the next training run (``step`` within a gradient accumulation, else
+        step + 1, the default); it only steers which copy of a block the end of this run uploads ahead.
+        """
         specs = [(step, i, sign * self.eps) for i in range(num_perturbations) for sign in (1, -1)]
+        self._next_step = step + 1 if next_step is None else next_step
         outs = self._run(specs, forward)
         return [(outs[2 * i], outs[2 * i + 1]) for i in range(num_perturbations)]
 
@@ -223,6 +252,14 @@ class OffloadRunner:
                 self._release(b)
         self.streams.synchronize()
 
+    def masters_changed(self) -> None:
+        """The blocks' host masters were written from outside the runner (``load_state_dict``,
+        ``load_checkpoint``: called by their hooks): their transfer_dtype copies are remade from the masters
+        at each block's next upload. Only matters with a narrower ``transfer_dtype``."""
+        if self._narrow is not None:
+            self._drop_prefetched()
+            self._stale = [self.store.is_streamed(b) for b in range(self.store.num_blocks)]
+
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -263,6 +300,7 @@ class OffloadRunner:
             "resident_blocks": sum(store.sizes[b] for b in store.resident),
             "slot_ring": sum(slot.numel() for slot in self._slots),
             "perturbation_scratch": self._scratch.numel(),
+            "transfer_staging": sum(t.numel() for t in (self._stage_up, self._stage_wb) if t is not None),
             "outside_blocks": outside,
             "outside_perturbed": 0 if self._shares_scratch() else max(per_module, default=0),
         }
@@ -277,6 +315,7 @@ class OffloadRunner:
     # -- one schedule ----------------------------------------------------------------------------
     def _run(self, specs: list[_Spec | None], forward: Callable[[], Any]) -> list[Any]:
         self._specs = specs
+        self._run_step = None if specs[0] is None else specs[0][0]
         self._spec_hashes = [0 if s is None else zo.z_pass_hash(self.seed, s[0], s[1]) for s in specs]
         self._sched = LockStep(len(specs), self.store.num_blocks, on_turn=self._on_turn)
         self._cursor = 0
@@ -292,6 +331,7 @@ class OffloadRunner:
             ok = True
         finally:
             self._sched, self._cursor, self._wrap, self._compute = None, None, False, None
+            self._run_step = None
             self.resident._active = None
             if not ok:
                 self._recover()
@@ -362,14 +402,18 @@ class OffloadRunner:
         """Make block b computable: its upload done, params on the device, pending update applied, z_0 drawn."""
         streamed = self.store.is_streamed(b)
         compute = self._compute or self.streams.compute()
+        entries = self._pending[b]
         if streamed:
+            full = self._wants_full(b, None if spec is None else spec[0], len(entries))
             if self._slot_owner[self._slot_of[b]] != b:
-                self._issue_upload(b)
+                self._issue_upload(b, full)
+            elif self._full[b] != full:  # uploaded ahead as the other copy (a gradient accumulation step)
+                with self.streams.on(self.streams.upload):
+                    self._copy_in(b, full)
             self._uploaded[b].wait(compute)
         self._trace("compute", b, compute, start=True)
         for e, v in zip(self.store.entries[b], self._dev_views[b]):
             e.param.data = v
-        entries = self._pending[b]
         self._acquired.add(b)
         # The updates not in the master, oldest first, in place; the newest fused with pass 0's perturbation.
         for entry in entries[:-1]:
@@ -379,17 +423,29 @@ class OffloadRunner:
             self._perturb(b, last, spec, pass_hash)
         elif last is not None:
             self._update(b, last)
-        if entries:
-            # A resident block's home is its device buffer: applied is stored. A streamed block's master is
-            # rewritten now when due (a flush or plain run, write_back_interval entries, or its turn in the
-            # staggered rotation); otherwise its entries stay, to be applied again at the next upload.
-            interval = self.write_back_interval
-            due = spec is None or len(entries) >= interval or (spec[0] + b) % interval == 0
-            if streamed and due:
-                self._write_back(b)
-            if not streamed or due:
-                self._pending[b] = []
+        # A resident block's home is its device buffer: applied is stored. A streamed block's master is
+        # rewritten now when due (a flush or plain run, write_back_interval entries, or its turn in the
+        # staggered rotation); otherwise its entries stay, to be applied again at the next upload. A stale
+        # narrow copy is remade from the (exact, full) upload.
+        interval = self.write_back_interval
+        due = bool(entries) and (spec is None or len(entries) >= interval or (spec[0] + b) % interval == 0)
+        if streamed and (due or self._stale[b]):
+            self._write_back(b)
+            due = True
+        if entries and (not streamed or due):
+            self._pending[b] = []
         self._prefetch()
+
+    def _wants_full(self, b: int, step: int | None, pending: int) -> bool:
+        """Whether block b's upload for a run at ``step`` (None: a plain forward or flush) must be its exact
+        master. Always without a narrower transfer_dtype. With one: at b's write-back steps ((step + b) %
+        write_back_interval == 0, or write_back_interval updates pending), in plain forwards and flushes,
+        and when its narrow copy is stale; otherwise the narrow copy (the master at b's last write-back,
+        rounded) comes up, and the pending updates are applied to it on the GPU as to the master."""
+        if self._narrow is None or step is None or self._stale[b]:
+            return True
+        interval = self.write_back_interval
+        return (step + b) % interval == 0 or pending >= interval
 
     def _write_back(self, b: int) -> None:
         """Copy block b's updated slot to its pinned master now, while its passes run.
@@ -406,6 +462,12 @@ class OffloadRunner:
             self._trace("writeback", b, wb, start=True)
             # The master is only read by the next upload of b (which waits for [written]) or after a flush.
             self.store.homes[b].copy_(self._slots[slot][: self.store.sizes[b]], non_blocking=True)
+            if self._narrow is not None:
+                for w, v in zip(self._wb_views[b], self._dev_views[b]):
+                    w.copy_(v)  # round to the transfer dtype
+                home = self._narrow.homes[b]
+                home.copy_(self._stage_wb[: home.numel()], non_blocking=True)
+                self._stale[b] = False
             self._trace("writeback", b, wb, start=False)
             self._written[b].record(wb)
         self._dirty[b] = True
@@ -517,7 +579,7 @@ class OffloadRunner:
         self._slot_owner[slot] = None
         self._prefetch()
 
-    def _issue_upload(self, b: int) -> None:
+    def _issue_upload(self, b: int, full: bool = True) -> None:
         slot = self._slot_of[b]
         if self._slot_owner[slot] is not None:
             raise RuntimeError(f"zo2.offload: slot {slot} still holds block {self._slot_owner[slot]} (internal error)")
@@ -527,11 +589,23 @@ class OffloadRunner:
             # b's master only after its last write-back landed.
             self._slot_free[slot].wait(up)
             self._written[b].wait(up)
-            self._trace("upload", b, up, start=True)
-            self._slots[slot][: self.store.sizes[b]].copy_(self.store.homes[b], non_blocking=True)
-            self._trace("upload", b, up, start=False)
-            self._uploaded[b].record(up)
+            self._copy_in(b, full)
         self._slot_owner[slot] = b
+
+    def _copy_in(self, b: int, full: bool) -> None:
+        """On the upload stream: block b's exact master, or its narrow copy widened, into its slot."""
+        up = self.streams.upload
+        self._trace("upload", b, up, start=True)
+        if full:
+            self._slots[self._slot_of[b]][: self.store.sizes[b]].copy_(self.store.homes[b], non_blocking=True)
+        else:
+            home = self._narrow.homes[b]
+            self._stage_up[: home.numel()].copy_(home, non_blocking=True)
+            for v, u in zip(self._dev_views[b], self._up_views[b]):
+                v.copy_(u)  # widen
+        self._trace("upload", b, up, start=False)
+        self._uploaded[b].record(up)
+        self._full[b] = full
 
     def _prefetch(self) -> None:
         """During a run: upload the next streamed blocks in order while their slots are free.
@@ -559,7 +633,12 @@ class OffloadRunner:
                 continue
             if owner is not None:
                 return
-            self._issue_upload(b)
+            if self._cursor < n:
+                step, pending = self._run_step, len(self._pending[b])
+            else:  # the next run's copy: its step, and this step's update pending on top
+                step = self._next_step
+                pending = len(self._pending[b]) + (step != self._run_step)
+            self._issue_upload(b, self._wants_full(b, step, pending))
             self._cursor += 1
 
     def _trace(self, what: str, b: int, stream: Any, start: bool) -> None:

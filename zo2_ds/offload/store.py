@@ -25,7 +25,7 @@ from torch import nn
 
 from zo2_ds.models import BlockList, find_blocks
 
-__all__ = ["ALIGN_BYTES", "BlockStore", "build_store", "parse_bytes", "available_host_bytes"]
+__all__ = ["ALIGN_BYTES", "BlockStore", "Narrow", "build_store", "parse_bytes", "available_host_bytes"]
 
 ALIGN_BYTES = 256
 _GIB = 1024**3
@@ -43,6 +43,18 @@ class Entry:
 
     def view(self, flat: torch.Tensor) -> torch.Tensor:
         return flat[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+@dataclass
+class Narrow:
+    """A streamed block's copy in ``zo2.offload.transfer_dtype`` (its "shadow"): one flat pinned buffer per
+    block, each parameter at ``offset`` in ``dtype`` (the transfer dtype for wider floating parameters,
+    the parameter's own dtype otherwise)."""
+
+    entries: list[list[Entry]]  # per block, parallel to BlockStore.entries
+    sizes: list[int]  # flat bytes per block
+    dtype: torch.dtype
+    homes: list[torch.Tensor | None]  # per block: pinned host buffer (None for resident blocks)
 
 
 class BlockStore:
@@ -64,6 +76,7 @@ class BlockStore:
         self.homes: list[torch.Tensor] = []
         self.host_pinned: list[bool] = []  # per block: home is page-locked host memory
         self.home_views: list[list[torch.Tensor]] = []
+        self.narrow: Narrow | None = None  # zo2.offload.transfer_dtype narrower than the masters
 
     @property
     def num_blocks(self) -> int:
@@ -176,19 +189,27 @@ def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = T
     layouts = [_layout(b) for b in blocks.blocks]
     sizes = [size for _, size in layouts]
     num_resident = _num_resident(cfg, sizes)
-    _check_transfer_dtype(cfg, layouts)
+    transfer = _transfer_dtype(cfg, layouts)
     entries = [[Entry(p, off, n, p.dtype, p.shape) for p, off, n in layout] for layout, _ in layouts]
     store = BlockStore(blocks, device, entries, sizes, num_resident)
+    if transfer is not None:
+        narrow_layouts = [_narrow_layout(block_entries, transfer) for block_entries in entries]
+        store.narrow = Narrow(
+            [e for e, _ in narrow_layouts], [size for _, size in narrow_layouts], transfer, [None] * len(sizes)
+        )
 
     streamed = store.streamed
     pinned_bytes = sum(sizes[b] for b in streamed)
+    if store.narrow is not None:
+        pinned_bytes += sum(store.narrow.sizes[b] for b in streamed)
     # Host bytes freed as each block's original storage is replaced (only what is on the CPU now).
     freed = sum(e.nbytes for b in streamed for e in entries[b] if e.param.device.type == "cpu")
     needed = pinned_bytes - freed + (max(sizes[b] for b in streamed) if streamed else 0)
     available = available_host_bytes()
     if needed > available:
         raise ValueError(
-            f"zo2.offload: the pinned host masters of {len(streamed)} streamed blocks need "
+            f"zo2.offload: the pinned host masters of {len(streamed)} streamed blocks "
+            f"{'and their transfer_dtype copies ' if store.narrow is not None else ''}need "
             f"{pinned_bytes / _GIB:.2f} GiB "
             f"({needed / _GIB:.2f} GiB more than the model holds on the host now), but only {available / _GIB:.2f} GiB "
             "is available (MemAvailable). Free host memory, keep more blocks on the GPU "
@@ -212,6 +233,19 @@ def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = T
             e.param.data = v  # the old storage is released here (unless someone else holds it)
         store.homes.append(home)
         store.home_views.append(views)
+        if store.narrow is not None and store.is_streamed(index):
+            shadow = _pinned_host_buffer(acc, store.narrow.sizes[index], registered)
+            for e, n in zip(block_entries, store.narrow.entries[index]):
+                narrowed = n.view(shadow)
+                narrowed.copy_(e.view(home))  # round to the transfer dtype, once, on the host
+                if n.dtype != e.dtype and not torch.isfinite(narrowed).all() and torch.isfinite(e.view(home)).all():
+                    name = next(k for k, p in model.named_parameters(remove_duplicate=False) if p is e.param)
+                    raise ValueError(
+                        f"zo2.offload.transfer_dtype={cfg.transfer_dtype!r}: {name} has values outside the range "
+                        f'of {n.dtype} (largest magnitude {e.view(home).abs().max().item():.4g}); use "bf16" '
+                        '(the range of fp32) or "auto"'
+                    )
+            store.narrow.homes[index] = shadow
 
     if was_on_device:
         acc.empty_cache()  # the blocks' device storage (a model built on the GPU) goes back to the driver
@@ -254,18 +288,32 @@ def _unregister(acc, pointers: list[int]) -> None:
             pass
 
 
-def _check_transfer_dtype(cfg, layouts) -> None:
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _transfer_dtype(cfg, layouts) -> torch.dtype | None:
+    """The dtype wider block parameters cross the link in, or None (they cross in their own dtype)."""
     if cfg.transfer_dtype == "auto":
-        return
-    wanted = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.transfer_dtype]
+        return None
+    wanted = _DTYPES[cfg.transfer_dtype]
     dtypes = {p.dtype for layout, _ in layouts for p, _, _ in layout}
     if dtypes == {wanted}:
-        return
-    raise NotImplementedError(
-        f"zo2.offload.transfer_dtype={cfg.transfer_dtype!r} with {sorted(str(d) for d in dtypes)} parameters is not "
-        "implemented: blocks cross the link in their own dtype. Every step updates every block, and the exact "
-        "update needs the full master where z is generated (on the GPU), so a narrower transfer could not move "
-        "fewer bytes without dropping the masters' low bits (see zo2_ds/offload/README.md). "
-        'Use "auto", cast the model (fp16 / bf16 config block) so the masters themselves are in the transfer '
-        "dtype, or keep more blocks resident (zo2.offload.max_gpu_memory)."
-    )
+        return None
+    bad = sorted(str(d) for d in dtypes if d != wanted and not (d.is_floating_point and d.itemsize > wanted.itemsize))
+    if bad:
+        raise ValueError(
+            f"zo2.offload.transfer_dtype={cfg.transfer_dtype!r} must be narrower than the block parameters it "
+            f'carries, but the blocks hold {bad} parameters. Use "auto" (each parameter crosses in its own '
+            'dtype), or a narrower one: "bf16" / "fp16" for fp32 parameters.'
+        )
+    return wanted
+
+
+def _narrow_layout(block_entries: list[Entry], transfer: torch.dtype) -> tuple[list[Entry], int]:
+    out, offset = [], 0
+    for e in block_entries:
+        dtype = transfer if e.dtype.is_floating_point and e.dtype.itemsize > transfer.itemsize else e.dtype
+        nbytes = e.shape.numel() * dtype.itemsize
+        out.append(Entry(e.param, offset, nbytes, dtype, e.shape))
+        offset += -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
+    return out, max(offset, ALIGN_BYTES)

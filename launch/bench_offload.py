@@ -575,11 +575,14 @@ def run_offload_bench(
                 host_profile_of_steps(engine, batch, host_profile)
             if profile and mode == "offload" and (b, s) == batches[0]:
                 profile_one_step(engine, batch, profile)
-            if timeline_png and mode == "offload" and (b, s) == batches[0]:
+            if timeline_png and mode != "offload_half" and (b, s) == batches[0]:
                 spans = timeline_of_one_step(engine, batch)
                 if spans:
-                    Path(timeline_png).with_suffix(".json").write_text(json.dumps(spans))
-                    plot_timeline(spans, timeline_png, f"{name} {b}x{s} {dtype}, one offloaded step")
+                    png = Path(timeline_png)
+                    if mode != "offload":
+                        png = png.with_name(f"{png.stem}_{mode}{png.suffix}")
+                    png.with_suffix(".json").write_text(json.dumps(spans))
+                    plot_timeline(spans, str(png), f"{name} {b}x{s} {dtype} {mode}, one offloaded step")
         engine.destroy()
         del engine, model, store
         _release_cached_memory()

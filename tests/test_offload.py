@@ -524,6 +524,22 @@ def test_narrow_transfer_recovers_from_a_wrong_prefetch_guess():
         assert torch.equal(results[1][2][name], value), name
 
 
+def test_narrow_conversion_per_parameter_equals_the_flat_one():
+    """A block of one dtype converts as one flat kernel; mixed blocks convert parameter by parameter."""
+    base = tiny_causal_lm("qwen2", vocab_size=VOCAB, layers=3)
+    cfg = make_config({"enabled": True, "transfer_dtype": "bf16", "write_back_interval": 2}, q=2)
+    runs = []
+    for flat in (True, False):
+        engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=cfg)
+        narrow = engine.zo_offload_store.narrow
+        assert narrow.flat == [True] * 3
+        narrow.flat = [flat] * 3
+        runs.append((*train(engine, batches(4, 1)), params_of(engine)))
+    assert runs[0][:2] == runs[1][:2]
+    for name, value in runs[0][2].items():
+        assert torch.equal(runs[1][2][name], value), name
+
+
 def test_narrow_copies_follow_the_masters_through_loads_and_flushes():
     base = tiny_causal_lm("opt", vocab_size=VOCAB, layers=4)
     cfg = make_config({"enabled": True, "transfer_dtype": "bf16", "write_back_interval": 3})

@@ -8,7 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/zo2_run16}
 export DTYPE=fp32 XFER=auto,bf16 NO_HALF=1 BATCHES=${BATCHES:-1x256} STEPS=${STEPS:-5} WARMUP=${WARMUP:-2}
-export TIMELINE_MODEL=none
+export TIMELINE_MODEL=${TIMELINE_MODEL:-opt-1.3b}
 case "${STAGE:-a}" in
   a)
     OUT=$OUT/wbi4 MODELS=opt-1.3b PER_MODEL_S=150 bash launch/benchmarks/run_offload_gpu.sh

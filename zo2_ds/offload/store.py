@@ -55,6 +55,7 @@ class Narrow:
     sizes: list[int]  # flat bytes per block
     dtype: torch.dtype
     homes: list[torch.Tensor | None]  # per block: pinned host buffer (None for resident blocks)
+    flat: list[bool]  # per block: element i of the copy is element i of the block's flat buffer (one dtype)
 
 
 class BlockStore:
@@ -193,9 +194,13 @@ def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = T
     entries = [[Entry(p, off, n, p.dtype, p.shape) for p, off, n in layout] for layout, _ in layouts]
     store = BlockStore(blocks, device, entries, sizes, num_resident)
     if transfer is not None:
-        narrow_layouts = [_narrow_layout(block_entries, transfer) for block_entries in entries]
+        layouts_n = [_narrow_layout(block_entries, size, transfer) for block_entries, size in zip(entries, sizes)]
         store.narrow = Narrow(
-            [e for e, _ in narrow_layouts], [size for _, size in narrow_layouts], transfer, [None] * len(sizes)
+            [e for e, _, _ in layouts_n],
+            [size for _, size, _ in layouts_n],
+            transfer,
+            [None] * len(sizes),
+            [flat for _, _, flat in layouts_n],
         )
 
     streamed = store.streamed
@@ -309,11 +314,20 @@ def _transfer_dtype(cfg, layouts) -> torch.dtype | None:
     return wanted
 
 
-def _narrow_layout(block_entries: list[Entry], transfer: torch.dtype) -> tuple[list[Entry], int]:
+def _narrow_layout(block_entries: list[Entry], size: int, transfer: torch.dtype) -> tuple[list[Entry], int, bool]:
+    """Each parameter's slice of the block's narrow copy, its flat size, and whether the copy is the block's
+    flat buffer element for element (every parameter of one wider dtype: offsets scaled by the itemsize
+    ratio, so one flat conversion kernel widens or narrows the whole block, padding included)."""
+    dtypes = {e.dtype for e in block_entries}
+    wide = next(iter(dtypes))
+    if len(dtypes) == 1 and wide.is_floating_point and wide.itemsize > transfer.itemsize:
+        ratio = wide.itemsize // transfer.itemsize
+        out = [Entry(e.param, e.offset // ratio, e.nbytes // ratio, transfer, e.shape) for e in block_entries]
+        return out, size // ratio, True
     out, offset = [], 0
     for e in block_entries:
         dtype = transfer if e.dtype.is_floating_point and e.dtype.itemsize > transfer.itemsize else e.dtype
         nbytes = e.shape.numel() * dtype.itemsize
         out.append(Entry(e.param, offset, nbytes, dtype, e.shape))
         offset += -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
-    return out, max(offset, ALIGN_BYTES)
+    return out, max(offset, ALIGN_BYTES), False

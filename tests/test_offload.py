@@ -187,12 +187,14 @@ def test_write_back_is_issued_as_soon_as_the_update_is_in_the_slot(interval):
     offload = {"enabled": True, "prefetch_depth": 0, "write_back_interval": interval}
     engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", layers=3), config=make_config(offload, q=2))
     runner, store = engine.zo_runner, engine.zo_offload_store
-    seen = []
+    seen, issued = [], set()
+    write_back = runner._write_back
+    runner._write_back = lambda b: (issued.add((b, runner._run_step)), write_back(b))
 
     def check(mod, args, b):
         if runner._sched is not None and runner._sched.current_pass == 1:
             slot = runner._slots[runner._slot_of[b]][: store.sizes[b]]
-            seen.append((b, torch.equal(store.homes[b], slot), runner._dirty[b]))
+            seen.append((b, torch.equal(store.homes[b], slot), (b, runner._run_step) in issued))
 
     for b, block in enumerate(store.blocks.blocks):
         block.register_forward_pre_hook(lambda m, a, b=b: check(m, a, b))
@@ -910,17 +912,17 @@ def test_cuda_budget_resident_blocks_bit_exact():
 # -- data parallel: every rank offloads on its own ------------------------------------------------------
 
 
-def _dp_worker(out_dir: str, offload: bool) -> None:
+def _dp_worker(out_dir: str, offload: dict, same_init: bool = False) -> None:
     """One rank (env RANK / WORLD_SIZE set by the test): train 3 steps on its shard, save what it ends with."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     # Each rank starts from a different init: the broadcast from rank 0 (staged per block) must fix it.
-    engine, *_ = zo2_ds.initialize(
-        model=tiny_causal_lm("opt", layers=3, seed=rank), config=make_config({"enabled": offload}, q=2, lr=5e-3)
-    )
+    model = tiny_causal_lm("opt", layers=3, seed=0 if same_init else rank)
+    cfg = make_config(offload, q=2, lr=5e-3, dtype="fp32")
+    engine, *_ = zo2_ds.initialize(model=model, config=cfg)
     engine.train()
     losses, gs = [], []
     for micro_batches in batches(3, 1, micro_batch=2 * world):
-        ids = micro_batches[0]["input_ids"][rank * 2 : (rank + 1) * 2]
+        ids = micro_batches[0]["input_ids"][rank * 2 : (rank + 1) * 2].to(engine.device)
         out = engine(input_ids=ids, labels=ids)
         engine.backward(out.loss)
         engine.step()
@@ -929,45 +931,44 @@ def _dp_worker(out_dir: str, offload: bool) -> None:
     torch.save({"losses": losses, "gs": gs, "params": params_of(engine)}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_data_parallel_ranks_offload_on_their_own_and_match_offload_off(tmp_path):
-    import subprocess
-    import sys
-
+def _run_ranks(tmp_path, name: str, accelerator: str, offload: dict, same_init: bool = False) -> list[dict]:
     from zo2_ds.testing import free_port
 
-    results = {}
-    for offload in (True, False):
-        out = tmp_path / str(offload)
-        out.mkdir()
-        port = str(free_port())
-        code = (
-            f"import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r}); import test_offload; "
-            f"test_offload._dp_worker({str(out)!r}, {offload})"
+    out = tmp_path / name
+    out.mkdir()
+    port = str(free_port())
+    code = (
+        f"import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r}); import test_offload; "
+        f"test_offload._dp_worker({str(out)!r}, {offload!r}, {same_init})"
+    )
+    procs = []
+    for rank in range(2):
+        env = dict(
+            os.environ,
+            DS_ACCELERATOR=accelerator,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            GLOO_SOCKET_IFNAME="lo",
         )
-        procs = []
-        for rank in range(2):
-            env = dict(
-                os.environ,
-                DS_ACCELERATOR="cpu",
-                RANK=str(rank),
-                LOCAL_RANK=str(rank),
-                WORLD_SIZE="2",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=port,
-                GLOO_SOCKET_IFNAME="lo",
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-                )
-            )
-        for p in procs:
-            log, _ = p.communicate(timeout=300)
-            assert p.returncode == 0, log[-3000:]
-        results[offload] = [torch.load(out / f"rank{r}.pt") for r in range(2)]
-    on, off = results[True], results[False]
+        )
+    for p in procs:
+        log, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, log[-3000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def _check_data_parallel(tmp_path, accelerator: str) -> None:
+    """Offload on equals off on every rank; g is all-reduced (one trajectory); the broadcast from rank 0 also
+    reaches the narrow transfer copies (ranks started from their own inits equal ranks started alike)."""
+    on = _run_ranks(tmp_path, "on", accelerator, {"enabled": True})
+    off = _run_ranks(tmp_path, "off", accelerator, {"enabled": False})
     for r in range(2):
         assert on[r]["losses"] == off[r]["losses"] and on[r]["gs"] == off[r]["gs"]
         for name, value in off[r]["params"].items():
@@ -975,3 +976,25 @@ def test_data_parallel_ranks_offload_on_their_own_and_match_offload_off(tmp_path
     assert on[0]["gs"] == on[1]["gs"]  # g is all-reduced: one trajectory on every rank
     for name, value in on[0]["params"].items():
         assert torch.equal(on[1]["params"][name], value), name
+    narrow = {"enabled": True, "transfer_dtype": "bf16", "write_back_interval": 2}
+    apart = _run_ranks(tmp_path, "narrow_apart", accelerator, narrow)
+    alike = _run_ranks(tmp_path, "narrow_alike", accelerator, narrow, same_init=True)
+    for r in range(2):
+        assert apart[r]["losses"] == alike[r]["losses"] and apart[r]["gs"] == alike[r]["gs"], r
+        for name, value in alike[r]["params"].items():
+            assert torch.equal(apart[r]["params"][name], value), (r, name)
+    assert apart[0]["losses"] != on[0]["losses"]  # the narrow copies were used
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_data_parallel_ranks_offload_on_their_own_and_match_offload_off(tmp_path):
+    _check_data_parallel(tmp_path, "cpu")  # gloo
+
+
+@pytest.mark.cuda
+@pytest.mark.multiprocess
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cuda_data_parallel_over_nccl(tmp_path):
+    """The same on 2 GPUs over NCCL: the blocks' pinned masters are broadcast through a device buffer."""
+    _check_data_parallel(tmp_path, "cuda")

@@ -23,7 +23,8 @@ def broadcast_store(engine: Any, store: BlockStore) -> None:
     """DeepSpeed's ``_broadcast_model`` for an offloaded model: every rank starts from rank 0's weights.
 
     Parameters outside the blocks are on the device and broadcast as DeepSpeed does; a streamed block's
-    pinned master goes through one device staging buffer when the backend cannot send host tensors (NCCL).
+    pinned master goes through one device staging buffer when the backend cannot send host tensors (NCCL);
+    with a narrower ``transfer_dtype`` each rank then remakes its narrow copies from the received masters.
     Does nothing with one rank.
     """
     from deepspeed import comm as dist
@@ -50,3 +51,6 @@ def broadcast_store(engine: Any, store: BlockStore) -> None:
         buf.copy_(home)
         dist.broadcast(buf, src, group=group)
         home.copy_(buf)
+    if store.narrow is not None:  # the transfer_dtype copies were made from this rank's own init
+        for b in store.streamed:
+            store.narrow_from_master(b)

@@ -8,15 +8,21 @@ parameter's canonical name), so a trajectory with offloading is bit-identical to
 
 One step, for block b (streamed; a resident block is the same minus the copies):
 
-    upload stream   : wait slot free, wait b's last write-back  ->  copy pinned master -> slot   [uploaded]
+    upload stream   : wait [slot free] and [slot read] of the slot's last block, wait b's last write-back
+                      ->  copy pinned master -> slot                                       [uploaded]
     compute stream  : wait [uploaded]; theta = slot;
                       fused: apply step t-1's pending update to theta (lr of step t-1) and write
                       theta + eps z_0 into the perturbation scratch; pass (0,+) on block b;
                       theta - eps z_0 into the scratch; pass (0,-) on block b; ... all 2q passes
-    write-back      : (only if an update was applied) wait [updated]; copy slot -> pinned master  [written]
+                      [slot free]
+    write-back      : (when due, see write_back_interval) wait [updated];
+                      copy slot -> pinned master  [slot read]                               [written]
                       -- issued as soon as the update is in the slot, so it overlaps b's own passes
-                      wait [computed]                                                     [slot free]
     upload stream   : next block into the freed slot (prefetch_depth + 1 ahead of the computing block)
+
+With a narrower ``transfer_dtype`` the upload may instead bring b's narrow copy into the slot's staging
+buffer, which the compute stream widens into the slot after [uploaded]; a write-back then also narrows
+the slot on the compute stream (before [updated]) and sends that copy after [slot read].
 
 The 2q passes run block-major through :class:`~zo2_ds.offload.lockstep.LockStep`. Every step's update
 of a block is deferred to its next upload (``update`` only records seeds, coefficients, lr and weight
@@ -151,7 +157,7 @@ class OffloadRunner:
 
         self._uploaded = [self.streams.marker() for _ in range(num_blocks)]
         self._updated = [self.streams.marker() for _ in range(self.num_slots)]
-        self._computed = [self.streams.marker() for _ in range(self.num_slots)]
+        self._slot_read = [self.streams.marker() for _ in range(self.num_slots)]  # its write-back's copy done
         self._slot_free = [self.streams.marker() for _ in range(self.num_slots)]
         self._written = [self.streams.marker() for _ in range(num_blocks)]
         self._slot_owner: list[int | None] = [None] * self.num_slots
@@ -163,7 +169,6 @@ class OffloadRunner:
         self._pending: list[list[list[_Update | None]]] = [[] for _ in range(num_blocks)]
         interval = cfg.offload.write_back_interval
         self.write_back_interval = (4 if self.streams.enabled else 1) if interval == "auto" else interval
-        self._dirty = [False] * num_blocks  # streamed block whose write-back was issued in this residency
         self._acquired: set[int] = set()
         self._cursor: int | None = None  # next position in `streamed` to upload during a run
         # During a training run, positions past the end wrap to the next step's blocks (see _prefetch).
@@ -474,6 +479,7 @@ class OffloadRunner:
             self._trace("writeback", b, wb, start=True)
             # The master is only read by the next upload of b (which waits for [written]) or after a flush.
             self.store.homes[b].copy_(self._slots[slot][: self.store.sizes[b]], non_blocking=True)
+            self._slot_read[slot].record(wb)
             if self._narrow is not None:
                 home = self._narrow.homes[b]
                 home.copy_(self._stages[-1][: home.numel()], non_blocking=True)
@@ -481,7 +487,6 @@ class OffloadRunner:
                 self._stale[b] = False
             self._trace("writeback", b, wb, start=False)
             self._written[b].record(wb)
-        self._dirty[b] = True
 
     def _perturb(self, b: int, pending: list[_Update | None] | None, spec: _Spec, pass_hash: int) -> None:
         """theta (+ pending update, in place) -> theta + scale z_i into the scratch views
@@ -572,21 +577,12 @@ class OffloadRunner:
         if not self.store.is_streamed(b):
             for e, v in zip(self.store.entries[b], self.store.home_views[b]):
                 e.param.data = v  # undo the perturbed binding; the home is the device buffer itself
-            self._dirty[b] = False
             return
         slot = self._slot_of[b]
         self.store.point_params_home(b)
-        if self._dirty[b]:
-            # Free = b's passes done (compute) and its write-back done: recorded on the write-back stream
-            # behind the copy, after waiting for the compute stream.
-            wb = self.streams.writeback
-            self._computed[slot].record(compute)
-            with self.streams.on(wb):
-                self._computed[slot].wait(wb)
-                self._slot_free[slot].record(wb)
-            self._dirty[b] = False
-        else:
-            self._slot_free[slot].record(compute)
+        # The slot's next upload also waits for [slot read], the copy of b's write-back out of it (if any):
+        # not for the whole write-back stream, which may still be sending b's narrow copy from its staging.
+        self._slot_free[slot].record(compute)
         self._slot_owner[slot] = None
         self._prefetch()
 
@@ -599,6 +595,7 @@ class OffloadRunner:
             # The slot is reused only after its last reader (compute) or writer (write-back) finished, and
             # b's master only after its last write-back landed.
             self._slot_free[slot].wait(up)
+            self._slot_read[slot].wait(up)
             self._written[b].wait(up)
             self._copy_in(b, full)
         self._slot_owner[slot] = b

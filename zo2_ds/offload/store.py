@@ -100,6 +100,12 @@ class BlockStore:
     def views(self, index: int, flat: torch.Tensor) -> list[torch.Tensor]:
         return [e.view(flat) for e in self.entries[index]]
 
+    def narrow_from_master(self, index: int) -> None:
+        """Remake streamed block ``index``'s transfer_dtype copy from its host master (on the host)."""
+        home = self.narrow.homes[index]
+        for e, n in zip(self.entries[index], self.narrow.entries[index]):
+            n.view(home).copy_(e.view(self.homes[index]))
+
     def point_params_home(self, index: int) -> None:
         for e, v in zip(self.entries[index], self.home_views[index]):
             e.param.data = v
@@ -239,10 +245,10 @@ def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = T
         store.homes.append(home)
         store.home_views.append(views)
         if store.narrow is not None and store.is_streamed(index):
-            shadow = _pinned_host_buffer(acc, store.narrow.sizes[index], registered)
+            shadow = store.narrow.homes[index] = _pinned_host_buffer(acc, store.narrow.sizes[index], registered)
+            store.narrow_from_master(index)  # round to the transfer dtype on the host, once
             for e, n in zip(block_entries, store.narrow.entries[index]):
                 narrowed = n.view(shadow)
-                narrowed.copy_(e.view(home))  # round to the transfer dtype, once, on the host
                 if n.dtype != e.dtype and not torch.isfinite(narrowed).all() and torch.isfinite(e.view(home)).all():
                     name = next(k for k, p in model.named_parameters(remove_duplicate=False) if p is e.param)
                     raise ValueError(
@@ -250,7 +256,6 @@ def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = T
                         f'of {n.dtype} (largest magnitude {e.view(home).abs().max().item():.4g}); use "bf16" '
                         '(the range of fp32) or "auto"'
                     )
-            store.narrow.homes[index] = shadow
 
     if was_on_device:
         acc.empty_cache()  # the blocks' device storage (a model built on the GPU) goes back to the driver

@@ -648,6 +648,35 @@ def test_wall_clock_breakdown(offload):
     assert len(losses) == 2 and engine.global_steps == 2
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_flops_profiler_covers_every_pass(tmp_path, offload):
+    """DeepSpeed's flops profiler at its step: one profile over the 2q passes (offloaded or not), and no
+    backward lines (with wall_clock_breakdown DeepSpeed divides by the backward's latency, 0 here)."""
+    from deepspeed.profiling.flops_profiler.profiler import FlopsProfiler
+
+    base = tiny_causal_lm("opt", vocab_size=VOCAB, layers=3)
+    data = batches(3, 1)
+    plain = FlopsProfiler(copy.deepcopy(base).eval())
+    plain.start_profile()
+    with torch.no_grad():
+        plain.model(**data[1][0])
+    one_pass = plain.get_total_flops()
+    plain.end_profile()
+
+    out = tmp_path / "flops.txt"
+    cfg = make_config({"enabled": offload}, q=2)
+    cfg["wall_clock_breakdown"] = True
+    cfg["flops_profiler"] = {"enabled": True, "profile_step": 1, "detailed": False, "output_file": str(out)}
+    engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=cfg)
+    losses, _ = train(engine, data)
+    assert losses == trajectory(copy.deepcopy(base), {"enabled": False}, data, q=2)[1]  # profiling changes nothing
+    text = out.read_text()
+    from deepspeed.profiling.flops_profiler.profiler import number_to_string
+
+    assert f"fwd flops per GPU:  {number_to_string(4 * one_pass)}".replace(" ", "") in text.replace(" ", "")
+    assert "bwd latency" not in text.split("Notations")[-1].split("fwd latency:")[-1]
+
+
 def test_hf_trainer_with_offload_equals_without(tmp_path):
     import json
     from pathlib import Path

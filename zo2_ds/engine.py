@@ -95,6 +95,8 @@ class ZOEngine(DeepSpeedEngine):
         self._g_count = 0
         self._last_g: list[float] = []
         self._last_loss = float("nan")
+        if self.flops_profiler_enabled() and hasattr(self, "flops_profiler"):
+            self._wrap_flops_profiler_print()
 
     # -- construction ----------------------------------------------------------------------------
     def _build_runner(self) -> Any:
@@ -182,12 +184,50 @@ class ZOEngine(DeepSpeedEngine):
         self._start_timers(timers)
         if self.training_dataloader is None:
             self.tput_timer.start_step()
+        # DeepSpeed's flops profiler, at its step: one profile over every pass (started here, not per pass).
+        profiling = self._flops_profile_now()
+        if profiling:
+            self.flops_profiler.start_profile(ignore_list=None)
         self._zo_timed_forward = True
         try:
             return self._zo_forward(*inputs, **kwargs)
         finally:
             self._zo_timed_forward = False
             self._stop_timers(timers)
+            if profiling:
+                self.flops_profiler.stop_profile()
+
+    def flops_profiler_enabled(self) -> bool:  # noqa: D102
+        # Inside forward() the passes must not start / stop the profile each (see forward).
+        return False if self._zo_timed_forward else super().flops_profiler_enabled()
+
+    def _flops_profile_now(self) -> bool:
+        return (
+            super().flops_profiler_enabled()
+            and self.global_steps == self.flops_profiler_profile_step()
+            and self.global_rank == 0
+        )
+
+    _zo_printing_profile = False
+
+    def wall_clock_breakdown(self) -> bool:  # noqa: D102
+        return False if self._zo_printing_profile else super().wall_clock_breakdown()
+
+    def _wrap_flops_profiler_print(self) -> None:
+        """The profile's summary, without DeepSpeed's backward lines: with wall_clock_breakdown they divide by
+        the backward's latency, which is 0 here (ZeroDivisionError), and count 2x the forward's flops for a
+        backward ZO does not run. The forward lines cover all 2q passes of the step (flops and latency)."""
+        profiler = self.flops_profiler
+        original = profiler.print_model_profile
+
+        def print_model_profile(*args: Any, **kwargs: Any) -> Any:
+            self._zo_printing_profile = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._zo_printing_profile = False
+
+        profiler.print_model_profile = print_model_profile
 
     def _start_timers(self, timer_names: list[str]) -> None:
         if not (self._zo_timed_forward and timer_names is self.engine_timers.forward_timers):

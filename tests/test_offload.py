@@ -550,26 +550,45 @@ def test_narrow_copies_follow_the_masters_through_loads_and_flushes():
 
     def check_copies():
         for b in store.streamed:
-            if runner._pending[b]:
-                continue  # its copy is its master at its last write-back, which is behind
+            assert not runner._pending[b]
             for e, n in zip(store.entries[b], store.narrow.entries[b]):
                 assert torch.equal(n.view(store.narrow.homes[b]), e.view(store.homes[b]).to(n.dtype)), e.param
 
     check_copies()
     train(engine, batches(4, 1))
-    runner.flush()
+    runner.flush()  # writes every block back: the masters and (rounded on the device) their copies
     check_copies()
-    engine.module.load_state_dict(base.state_dict())  # the masters change under the copies
-    assert runner._stale == [True] * 4
-    losses, _ = train(engine, batches(1, 1, seed=9))
-    assert runner._stale == [False] * 4  # remade from the exact uploads at the first step after the load
-    check_copies()
-    # That first step saw the loaded masters exactly, like a fresh engine at a write-back step of every block.
-    fresh, *_ = zo2_ds.initialize(
-        model=copy.deepcopy(base), config=make_config({"enabled": True, "write_back_interval": 1})
+    engine.module.load_state_dict(base.state_dict())  # the masters change under the copies ...
+    check_copies()  # ... which are remade from them on the host
+    # From here on the engine is a fresh one built from those weights, at the same step.
+    fresh, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=cfg)
+    fresh.global_steps = engine.global_steps
+    assert train(engine, batches(3, 1, seed=9)) == train(fresh, batches(3, 1, seed=9))
+    assert params_of(engine).keys() == params_of(fresh).keys()
+    for name, value in params_of(fresh).items():
+        assert torch.equal(params_of(engine)[name], value), name
+
+
+def test_narrow_transfer_resumes_as_the_run_that_saved(tmp_path):
+    """save_checkpoint flushes (every block's copy is remade from its master); the resumed engine remakes
+    its copies from the loaded masters the same way, so it continues as the run that saved."""
+    base = tiny_causal_lm("llama", tied=False, vocab_size=VOCAB, layers=4)
+    data = batches(6, 2)
+    kw = dict(q=2, grad_accum=2, schedule=SCHEDULE, weight_decay=0.1)
+    cfg = make_config({"enabled": True, "transfer_dtype": "bf16", "write_back_interval": 3}, **kw)
+    first, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=cfg)
+    head_losses, head_gs = train(first, data[:2])
+    first.save_checkpoint(str(tmp_path), tag="step2")
+    rest_losses, rest_gs = train(first, data[2:])
+    second, *_ = zo2_ds.initialize(
+        model=tiny_causal_lm("llama", tied=False, vocab_size=VOCAB, layers=4, seed=9), config=cfg
     )
-    fresh.global_steps = engine.global_steps - 1
-    assert losses == train(fresh, batches(1, 1, seed=9))[0]
+    second.load_checkpoint(str(tmp_path), tag="step2")
+    assert second.global_steps == 2
+    assert train(second, data[2:]) == (rest_losses, rest_gs)
+    final = params_of(first)
+    for name, value in params_of(second).items():
+        assert torch.equal(final[name], value), name
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])

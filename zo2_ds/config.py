@@ -63,7 +63,8 @@ class OffloadConfig(DeepSpeedConfigModel):
     ``write_back_interval``, staggered) and its bf16 copy at the others, which the GPU widens and brings up
     to date with the pending updates. The masters' updates are exact (the same arithmetic as offload
     off); the forwards between a block's write-back steps see its master as of its last write-back step
-    rounded to bf16, plus the updates since. Traffic per streamed block and step, for fp32 with "bf16"
+    rounded to bf16, plus the updates since (a flush, e.g. eval or a checkpoint save, is a write-back of every
+    block; loading masters remakes the copies from them). Traffic per streamed block and step, for fp32 with "bf16"
     and an interval of k: (2(k-1) + 4) / k bytes per parameter up, 6 / k down. With interval 1 (the CPU's
     "auto") every upload is exact. "fp16" rejects a model with values beyond fp16's range. See
     zo2_ds/offload/README.md."""

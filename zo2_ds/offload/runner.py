@@ -151,7 +151,6 @@ class OffloadRunner:
         self._wb_stage_free = self.streams.marker()
         self._widen_due = [False] * num_blocks  # b's narrow copy is in its slot's staging buffer
         self._full = [True] * num_blocks  # the copy in block b's slot is its exact master
-        self._stale = [False] * num_blocks  # block b's narrow copy may not match its master (after a load)
         self._run_step: int | None = None  # the training step of the run in progress (None: plain)
         self._next_step: int | None = None  # the step of the next training run (for the wrapped prefetch)
 
@@ -260,11 +259,13 @@ class OffloadRunner:
 
     def masters_changed(self) -> None:
         """The blocks' host masters were written from outside the runner (``load_state_dict``,
-        ``load_checkpoint``: called by their hooks): their transfer_dtype copies are remade from the masters
-        at each block's next upload. Only matters with a narrower ``transfer_dtype``."""
+        ``load_checkpoint``: called by their hooks after a flush): their transfer_dtype copies are remade
+        from them on the host, as the flush before a save made them on the GPU (the same rounding), so a
+        resumed run continues as the run that saved. Only matters with a narrower ``transfer_dtype``."""
         if self._narrow is not None:
             self._drop_prefetched()
-            self._stale = [self.store.is_streamed(b) for b in range(self.store.num_blocks)]
+            for b in self.store.streamed:
+                self.store.narrow_from_master(b)
 
     def close(self) -> None:
         for handle in self._handles:
@@ -437,13 +438,11 @@ class OffloadRunner:
             self._update(b, last)
         # A resident block's home is its device buffer: applied is stored. A streamed block's master is
         # rewritten now when due (a flush or plain run, write_back_interval entries, or its turn in the
-        # staggered rotation); otherwise its entries stay, to be applied again at the next upload. A stale
-        # narrow copy is remade from the (exact, full) upload.
+        # staggered rotation); otherwise its entries stay, to be applied again at the next upload.
         interval = self.write_back_interval
         due = bool(entries) and (spec is None or len(entries) >= interval or (spec[0] + b) % interval == 0)
-        if streamed and (due or self._stale[b]):
+        if streamed and due:
             self._write_back(b)
-            due = True
         if entries and (not streamed or due):
             self._pending[b] = []
         self._prefetch()
@@ -451,10 +450,10 @@ class OffloadRunner:
     def _wants_full(self, b: int, step: int | None, pending: int) -> bool:
         """Whether block b's upload for a run at ``step`` (None: a plain forward or flush) must be its exact
         master. Always without a narrower transfer_dtype. With one: at b's write-back steps ((step + b) %
-        write_back_interval == 0, or write_back_interval updates pending), in plain forwards and flushes,
-        and when its narrow copy is stale; otherwise the narrow copy (the master at b's last write-back,
-        rounded) comes up, and the pending updates are applied to it on the GPU as to the master."""
-        if self._narrow is None or step is None or self._stale[b]:
+        write_back_interval == 0, or write_back_interval updates pending), in plain forwards and flushes;
+        otherwise the narrow copy (the master at b's last write-back, rounded) comes up, and the pending
+        updates are applied to it on the GPU as to the master."""
+        if self._narrow is None or step is None:
             return True
         interval = self.write_back_interval
         return (step + b) % interval == 0 or pending >= interval
@@ -484,7 +483,6 @@ class OffloadRunner:
                 home = self._narrow.homes[b]
                 home.copy_(self._stages[-1][: home.numel()], non_blocking=True)
                 self._wb_stage_free.record(wb)
-                self._stale[b] = False
             self._trace("writeback", b, wb, start=False)
             self._written[b].record(wb)
 

@@ -24,6 +24,8 @@ log-softmax of the loss), printed as one line per record to compare with the mea
 ``--dtype fp32 --transfer-dtypes auto,bf16`` runs fp32 masters streamed as they are (``offload``) and with
 bf16 transfers (``offload_xfer_bf16``, zo2.offload.transfer_dtype); its transfer floor counts the bytes a
 step moves on average (the exact master one step in write_back_interval, the bf16 copy at the others).
+``--cuda-graphs`` adds ``offload_graphs``: the same with zo2.offload.cuda_graphs (block forwards replayed
+from CUDA graphs), in the same process.
 ``launch/bench.py`` calls :func:`run_offload_bench` for its offload rows.
 """
 
@@ -469,6 +471,7 @@ def run_offload_bench(
     prefetch_depth: int = 1,
     write_back_interval: int | None = None,
     transfer_dtypes: tuple[str, ...] = ("auto",),
+    cuda_graphs: bool = False,
     mem_trace: str | None = None,
     profile: str | None = None,
     host_profile: str | None = None,
@@ -516,6 +519,8 @@ def run_offload_bench(
         ("offload" if xfer == "auto" else f"offload_xfer_{xfer}", {**common, "transfer_dtype": xfer})
         for xfer in transfer_dtypes
     ]
+    if cuda_graphs:
+        modes.append(("offload_graphs", {**common, "cuda_graphs": True}))
     if half:
         modes.append(("offload_half", {**common, "num_resident_blocks": layers // 2}))
     for mode, offload in modes:
@@ -666,6 +671,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-lean-loss", action="store_true", help="zo2.lean_loss false (HF's loss), for A/B")
     parser.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="the model's dtype on CUDA")
     parser.add_argument(
+        "--cuda-graphs", action="store_true", help="also run offload_graphs (zo2.offload.cuda_graphs) in the process"
+    )
+    parser.add_argument(
         "--transfer-dtypes", default="auto", help='zo2.offload.transfer_dtype per offload mode, e.g. "auto,bf16"'
     )
     args = parser.parse_args(argv)
@@ -693,6 +701,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             prefetch_depth=args.prefetch_depth,
             write_back_interval=args.write_back_interval,
             transfer_dtypes=tuple(args.transfer_dtypes.split(",")),
+            cuda_graphs=args.cuda_graphs,
             mem_trace=args.mem_trace if i == 0 else None,
             profile=args.profile if i == 0 else None,
             host_profile=args.host_profile if i == 0 else None,

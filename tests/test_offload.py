@@ -882,6 +882,34 @@ def test_cuda_offload_equals_in_gpu_bit_exactly(dtype, delay, depth):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize(
+    "arch,delay", [("llama", 0), ("llama", 2_000_000), ("opt", 0), ("gpt2", 0), ("qwen2", 0), ("mistral", 0)]
+)
+def test_cuda_graphs_equal_eager_in_gpu_bit_exactly(arch, delay):
+    """zo2.offload.cuda_graphs: every block's passes replay from graphs after two steps, same bits."""
+    assert CUDA, "run with DS_ACCELERATOR=cuda"
+    base = tiny_causal_lm(arch, tied=arch != "llama", vocab_size=VOCAB, hidden=64, layers=4)
+    data = batches(5, 2, seq=32)
+    kw = dict(q=2, grad_accum=2, schedule=SCHEDULE, weight_decay=0.1, dtype="fp16")
+    off = trajectory(copy.deepcopy(base), {"enabled": False}, data, device="cuda", **kw)
+    engine, *_ = zo2_ds.initialize(
+        model=copy.deepcopy(base), config=make_config({"enabled": True, "cuda_graphs": True}, **kw)
+    )
+    graphs = engine.zo_runner.graphs
+    if delay:
+        _delay_everything(engine, delay)
+    losses, gs = train(engine, data, "cuda")
+    replays = graphs.replays
+    assert not any(graphs._eager), "a block fell back to eager"
+    # 10 micro-steps x 4 passes x 4 blocks: a block's first pass runs eagerly, its second captures and replays.
+    assert replays == (10 * 4 - 1) * 4, replays
+    engine.eval()
+    mb = data[-1][0]
+    eval_loss = engine(**{k: v.cuda() for k, v in mb.items()}).loss.item()
+    assert_same(off, (engine, losses, gs, eval_loss, params_of(engine)))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("depth", [1, 0])
 def test_cuda_narrow_transfer_is_race_free_and_keeps_exact_masters(depth):
     """fp32 masters with bf16 transfers on the GPU: the same bits with every stream delayed, masters equal

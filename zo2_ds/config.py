@@ -69,6 +69,13 @@ class OffloadConfig(DeepSpeedConfigModel):
     "auto") every upload is exact. "fp16" rejects a model with values beyond fp16's range. See
     zo2_ds/offload/README.md."""
 
+    cuda_graphs: bool = False
+    """Replay each block's forward from a CUDA graph (captured at its second call per input shape, at most
+    4 shapes per block; zo2_ds/offload/graphs.py): the host cost of a block's pass becomes one graph launch
+    instead of the layer's Python, for small models whose offloaded step is host-bound. The same kernels
+    run, so results are the same bits. A block whose forward cannot be captured (a host sync inside) runs
+    eagerly, with a warning. No effect on CPU."""
+
     blocks_attr: str | None = None
     """Dotted path from the model to its nn.ModuleList of repeated blocks (e.g. "model.decoder.layers"),
     for models where automatic discovery fails."""

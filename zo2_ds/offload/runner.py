@@ -189,6 +189,12 @@ class OffloadRunner:
         ]
         self.timeline: list[tuple[str, int, Any, Any]] | None = [] if timeline else None
 
+        self.graphs = None
+        if cfg.offload.cuda_graphs and self.streams.enabled and self.device.type == "cuda":
+            from zo2_ds.offload.graphs import BlockGraphs
+
+            self.graphs = BlockGraphs(store.blocks.blocks, lambda b: [e.param for e in store.entries[b]])
+
         self._handles = []
         for b, block in enumerate(store.blocks.blocks):
             self._handles.append(block.register_forward_pre_hook(self._make_pre_hook(b)))
@@ -271,6 +277,9 @@ class OffloadRunner:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
         self.resident.close()
         self._pool.close()
 

@@ -12,9 +12,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$R/card.txt"
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout 330 python3 -m pytest -q -rs -m cuda ${TESTS:-tests/test_offload.py} 2>&1 | tail -15 | tee "$R/pytest.txt"
+  # shellcheck disable=SC2086
+  timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -rs -m cuda ${TESTS:-tests/test_offload.py} >"$R/pytest_full.txt" 2>&1
+  tail -15 "$R/pytest_full.txt" | tee "$R/pytest.txt"
 fi
-for run in opt-1.3b:1 opt-1.3b:2 opt-6.7b:1; do
+for run in ${RUNS:-opt-1.3b:1 opt-1.3b:2 opt-6.7b:1}; do
   model=${run%%:*}; n=${run##*:}
   timeout 120 python3 launch/bench_offload.py --models "$model" --batches 1x2048,16x256 --no-half --cuda-graphs \
     --steps 6 --warmup 3 ${IN_GPU:---no-in-gpu} --out "$R/${model}_$n.json" 2>"$R/${model}_$n.err" \

@@ -22,6 +22,7 @@ graphs on and off against the in-GPU engine).
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -136,6 +137,11 @@ class BlockGraphs:
         args, kwargs = pytree.tree_unflatten(static_leaves, spec)
         for buf, x in zip(entry.inputs, (x for x in leaves if isinstance(x, torch.Tensor))):
             buf.copy_(x)
+        # No garbage collection while capturing: a finalizer that runs then (an old engine's pinned buffers
+        # unregistering, an event destroyed) would be a call the capture forbids and would invalidate it.
+        gc_was_enabled = gc.isenabled()
+        gc.collect()
+        gc.disable()
         try:
             with torch.cuda.graph(entry.graph, pool=self._pool, capture_error_mode="thread_local"):
                 out = self._originals[b](*args, **kwargs)
@@ -154,10 +160,14 @@ class BlockGraphs:
                     else:
                         entry.out_leaves.append(leaf)
             del out, out_leaves
-        except Exception as exc:  # noqa: BLE001 - a layer that cannot be captured runs eagerly from now on
-            self._eager[b] = True
-            logger.warning("zo2.offload.cuda_graphs: block %d runs eagerly (capture failed: %s)", b, exc)
+        except Exception as exc:  # noqa: BLE001 - a layer that cannot be captured: every block runs eagerly
+            # (a failed capture can leave the graph pool mid-recording; no further capture is attempted)
+            self._eager = [True] * len(self._blocks)
+            logger.warning("zo2.offload.cuda_graphs: capture of block %d failed, blocks run eagerly: %s", b, exc)
             return None
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         return entry
 
     def _replay(self, entry: _Graph, leaves: list[Any]) -> Any:

@@ -56,6 +56,7 @@ class BlockGraphs:
         self._blocks = list(blocks)
         self._params_of = params_of
         self._pool = torch.cuda.graph_pool_handle()
+        self._capture_stream = torch.cuda.Stream()
         self._static_inputs: dict[Any, list[torch.Tensor]] = {}  # per input layout, shared by all blocks
         self._static_outputs: dict[Any, torch.Tensor] = {}  # per (shape, dtype, position), shared
         self._graphs: list[dict[Any, _Graph | None]] = [{} for _ in self._blocks]  # None: seen once (eager)
@@ -142,8 +143,15 @@ class BlockGraphs:
         gc_was_enabled = gc.isenabled()
         gc.collect()
         gc.disable()
+        side = self._capture_stream
         try:
-            with torch.cuda.graph(entry.graph, pool=self._pool, capture_error_mode="thread_local"):
+            # One eager run in this thread on the capture stream first: per-thread and per-stream lazy set-up
+            # (library handles, workspaces) must not happen inside the capture.
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._originals[b](*args, **kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(entry.graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
                 out = self._originals[b](*args, **kwargs)
                 out_leaves, entry.out_spec = pytree.tree_flatten(out)
                 for pos, leaf in enumerate(out_leaves):
@@ -163,7 +171,9 @@ class BlockGraphs:
         except Exception as exc:  # noqa: BLE001 - a layer that cannot be captured: every block runs eagerly
             # (a failed capture can leave the graph pool mid-recording; no further capture is attempted)
             self._eager = [True] * len(self._blocks)
-            logger.warning("zo2.offload.cuda_graphs: capture of block %d failed, blocks run eagerly: %s", b, exc)
+            logger.warning(
+                "zo2.offload.cuda_graphs: capture of block %d failed, blocks run eagerly: %s", b, exc, exc_info=True
+            )
             return None
         finally:
             if gc_was_enabled:

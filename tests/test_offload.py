@@ -526,6 +526,15 @@ def test_narrow_transfer_recovers_from_a_wrong_prefetch_guess():
         assert torch.equal(results[1][2][name], value), name
 
 
+def test_cuda_graphs_flag_changes_nothing_on_cpu():
+    base = tiny_causal_lm("opt", vocab_size=VOCAB, layers=2)
+    data = batches(2, 1)
+    plain = trajectory(copy.deepcopy(base), {"enabled": True}, data)
+    flagged = trajectory(copy.deepcopy(base), {"enabled": True, "cuda_graphs": True}, data)
+    assert flagged[0].zo_runner.graphs is None  # CUDA only
+    assert_same(plain, flagged)
+
+
 def test_narrow_conversion_per_parameter_equals_the_flat_one():
     """A block of one dtype converts as one flat kernel; mixed blocks convert parameter by parameter."""
     base = tiny_causal_lm("qwen2", vocab_size=VOCAB, layers=3)

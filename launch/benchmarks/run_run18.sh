@@ -2,6 +2,8 @@
 # Run 18 (2026-11-26): A/B of the default (fp16, no transfer_dtype) offload step before and after this
 # session's runner changes, ABAB in separate processes on one card. The old tree (commit 4e32a59) is
 # carried as the git-ignored folder _ab_old (zo2_ds + launch copied from that commit).
+# Make _ab_old first:  git worktree add /tmp/ab 4e32a59 && mkdir _ab_old && cp -r /tmp/ab/zo2_ds /tmp/ab/launch _ab_old/ \
+#   && git worktree remove --force /tmp/ab && echo _ab_old/ >> .git/info/exclude
 #   run (device tool), carry [".whl", "_ab_old"]:  bash launch/benchmarks/run_run18.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."

@@ -33,7 +33,10 @@ def test_defaults():
         ({"num_perturbations": 0}, r"zo2\.num_perturbations: Input should be greater than or equal to 1"),
         ({"seed": -1}, r"zo2\.seed: Input should be greater than or equal to 0"),
         ({"enabled": "yes"}, r"zo2\.enabled: Input should be a valid boolean"),
-        ({"offload": {"enable": True}}, r"zo2\.offload\.enable: unknown key; allowed keys are: blocks_attr, cuda_graphs, enabled"),
+        (
+            {"offload": {"enable": True}},
+            r"zo2\.offload\.enable: unknown key; allowed keys are: blocks_attr, cuda_graphs, enabled",
+        ),
         ({"offload": {"prefetch_depth": -1}}, r"zo2\.offload\.prefetch_depth: Input should be greater than or equal"),
         ({"offload": {"transfer_dtype": "fp8"}}, r"zo2\.offload\.transfer_dtype: Input should be 'auto', 'fp32'"),
         (

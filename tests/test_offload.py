@@ -567,8 +567,12 @@ def test_narrow_copies_follow_the_masters_through_loads_and_flushes():
     train(engine, batches(4, 1))
     runner.flush()  # writes every block back: the masters and (rounded on the device) their copies
     check_copies()
+    remade = []
+    remake = store.narrow_from_master
+    store.narrow_from_master = lambda b: (remade.append(b), remake(b))
     engine.module.load_state_dict(base.state_dict())  # the masters change under the copies ...
-    check_copies()  # ... which are remade from them on the host
+    assert sorted(remade) == [0, 1, 2, 3]  # ... each block's is remade once, on the host
+    check_copies()
     # From here on the engine is a fresh one built from those weights, at the same step.
     fresh, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=cfg)
     fresh.global_steps = engine.global_steps

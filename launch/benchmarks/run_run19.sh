@@ -7,10 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/zo2_run19}
 R=$OUT/run19
-mkdir -p "$R"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$R/card.txt"
+source launch/benchmarks/device_env.sh
 if [ -z "${SKIP_TESTS:-}" ]; then
   # shellcheck disable=SC2086
   timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -rs -m cuda ${TESTS:-tests/test_offload.py} >"$R/pytest_full.txt" 2>&1

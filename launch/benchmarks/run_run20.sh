@@ -7,10 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/zo2_run20}
 R=$OUT/run20
-mkdir -p "$R"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$R/card.txt"
+source launch/benchmarks/device_env.sh
 for run in ${RUNS:-opt-1.3b:150 opt-6.7b:170 opt-13b:230}; do
   model=${run%%:*}; limit=${run##*:}
   extra=(); [ "$model" = opt-13b ] && extra=(--no-in-gpu)

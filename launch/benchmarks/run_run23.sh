@@ -5,9 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/zo2_run23}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/card.txt"
+R=$OUT
+source launch/benchmarks/device_env.sh
 timeout 500 python3 -m pytest -q -rs -m cuda tests/ >"$OUT/pytest_full.txt" 2>&1
 tail -12 "$OUT/pytest_full.txt"

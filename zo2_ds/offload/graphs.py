@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,7 +61,6 @@ class BlockGraphs:
         self._graphs: list[dict[Any, _Graph | None]] = [{} for _ in self._blocks]  # None: seen once (eager)
         self._eager: list[bool] = [False] * len(self._blocks)  # block gave up on graphs
         self._originals = [block.forward for block in self._blocks]
-        self._lock = threading.Lock()
         self.replays = 0  # counted for tests and benchmarks
         for b, block in enumerate(self._blocks):
             block.forward = self._make_forward(b)
@@ -182,8 +180,7 @@ class BlockGraphs:
 
     def _replay(self, entry: _Graph, leaves: list[Any]) -> Any:
         for buf, x in zip(entry.inputs, (x for x in leaves if isinstance(x, torch.Tensor))):
-            if buf.data_ptr() != x.data_ptr():
-                buf.copy_(x)
+            buf.copy_(x)
         entry.graph.replay()
         self.replays += 1
         outputs = iter(entry.outputs)

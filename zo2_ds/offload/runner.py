@@ -149,7 +149,6 @@ class OffloadRunner:
                 torch.empty(stage_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.num_slots + 1)
             ]
         self._wb_stage_free = self.streams.marker()
-        self._widen_due = [False] * num_blocks  # b's narrow copy is in its slot's staging buffer
         self._full = [True] * num_blocks  # the copy in block b's slot is its exact master
         self._run_step: int | None = None  # the training step of the run in progress (None: plain)
         self._next_step: int | None = None  # the step of the next training run (for the wrapped prefetch)
@@ -201,10 +200,14 @@ class OffloadRunner:
             self._handles.append(block.register_forward_hook(self._make_post_hook(b), always_call=True))
         # Reading or writing the blocks' weights through a state_dict (save_pretrained, torch.save of a
         # state_dict, load_state_dict) flushes first, from the model or any module on the way to a block.
+        # Loading a block's weights (a load_state_dict of the model recurses into every block once) remakes
+        # its transfer_dtype copy.
+        for b in store.streamed if store.narrow is not None else ():
+            block = store.blocks.blocks[b]
+            self._handles.append(block.register_load_state_dict_post_hook(lambda *_, b=b: self.masters_changed([b])))
         for mod in _holders_of_blocks(engine.module, store):
             self._handles.append(mod.register_state_dict_pre_hook(lambda *_: self.flush()))
             self._handles.append(mod.register_load_state_dict_pre_hook(lambda *_: self.flush()))
-            self._handles.append(mod.register_load_state_dict_post_hook(lambda *_: self.masters_changed()))
         self._module = engine.module
 
     # -- the runner interface --------------------------------------------------------------------
@@ -263,14 +266,15 @@ class OffloadRunner:
                 self._release(b)
         self.streams.synchronize()
 
-    def masters_changed(self) -> None:
-        """The blocks' host masters were written from outside the runner (``load_state_dict``,
-        ``load_checkpoint``: called by their hooks after a flush): their transfer_dtype copies are remade
-        from them on the host, as the flush before a save made them on the GPU (the same rounding), so a
-        resumed run continues as the run that saved. Only matters with a narrower ``transfer_dtype``."""
+    def masters_changed(self, blocks: Sequence[int] | None = None) -> None:
+        """The host masters of ``blocks`` (default: every streamed block) were written from outside the
+        runner (``load_state_dict`` / ``load_checkpoint`` call it through each block's hook, after a flush):
+        their transfer_dtype copies are remade from them on the host, as the flush before a save made them on
+        the GPU (the same rounding), so a resumed run continues as the run that saved. Only matters with a
+        narrower ``transfer_dtype``."""
         if self._narrow is not None:
             self._drop_prefetched()
-            for b in self.store.streamed:
+            for b in self.store.streamed if blocks is None else blocks:
                 self.store.narrow_from_master(b)
 
     def close(self) -> None:
@@ -360,7 +364,6 @@ class OffloadRunner:
             if owner is not None and owner not in self._acquired:
                 self._slot_free[slot].record(up)  # behind the upload into the slot
                 self._slot_owner[slot] = None
-                self._widen_due[owner] = False
 
     def _on_turn(self, j: int) -> None:
         # Parameters outside the blocks follow whichever pass holds the turn.
@@ -375,7 +378,6 @@ class OffloadRunner:
         self.streams.synchronize()
         for slot in range(self.num_slots):
             self._slot_owner[slot] = None
-        self._widen_due = [False] * self.store.num_blocks
         for b in range(self.store.num_blocks):
             self.store.point_params_home(b)
 
@@ -429,10 +431,9 @@ class OffloadRunner:
                 with self.streams.on(self.streams.upload):
                     self._copy_in(b, full)
             self._uploaded[b].wait(compute)
-            if self._widen_due[b]:
+            if not full:  # the narrow copy is in the slot's staging buffer (every acquire follows its upload)
                 with self.streams.on(compute):
                     self._convert(b, self._stages[self._slot_of[b]], to_narrow=False)
-                self._widen_due[b] = False
         self._trace("compute", b, compute, start=True)
         for e, v in zip(self.store.entries[b], self._dev_views[b]):
             e.param.data = v
@@ -608,8 +609,8 @@ class OffloadRunner:
         self._slot_owner[slot] = b
 
     def _copy_in(self, b: int, full: bool) -> None:
-        """On the upload stream: block b's exact master into its slot, or its narrow copy into a staging
-        buffer (widened into the slot at acquire, ``_widen``)."""
+        """On the upload stream: block b's exact master into its slot, or its narrow copy into the slot's
+        staging buffer (widened into the slot at acquire)."""
         up = self.streams.upload
         self._trace("upload", b, up, start=True)
         slot = self._slot_of[b]
@@ -618,7 +619,6 @@ class OffloadRunner:
         else:  # the slot's staging buffer was widened from before the slot was freed
             home = self._narrow.homes[b]
             self._stages[slot][: home.numel()].copy_(home, non_blocking=True)
-        self._widen_due[b] = not full
         self._trace("upload", b, up, start=False)
         self._uploaded[b].record(up)
         self._full[b] = full
@@ -632,10 +632,14 @@ class OffloadRunner:
             wide_dtype = self.store.entries[b][0].dtype
             wide = flat[: self.store.sizes[b]].view(wide_dtype)
             small = stage[: narrow.sizes[b]].view(narrow.dtype)
-            (small.copy_(wide) if to_narrow else wide.copy_(small))
-            return
-        for v, n in zip(self._dev_views[b], narrow.entries[b]):
-            (n.view(stage).copy_(v) if to_narrow else v.copy_(n.view(stage)))
+            pairs = [(wide, small)]
+        else:
+            pairs = [(v, n.view(stage)) for v, n in zip(self._dev_views[b], narrow.entries[b])]
+        for wide, small in pairs:
+            if to_narrow:
+                small.copy_(wide)
+            else:
+                wide.copy_(small)
 
     def _prefetch(self) -> None:
         """During a run: upload the next streamed blocks in order while their slots are free.

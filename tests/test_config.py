@@ -27,7 +27,11 @@ def test_defaults():
 @pytest.mark.parametrize(
     "block,message",
     [
-        ({"epsilon": 1e-3}, r"zo2\.epsilon: unknown key; allowed keys are: enabled, eps, lean_loss, num_perturbations"),
+        (
+            {"epsilon": 1e-3},
+            r"zo2\.epsilon: unknown key; allowed keys are: enabled, eps, kernels, lean_loss, num_perturbations, "
+            r"offload, seed$",
+        ),
         ({"eps": 0}, r"zo2\.eps: Input should be greater than 0"),
         ({"eps": "small"}, r"zo2\.eps: Input should be a valid number"),
         ({"num_perturbations": 0}, r"zo2\.num_perturbations: Input should be greater than or equal to 1"),
@@ -35,7 +39,8 @@ def test_defaults():
         ({"enabled": "yes"}, r"zo2\.enabled: Input should be a valid boolean"),
         (
             {"offload": {"enable": True}},
-            r"zo2\.offload\.enable: unknown key; allowed keys are: blocks_attr, cuda_graphs, enabled",
+            r"zo2\.offload\.enable: unknown key; allowed keys are: blocks_attr, cuda_graphs, enabled, max_gpu_memory, "
+            r"num_resident_blocks, prefetch_depth, prefetch_next_step, transfer_dtype, write_back_interval$",
         ),
         ({"offload": {"prefetch_depth": -1}}, r"zo2\.offload\.prefetch_depth: Input should be greater than or equal"),
         ({"offload": {"transfer_dtype": "fp8"}}, r"zo2\.offload\.transfer_dtype: Input should be 'auto', 'fp32'"),
@@ -46,6 +51,11 @@ def test_defaults():
         ),
         ({"offload": {"write_back_interval": 17}}, r"zo2\.offload\.write_back_interval: Input should be less"),
         ({"lean_loss": "no"}, r"zo2\.lean_loss: Input should be a valid boolean"),
+        (
+            {"kernels": "triton"},
+            r"zo2\.kernels: Input should be 'auto', 'multi_tensor', 'per_tensor' or 'torch' \(got 'triton'\)",
+        ),
+        ({"offload": {"prefetch_next_step": 0}}, r"zo2\.offload\.prefetch_next_step: Input should be a valid boolean"),
     ],
 )
 def test_bad_blocks_name_the_key_and_what_is_allowed(block, message):

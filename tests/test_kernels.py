@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from zo2_ds import kernels, zo
+from zo2_ds.ops import KERNEL_MODES, Ops
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -199,12 +200,13 @@ def _check_multi_equals_single(device: str, dtype: torch.dtype, misaligned: bool
 
 def _check_resident_runner(device: str) -> None:
     """The engine's runner (one launch per block, one per update group) == the single-tensor kernels."""
+    from zo2_ds.config import ZO2Config
     from zo2_ds.perturb import ResidentRunner, UpdateGroup, trainable_params
     from zo2_ds.testing import tiny_causal_lm
 
     model = tiny_causal_lm("opt", hidden=64, layers=3, dtype=torch.float16).to(device).eval()
     params = trainable_params(model)
-    runner = ResidentRunner(model, params, eps=1e-2, seed=5)
+    runner = ResidentRunner(model, params, ZO2Config(eps=1e-2, seed=5, kernels="multi_tensor"))
     assert all(u.table is None for u in runner.units)
     assert len(runner.units) < len(params) / 3, "blocks are single units"
     seen: dict[str, torch.Tensor] = {}
@@ -249,7 +251,8 @@ def _check_resident_runner(device: str) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
 def test_not_available_without_cuda():
     assert kernels.available() is False
-    assert zo._use_kernels(torch.zeros(3)) is False
+    for mode in KERNEL_MODES:
+        assert not Ops(mode).fused(torch.zeros(3)), mode
 
 
 def test_imports_and_reports_unavailable_without_triton():
@@ -282,7 +285,7 @@ def test_validation_happens_before_launch():
         kernels.update_and_perturb_(theta, None, 1, [0.1], [])
     with pytest.raises(ValueError, match="outputs"):
         kernels.update_and_perturb_(theta, None, 1, [0.1, 0.2, 0.3], [theta, theta, theta])
-    if not torch.cuda.is_available() and not kernels._INTERPRET:
+    if not torch.cuda.is_available() and not kernels.INTERPRET:
         with pytest.raises(ValueError, match="CUDA"):
             kernels.perturbed_into(torch.empty(8, 8), theta, 1, 0.1)
 
@@ -316,7 +319,7 @@ def test_z_seed_is_the_pass_hash_chain():
 def test_tensor_table_validation():
     with pytest.raises(ValueError, match="one key"):
         kernels.TensorTable([torch.zeros(4)], [])
-    if not kernels._INTERPRET and not torch.cuda.is_available():
+    if not kernels.INTERPRET and not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             kernels.TensorTable([torch.zeros(4)], [1])
 
@@ -339,9 +342,7 @@ def test_kernels_under_triton_interpreter():
         for misaligned in (False, True):
             ns["_check_multi_equals_single"]("cpu", torch.float16, misaligned)
         ns["_check_multi_equals_single"]("cpu", torch.float32, False)
-        from zo2_ds import zo
-        zo._use_kernels = lambda t: True  # the runner's CUDA path, on CPU tensors
-        ns["_check_resident_runner"]("cpu")
+        ns["_check_resident_runner"]("cpu")  # zo2.kernels "multi_tensor": the kernels, on CPU tensors
         print("ok")
         """
     )

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import zo2_ds
-from zo2_ds import zo
+from zo2_ds import kernels, zo
 from zo2_ds.offload import store as store_mod
 from zo2_ds.testing import ds_config, tiny_causal_lm
 
@@ -41,15 +41,24 @@ def batches(num_steps, grad_accum, micro_batch=2, seq=12, seed=1):
     ]
 
 
-def make_config(offload, *, q=1, grad_accum=1, lr=2e-3, weight_decay=0.0, schedule=None, dtype="fp32", seed=1234):
+def make_config(
+    offload, *, q=1, grad_accum=1, lr=2e-3, weight_decay=0.0, schedule=None, dtype="fp32", seed=1234, kernels="auto"
+):
     return ds_config(
         grad_accum=grad_accum,
         lr=lr,
         weight_decay=weight_decay,
         scheduler=schedule,
         dtype=dtype,
-        zo2={"eps": 1e-3, "seed": seed, "num_perturbations": q, "offload": offload},
+        zo2={"eps": 1e-3, "seed": seed, "num_perturbations": q, "kernels": kernels, "offload": offload},
     )
+
+
+def observe(runner, what, phase="start"):
+    """The blocks of every ``what`` operation ("upload", "compute", "writeback") as the runner issues it."""
+    seen = []
+    runner.add_observer(lambda w, b, p, stream: seen.append(b) if (w, p) == (what, phase) else None)
+    return seen
 
 
 def train(engine, data, device="cpu"):
@@ -134,17 +143,16 @@ def test_blocks_live_in_one_aligned_flat_buffer_per_block_rest_on_device():
             assert p.untyped_storage().data_ptr() == base  # a view of the block's buffer
             assert (p.data_ptr() - base) % store_mod.ALIGN_BYTES == 0
     runner = engine.zo_runner
-    assert runner.num_slots == 3 and len(runner._slots) == 3
+    assert runner.num_slots == 3 and len(runner.device_buffers()["slot_ring"]) == 3
 
 
 def test_runs_block_major_with_one_upload_per_block_per_step():
     engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", layers=3), config=make_config({"enabled": True}, q=2))
     runner = engine.zo_runner
-    order, uploads = [], []
+    order = []
     for b, block in enumerate(runner.store.blocks.blocks):
-        block.register_forward_pre_hook(lambda m, a, b=b: order.append((b, runner._sched.current_pass)))
-    issue = runner._issue_upload
-    runner._issue_upload = lambda b, *full: (uploads.append(b), issue(b, *full))
+        block.register_forward_pre_hook(lambda m, a, b=b: order.append((b, runner.current_pass)))
+    uploads = observe(runner, "upload")
     train(engine, batches(2, 1))
     # Per step: each block once, all four passes (+z0, -z0, +z1, -z1) on it before the next block.
     one_step = [(b, j) for b in range(3) for j in range(4)]
@@ -152,10 +160,10 @@ def test_runs_block_major_with_one_upload_per_block_per_step():
     # Once per block per step; each step ends by uploading the next step's first blocks into the free slots
     # (the ring holds all three here): step 0's own uploads, then those for steps 1 and 2.
     assert uploads == [0, 1, 2] * 3
-    assert runner._slot_owner == [0, 1, 2]
+    assert runner.slot_owners == (0, 1, 2)
     assert runner.pending_blocks == [0, 1, 2]  # step 1's update waits for the next upload
     runner.flush()  # drops the blocks uploaded ahead (the masters may change next), streams each block once
-    assert runner.pending_blocks == [] and runner._slot_owner == [None] * 3
+    assert runner.pending_blocks == [] and runner.slot_owners == (None,) * 3
     assert uploads == [0, 1, 2] * 4
 
 
@@ -163,19 +171,14 @@ def test_next_steps_first_blocks_are_uploaded_during_the_step_end():
     """5 blocks, 3 slots: every step after the first finds blocks 0-2 uploaded already."""
     engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", layers=5), config=make_config({"enabled": True}))
     runner = engine.zo_runner
-    uploads, in_run, at_start = [], [], []
-    issue = runner._issue_upload
-    runner._issue_upload = lambda b, *full: (
-        uploads.append(b),
-        in_run.append(runner._sched is not None),
-        issue(b, *full),
-    )
+    uploads, in_run, at_start = observe(runner, "upload"), [], []
+    runner.add_observer(lambda w, b, p, s: in_run.append(runner.running) if (w, p) == ("upload", "start") else None)
     runner.store.blocks.blocks[0].register_forward_pre_hook(
-        lambda m, a: at_start.append(list(runner._slot_owner)) if runner._sched.current_pass == 0 else None
+        lambda m, a: at_start.append(runner.slot_owners) if runner.current_pass == 0 else None
     )
     train(engine, batches(3, 1))
     assert uploads == [0, 1, 2, 3, 4, 0, 1, 2] + [3, 4, 0, 1, 2] * 2
-    assert at_start == [[0, 1, 2]] * 3  # step 0 fills the ring at its start, later steps before it
+    assert at_start == [(0, 1, 2)] * 3  # step 0 fills the ring at its start, later steps before it
     # The next step's blocks go up inside the run, as soon as blocks 3 and 4 free their slots (block 2's
     # slot is free earlier; it follows block 1 in upload order).
     assert all(in_run)
@@ -188,13 +191,14 @@ def test_write_back_is_issued_as_soon_as_the_update_is_in_the_slot(interval):
     engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", layers=3), config=make_config(offload, q=2))
     runner, store = engine.zo_runner, engine.zo_offload_store
     seen, issued = [], set()
-    write_back = runner._write_back
-    runner._write_back = lambda b: (issued.add((b, runner._run_step)), write_back(b))
+    runner.add_observer(
+        lambda w, b, p, s: issued.add((b, engine.global_steps)) if (w, p) == ("writeback", "start") else None
+    )
 
     def check(mod, args, b):
-        if runner._sched is not None and runner._sched.current_pass == 1:
-            slot = runner._slots[runner._slot_of[b]][: store.sizes[b]]
-            seen.append((b, torch.equal(store.homes[b], slot), (b, runner._run_step) in issued))
+        if runner.current_pass == 1:
+            slot = runner.ring.flat(b)  # the block's device copy
+            seen.append((b, torch.equal(store.homes[b], slot), (b, engine.global_steps) in issued))
 
     for b, block in enumerate(store.blocks.blocks):
         block.register_forward_pre_hook(lambda m, a, b=b: check(m, a, b))
@@ -210,9 +214,7 @@ def test_write_backs_are_spread_over_steps_and_flush_writes_every_block(interval
     offload = {"enabled": True, "write_back_interval": interval}
     engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("llama", layers=6), config=make_config(offload))
     runner = engine.zo_runner
-    written: list[int] = []
-    write_back = runner._write_back
-    runner._write_back = lambda b: (written.append(b), write_back(b))
+    written = observe(runner, "writeback")
     per_step = []
     for micro in batches(7, 1):
         before = len(written)
@@ -222,7 +224,7 @@ def test_write_backs_are_spread_over_steps_and_flush_writes_every_block(interval
     assert per_step[0] == []
     for step, blocks in enumerate(per_step[1:], start=1):
         assert blocks == [b for b in range(6) if (step + b) % interval == 0], (step, blocks)
-    assert all(len(p) <= interval for p in runner._pending)
+    assert all(runner.pending.count(b) <= interval for b in range(6))
     runner.flush()
     assert runner.pending_blocks == []
 
@@ -287,7 +289,7 @@ def test_interrupt_mid_step_leaves_checkpoint_resumable(tmp_path):
     block = runner.store.blocks.blocks[1]
 
     def interrupt(mod, args):
-        if runner._sched is not None and runner._sched.current_pass == 2:
+        if runner.current_pass == 2:
             raise KeyboardInterrupt
 
     handle = block.register_forward_pre_hook(interrupt)
@@ -295,13 +297,12 @@ def test_interrupt_mid_step_leaves_checkpoint_resumable(tmp_path):
         train(engine, data[2:3])
     handle.remove()
     # Nothing is left half-way: params point at their homes, no block is acquired, no thread is left.
-    assert not runner._acquired and runner._sched is None
+    assert not runner.acquired_blocks and not runner.running
     for b, block_entries in enumerate(runner.store.entries):
         for e, v in zip(block_entries, runner.store.home_views[b]):
             assert e.param.data_ptr() == v.data_ptr()
 
-    engine.load_checkpoint(str(tmp_path), tag="last")
-    engine._g_sum, engine._g_count = None, 0
+    engine.load_checkpoint(str(tmp_path), tag="last")  # also forgets the interrupted micro-step's g
     losses, gs = train(engine, data[2:])
     assert losses == full[1][2:] and gs == full[2][2:]
     resumed = params_of(engine)
@@ -315,7 +316,7 @@ def test_failure_in_one_pass_propagates_and_leaves_parameters_clean():
     block = engine.zo_runner.store.blocks.blocks[1]
 
     def boom(mod, args):
-        if engine.zo_runner._sched.current_pass == 1:
+        if engine.zo_runner.current_pass == 1:
             raise ValueError("boom in pass 1")
 
     handle = block.register_forward_pre_hook(boom)
@@ -337,7 +338,7 @@ def test_budget_keeps_blocks_resident_and_bad_input_is_explained(monkeypatch):
     engine, *_ = zo2_ds.initialize(
         model=model, config=make_config({"enabled": True, "max_gpu_memory": 2 * block_bytes + 7})
     )
-    assert engine.zo_offload_store.num_resident == 2 and engine.zo_runner._streamed == [1, 3]  # spread out
+    assert engine.zo_offload_store.num_resident == 2 and engine.zo_offload_store.streamed == [1, 3]  # spread out
 
     with pytest.raises(ValueError, match=r"zo2\.offload\.max_gpu_memory=.*smaller than one block"):
         zo2_ds.initialize(
@@ -502,25 +503,21 @@ def test_narrow_transfer_recovers_from_a_wrong_prefetch_guess():
     base = tiny_causal_lm("llama", tied=False, vocab_size=VOCAB, layers=4)
     data = batches(5, 2)
     cfg = make_config({"enabled": True, "transfer_dtype": "bf16", "write_back_interval": 2}, grad_accum=2)
-    results, reissued = [], []
+    results, uploads = [], []
     for hint in (True, False):
         engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=cfg)
         runner = engine.zo_runner
-        run, copy_in, count = runner.run, runner._copy_in, [0]
+        run = runner.run
 
-        def run_without_hint(step, q, forward, next_step=None, run=run):
-            return run(step, q, forward)
+        def run_without_hint(step, forward, next_step=None, run=run):
+            return run(step, forward)  # next_step defaults to step + 1: wrong inside an accumulation
 
-        def counting_copy_in(b, full, copy_in=copy_in, runner=runner, count=count):
-            count[0] += runner._slot_owner[runner._slot_of[b]] == b  # again, into the slot it holds
-            copy_in(b, full)
-
-        runner._copy_in = counting_copy_in
         if not hint:
             runner.run = run_without_hint
+        uploaded = observe(runner, "upload")
         results.append((*train(engine, data), params_of(engine)))
-        reissued.append(count[0])
-    assert reissued[0] == 0 and reissued[1] > 0
+        uploads.append(len(uploaded))
+    assert uploads[1] > uploads[0]  # the wrong copies were uploaded again at acquire
     assert results[0][:2] == results[1][:2]
     for name, value in results[0][2].items():
         assert torch.equal(results[1][2][name], value), name
@@ -559,7 +556,7 @@ def test_narrow_copies_follow_the_masters_through_loads_and_flushes():
 
     def check_copies():
         for b in store.streamed:
-            assert not runner._pending[b]
+            assert not runner.pending.count(b)
             for e, n in zip(store.entries[b], store.narrow.entries[b]):
                 assert torch.equal(n.view(store.narrow.homes[b]), e.view(store.homes[b]).to(n.dtype)), e.param
 
@@ -615,22 +612,27 @@ def test_device_bytes_are_the_ring_scratch_and_resident_blocks(depth, num_reside
     runner, store = engine.zo_runner, engine.zo_offload_store
     budget = runner.device_bytes()
     streamed = [b for b in range(6) if b not in store.resident]
-    assert runner.num_slots == min(depth + 2, len(streamed)) == len(runner._slots)
+    buffers = runner.device_buffers()
+    assert runner.num_slots == min(depth + 2, len(streamed)) == len(buffers["slot_ring"])
     block_bytes = max(store.sizes)
-    assert budget["slot_ring"] == runner.num_slots * block_bytes == sum(s.numel() for s in runner._slots)
+    assert budget["slot_ring"] == runner.num_slots * block_bytes == sum(s.numel() for s in buffers["slot_ring"])
     assert budget["resident_blocks"] == num_resident * block_bytes
     align = store_mod.ALIGN_BYTES
     trainable = [
         sum(-(-p.numel() * p.element_size() // align) * align for p in block.parameters() if p.requires_grad)
         for block in store.blocks.blocks
     ]
-    assert budget["perturbation_scratch"] == max(trainable) == runner._scratch.numel()
+    assert budget["perturbation_scratch"] == max(trainable) == buffers["perturbation_scratch"][0].numel()
     embed = engine.module.get_input_embeddings().weight
     assert budget["outside_perturbed"] == embed.numel() * embed.element_size()  # the tied embedding / head
+
     # Allocated once: a step neither replaces nor adds device buffers of the offloader.
-    pointers = [s.data_ptr() for s in runner._slots] + [runner._scratch.data_ptr()]
+    def pointers():
+        return {part: [t.data_ptr() for t in ts] for part, ts in runner.device_buffers().items()}
+
+    before = pointers()
     train(engine, batches(2, 1))
-    assert [s.data_ptr() for s in runner._slots] + [runner._scratch.data_ptr()] == pointers
+    assert pointers() == before
     assert runner.device_bytes() == budget
 
 
@@ -769,7 +771,7 @@ def test_parse_bytes():
         store_mod.parse_bytes("lots")
 
 
-def _check_multi_tensor_offload(device: str, dtype: str = "fp32") -> None:
+def _check_multi_tensor_offload(device: str, dtype: str = "fp32", kernels_mode: str = "auto") -> None:
     """The offloader's CUDA path: one multi-tensor launch per block and pass (the first fusing the pending
     update), one update launch per block on flush, and the trajectory of offload off (the resident runner's
     multi-tensor kernels), bit for bit. Counts the launches by wrapping the kernels' entry points."""
@@ -795,7 +797,7 @@ def _check_multi_tensor_offload(device: str, dtype: str = "fp32") -> None:
 
     base = tiny_causal_lm("opt", tied=True, vocab_size=VOCAB, layers=3)
     data = batches(3, 1)
-    kw = dict(q=2, weight_decay=0.1, schedule=SCHEDULE, dtype=dtype)
+    kw = dict(q=2, weight_decay=0.1, schedule=SCHEDULE, dtype=dtype, kernels=kernels_mode)
     for name in wrapped:
         setattr(kernels, name, counting(name))
     try:
@@ -809,18 +811,20 @@ def _check_multi_tensor_offload(device: str, dtype: str = "fp32") -> None:
     assert_same(off, on)
     runner = on[0].zo_runner
     num_blocks = runner.store.num_blocks
-    assert all(isinstance(t, kernels.TensorTable) for t in runner._tables), runner._tables
+    block_tables = runner.perturber.tables()
+    assert all(isinstance(t, kernels.TensorTable) for t in block_tables), block_tables
     assert not calls["single"], "no per-tensor launch"
     # Launches on the blocks' tables (the others are the resident runner's, for tensors outside the blocks):
     # 3 steps of 2q = 4 passes; the first pass of steps 2 and 3 fuses the pending update, every other pass
     # only perturbs, one launch per block each; the eval forward applies the last update (one per block).
     # (write_back_interval 1: with more, an upload also re-applies the updates its master lacks.)
-    tables = {id(t) for t in runner._tables}
+    tables = {id(t) for t in block_tables}
     counts = {k: sum(i in tables for i in v) for k, v in calls.items()}
     assert counts == {"multi": (3 * 4 - 2) * num_blocks, "fused_multi": 2 * num_blocks,
                       "update_multi": num_blocks, "single": 0}, counts  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_offload_multi_tensor_path_under_triton_interpreter():
     """The offloader's CUDA code path (multi-tensor tables per block, fused lazy update) run by Triton's
@@ -828,10 +832,8 @@ def test_offload_multi_tensor_path_under_triton_interpreter():
     code = textwrap.dedent(
         f"""
         import runpy
-        from zo2_ds import zo
-        zo._use_kernels = lambda t: True  # the kernels' path, on CPU tensors
         ns = runpy.run_path({str(Path(__file__))!r})
-        ns["_check_multi_tensor_offload"]("cpu")
+        ns["_check_multi_tensor_offload"]("cpu", kernels_mode="multi_tensor")  # the kernels, on CPU tensors
         print("ok")
         """
     )
@@ -848,23 +850,18 @@ def test_offload_multi_tensor_path_under_triton_interpreter():
 
 
 def _delay_everything(engine, cycles):
-    """Delay the compute stream at each block, and each upload / write-back, to expose missing event waits."""
+    """Delay the compute stream at each block, and each upload / write-back (through the runner's observer
+    hook, on the stream the copy is queued on), to expose missing event waits."""
     runner = engine.zo_runner
     for block in runner.store.blocks.blocks:
         block.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(cycles))
-    issue, release = runner._issue_upload, runner._release
 
-    def slow_issue(b, *full):
-        with torch.cuda.stream(runner.streams.upload):
-            torch.cuda._sleep(cycles)
-        issue(b, *full)
+    def delay(what, block, phase, stream):
+        if phase == "start" and what in ("upload", "writeback"):
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(cycles)
 
-    def slow_release(b):
-        with torch.cuda.stream(runner.streams.writeback):
-            torch.cuda._sleep(cycles)
-        release(b)
-
-    runner._issue_upload, runner._release = slow_issue, slow_release
+    runner.add_observer(delay)
 
 
 @pytest.mark.cuda
@@ -949,7 +946,7 @@ def test_cuda_narrow_transfer_is_race_free_and_keeps_exact_masters(depth):
         for n, theta in eager.items():
             seeds = [zo.z_seed(1234, step, i, zo.param_key(n)) for i in range(len(g))]
             wd = 0.1 if zo.uses_weight_decay(theta) else 0.0
-            zo.apply_update_(theta, seeds, [v / len(g) for v in g], 2e-3, wd)
+            kernels.apply_update_(theta, seeds, [v / len(g) for v in g], 2e-3, wd)
     for n, theta in eager.items():
         assert torch.equal(params[n], theta.cpu()), n
     off = trajectory(copy.deepcopy(base), {"enabled": False}, data, device="cuda", **kw)

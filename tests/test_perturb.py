@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from zo2_ds import zo
+from zo2_ds.config import ZO2Config
 from zo2_ds.models import find_blocks
 from zo2_ds.perturb import ResidentRunner, trainable_params
 from zo2_ds.testing import tiny_causal_lm
@@ -18,7 +19,7 @@ from zo2_ds.testing import tiny_causal_lm
 def test_blocks_are_single_units(arch):
     model = tiny_causal_lm(arch, layers=3).eval()
     params = trainable_params(model)
-    runner = ResidentRunner(model, params, eps=1e-3, seed=0)
+    runner = ResidentRunner(model, params, ZO2Config(eps=1e-3, seed=0))
     blocks = find_blocks(model).blocks
     by_module = {id(u.module): u for u in runner.units}
     for block in blocks:
@@ -27,14 +28,16 @@ def test_blocks_are_single_units(arch):
     inside = {id(p) for b in blocks for p in b.parameters()}
     outside = [tp for tp in params if id(tp.param) not in inside]
     assert len(runner.units) == len(blocks) + len({id(m) for tp in outside for m, _ in tp.uses})
-    assert len(runner._handles) == 2 * len(runner.units)
+    hooks = [(len(u.module._forward_pre_hooks), len(u.module._forward_hooks)) for u in runner.units]
+    assert hooks == [(1, 1)] * len(runner.units)  # one pre- and one post-hook per unit
     runner.close()
+    assert all(not u.module._forward_pre_hooks and not u.module._forward_hooks for u in runner.units)
 
 
 def test_tied_weight_perturbed_at_each_use_and_restored():
     model = tiny_causal_lm("opt", tied=True).eval()
     params = trainable_params(model)
-    runner = ResidentRunner(model, params, eps=0.1, seed=3)
+    runner = ResidentRunner(model, params, ZO2Config(eps=0.1, seed=3))
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     assert embed.weight is head.weight
     seen = {}
@@ -63,7 +66,7 @@ def test_subset_outside_blocks_has_no_block_units():
     model = tiny_causal_lm("opt", layers=2).eval()
     inside = {id(p) for b in find_blocks(model).blocks for p in b.parameters()}
     subset = [tp for tp in trainable_params(model) if id(tp.param) not in inside]
-    runner = ResidentRunner(model, subset, eps=1e-3, seed=0)
+    runner = ResidentRunner(model, subset, ZO2Config(eps=1e-3, seed=0))
     hooked = {id(u.module) for u in runner.units}
     assert not hooked & {id(b) for b in find_blocks(model).blocks}
     assert {id(tp.param) for u in runner.units for tp in u.tensors} == {id(tp.param) for tp in subset}
@@ -73,7 +76,7 @@ def test_subset_outside_blocks_has_no_block_units():
 def test_model_without_blocks_uses_module_units():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     params = trainable_params(model)
-    runner = ResidentRunner(model, params, eps=0.5, seed=1)
+    runner = ResidentRunner(model, params, ZO2Config(eps=0.5, seed=1))
     assert sorted(type(u.module).__name__ for u in runner.units) == ["Linear", "Linear"]
     x = torch.randn(3, 4)
     with torch.no_grad(), runner.perturbed(0, 1, -1):
@@ -87,7 +90,7 @@ def test_model_without_blocks_uses_module_units():
 def test_reentered_unit_raises_and_restores():
     model = tiny_causal_lm("opt", layers=1).eval()
     params = trainable_params(model)
-    runner = ResidentRunner(model, params, eps=1e-3, seed=0)
+    runner = ResidentRunner(model, params, ZO2Config(eps=1e-3, seed=0))
     block = find_blocks(model).blocks[0]
 
     def reenter(mod, args):

@@ -76,6 +76,11 @@ class OffloadConfig(DeepSpeedConfigModel):
     run, so results are the same bits. A block whose forward cannot be captured (a host sync inside) runs
     eagerly, with a warning. No effect on CPU."""
 
+    prefetch_next_step: bool = True
+    """At the end of a training step, upload the next step's first blocks into the slots the last blocks
+    free, so the link keeps working through the step boundary (the host's work between steps). False
+    uploads each step's blocks only once it starts (benchmarks compare the two)."""
+
     blocks_attr: str | None = None
     """Dotted path from the model to its nn.ModuleList of repeated blocks (e.g. "model.decoder.layers"),
     for models where automatic discovery fails."""
@@ -97,6 +102,13 @@ class ZO2Config(DeepSpeedConfigModel):
 
     num_perturbations: int = Field(1, ge=1, le=64)
     """q: directions per step; the update averages the q estimates g_i z_i (n-SPSA)."""
+
+    kernels: Literal["auto", "multi_tensor", "per_tensor", "torch"] = "auto"
+    """Which implementation perturbs and updates (zo2_ds/ops.py): "auto" = the multi-tensor Triton kernels
+    on CUDA tensors when triton is installed, else torch; "multi_tensor" (one launch per block / update
+    group); "per_tensor" (one Triton launch per tensor); "torch" (zo2_ds/zo.py, z from torch's generator:
+    a different z than the kernels'). A kernel mode without triton or CUDA warns and runs torch. The two
+    kernel modes give the same bits."""
 
     lean_loss: bool = True
     """Compute HF causal-LM losses chunk by chunk (zo2_ds.loss): the same value bit for bit as transformers'

@@ -18,11 +18,9 @@ What it overrides, and why (everything else is DeepSpeed's own behaviour):
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -30,10 +28,13 @@ from deepspeed import comm as dist
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.utils import logger
 
-from zo2_ds import zo
+from zo2_ds import ds_compat, zo
 from zo2_ds.config import ZO2Config, parse_zo2_config
 from zo2_ds.loss import install_lean_loss, uninstall_lean_loss
+from zo2_ds.ops import Ops
+from zo2_ds.passes import eval_mode, kv_cache_configs, kv_cache_off, loss_of, with_loss
 from zo2_ds.perturb import ResidentRunner, UpdateGroup, trainable_params
+from zo2_ds.runner import ZORunner
 
 __all__ = ["ZOEngine", "ZOOptimizer"]
 
@@ -43,8 +44,10 @@ _IGNORED_OPTIMIZER_KEYS = ("momentum", "betas", "eps", "nesterov", "dampening", 
 class ZOOptimizer(torch.optim.Optimizer):
     """Param groups (lr, weight_decay) that DeepSpeed's and torch's schedulers can drive; no state.
 
-    ``step()`` applies the ZO-SGD update through the engine. ``overflow`` tells DeepSpeed's step to
-    skip the scheduler and count a skipped step (set when g is not finite).
+    ``step()`` applies the ZO-SGD update of the step the engine prepared (:meth:`prepare_step`: the step
+    number and the coefficients g_i / q) through the runner it was bound to (:meth:`bind`), with each
+    group's current lr and weight decay. ``overflow`` tells DeepSpeed's step to skip the scheduler and
+    count a skipped step (set when g is not finite; the update is skipped too).
     """
 
     def __init__(self, params: Any, lr: float, weight_decay: float = 0.0):
@@ -52,13 +55,34 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"optimizer.params.lr: expected a non-negative number, got {lr!r}")
         super().__init__(params, {"lr": float(lr), "weight_decay": float(weight_decay)})
         self.overflow = False
-        self.apply_update: Callable[[], None] | None = None
+        self._runner: ZORunner | None = None
+        self._trainable: frozenset[int] = frozenset()
+        self._step: tuple[int, list[float]] | None = None
+
+    def bind(self, runner: ZORunner, trainable: Sequence[torch.nn.Parameter]) -> None:
+        """Apply updates through ``runner``, to the ``trainable`` parameters of the groups (others are skipped)."""
+        self._runner, self._trainable = runner, frozenset(id(p) for p in trainable)
+
+    def prepare_step(self, step: int, coefs: Sequence[float], finite: bool) -> None:
+        """The update the next ``step()`` applies: training step ``step``, ``coefs`` = g_i / q (skipped and
+        counted as an overflow when g is not ``finite``)."""
+        self._step = (step, list(coefs))
+        self.overflow = not finite
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None) -> None:  # noqa: D102
-        if self.apply_update is None:
+        if self._runner is None or self._step is None:
             raise RuntimeError("ZOOptimizer.step() is driven by ZOEngine.step(); call engine.step()")
-        self.apply_update()
+        step, coefs = self._step
+        self._step = None
+        if self.overflow:
+            return
+        groups = []
+        for group in self.param_groups:
+            params = tuple(p for p in group["params"] if id(p) in self._trainable)
+            if params:
+                groups.append(UpdateGroup(params, float(group["lr"]), float(group.get("weight_decay", 0.0))))
+        self._runner.update(step, coefs, groups)
 
     def load_state_dict(self, state_dict: dict, load_optimizer_states: bool = True) -> None:  # noqa: D102
         # DeepSpeed passes load_optimizer_states for fp16/bf16 runs; there is no state to skip.
@@ -81,59 +105,39 @@ class ZOEngine(DeepSpeedEngine):
                 "or pass optimizer= to initialize"
             )
         self.zo_params = trainable_params(self.module)
-        self._zo_param_ids = frozenset(id(tp.param) for tp in self.zo_params)
         # HF configs with a KV cache switched on, found once: the perturbed passes turn it off.
-        self._kv_cache_configs = _kv_cache_configs(self.module)
+        self._kv_cache_configs = kv_cache_configs(self.module)
         if not self.zo_params:
             raise ValueError("zo2: the model has no parameter with requires_grad=True; nothing to train")
         self._lean_loss_models = install_lean_loss(self.module) if self.zo_config.lean_loss else []
-        self.zo_runner = self._build_runner()
-        self.tput_timer = _OncePerStepThroughputTimer(self)
-        self.optimizer.apply_update = self._apply_update
+        self.zo_runner: ZORunner = self._build_runner()
+        self.optimizer.bind(self.zo_runner, [tp.param for tp in self.zo_params])
+        self._zo_span = ds_compat.ForwardSpan(self)
         self.zo_skipped_steps = 0
         self._g_sum: torch.Tensor | None = None  # sum over micro-batches of g_i, shape [q], on device
         self._g_count = 0
         self._last_g: list[float] = []
         self._last_loss = float("nan")
-        if self.flops_profiler_enabled() and hasattr(self, "flops_profiler"):
-            self._wrap_flops_profiler_print()
 
     # -- construction ----------------------------------------------------------------------------
-    def _build_runner(self) -> Any:
+    def _build_runner(self) -> ZORunner:
         cfg = self.zo_config
+        ops = Ops(cfg.kernels)
         if cfg.offload.enabled:
             from zo2_ds.offload import OffloadRunner
 
-            return OffloadRunner(self, cfg)
-        return ResidentRunner(self.module, self.zo_params, cfg.eps, cfg.seed)
+            return OffloadRunner(self.module, self.zo_params, self.zo_offload_store, cfg, ops=ops)
+        return ResidentRunner(self.module, self.zo_params, cfg, ops)
 
     def _configure_distributed_model(self, model: Any) -> None:
-        """With zo2.offload, DeepSpeed casts the model but does not move it (the blocks may not fit the GPU):
-        :func:`zo2_ds.offload.build_store` then puts the blocks' masters in pinned host memory (replacing
-        their storage block by block) and moves everything else to the device; the broadcast follows."""
-        offload = self.zo_config.offload
-        if not offload.enabled:
+        """With zo2.offload the blocks' masters go to pinned host memory (see :mod:`zo2_ds.ds_compat`)."""
+        if not self.zo_config.offload.enabled:
             return super()._configure_distributed_model(model)
-        from zo2_ds.offload import broadcast_store, build_store
-
-        keep_device, self.dont_change_device = self.dont_change_device, True
-        self._zo_defer_broadcast = True  # DeepSpeed broadcasts at the end of super(); blocks are not placed yet
-        try:
-            super()._configure_distributed_model(model)
-        finally:
-            self.dont_change_device, self._zo_defer_broadcast = keep_device, False
-        self.zo_offload_store = build_store(self.module, offload, self.device, move_rest=not keep_device)
-        broadcast_store(self, self.zo_offload_store)
+        self.zo_offload_store = ds_compat.configure_offloaded_model(self, super()._configure_distributed_model, model)
 
     def _broadcast_model(self) -> None:
-        if getattr(self, "_zo_defer_broadcast", False):
-            return
         store = getattr(self, "zo_offload_store", None)
-        if store is None:
-            return super()._broadcast_model()
-        from zo2_ds.offload import broadcast_store
-
-        broadcast_store(self, store)
+        ds_compat.broadcast_model(self, store, super()._broadcast_model)
 
     def _configure_optimizer(self, client_optimizer: Any, model_parameters: Any) -> None:
         if client_optimizer is not None:
@@ -172,69 +176,37 @@ class ZOEngine(DeepSpeedEngine):
         return 0.0
 
     # -- forward / backward / step ---------------------------------------------------------------
-    _zo_timed_forward = False  # True while forward() holds DeepSpeed's forward timers for all its passes
-
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Train mode: the seeded dual forward; returns the output of the last pass (theta - eps z_{q-1})
         with its loss replaced by the mean of every L+ and L-. Eval mode: one plain forward."""
-        # DeepSpeed times a forward from its prologue to its epilogue (hooks on the module). Time the 2q
-        # passes as one span instead: the offloader interleaves them, and a pass's prologue would find the
-        # timer still running (wall_clock_breakdown asserts); the figure is then the whole ZO forward.
-        timers = self.engine_timers.forward_timers
-        self._start_timers(timers)
-        if self.training_dataloader is None:
-            self.tput_timer.start_step()
-        # DeepSpeed's flops profiler, at its step: one profile over every pass (started here, not per pass).
-        profiling = self._flops_profile_now()
-        if profiling:
-            self.flops_profiler.start_profile(ignore_list=None)
-        self._zo_timed_forward = True
-        try:
+        # DeepSpeed times, counts and profiles the 2q passes as one forward (ds_compat.ForwardSpan).
+        with self._zo_span:
             return self._zo_forward(*inputs, **kwargs)
-        finally:
-            self._zo_timed_forward = False
-            self._stop_timers(timers)
-            if profiling:
-                self.flops_profiler.stop_profile()
 
     def flops_profiler_enabled(self) -> bool:  # noqa: D102
-        # Inside forward() the passes must not start / stop the profile each (see forward).
-        return False if self._zo_timed_forward else super().flops_profiler_enabled()
+        span = getattr(self, "_zo_span", None)
+        return False if span is not None and span.active else super().flops_profiler_enabled()
 
-    def _flops_profile_now(self) -> bool:
+    def profile_this_step(self) -> bool:
+        """Whether DeepSpeed's flops profiler profiles the forward of this step (rank 0, its profile step)."""
         return (
             super().flops_profiler_enabled()
             and self.global_steps == self.flops_profiler_profile_step()
             and self.global_rank == 0
         )
 
-    _zo_printing_profile = False
-
     def wall_clock_breakdown(self) -> bool:  # noqa: D102
-        return False if self._zo_printing_profile else super().wall_clock_breakdown()
-
-    def _wrap_flops_profiler_print(self) -> None:
-        """The profile's summary, without DeepSpeed's backward lines: with wall_clock_breakdown they divide by
-        the backward's latency, which is 0 here (ZeroDivisionError), and count 2x the forward's flops for a
-        backward ZO does not run. The forward lines cover all 2q passes of the step (flops and latency)."""
-        profiler = self.flops_profiler
-        original = profiler.print_model_profile
-
-        def print_model_profile(*args: Any, **kwargs: Any) -> Any:
-            self._zo_printing_profile = True
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._zo_printing_profile = False
-
-        profiler.print_model_profile = print_model_profile
+        span = getattr(self, "_zo_span", None)
+        return False if span is not None and span.printing_profile else super().wall_clock_breakdown()
 
     def _start_timers(self, timer_names: list[str]) -> None:
-        if not (self._zo_timed_forward and timer_names is self.engine_timers.forward_timers):
+        span = getattr(self, "_zo_span", None)
+        if span is None or not span.suppresses(timer_names):
             super()._start_timers(timer_names)
 
     def _stop_timers(self, timer_names: list[str]) -> None:
-        if not (self._zo_timed_forward and timer_names is self.engine_timers.forward_timers):
+        span = getattr(self, "_zo_span", None)
+        if span is None or not span.suppresses(timer_names):
             super()._stop_timers(timer_names)
 
     def _zo_forward(self, *inputs: Any, **kwargs: Any) -> Any:
@@ -244,29 +216,22 @@ class ZOEngine(DeepSpeedEngine):
         cfg = self.zo_config
         # Each pass is reduced to its scalar loss at once, so 2q sets of logits (and KV caches) are never
         # alive together. The last pass's full output is the one returned to the caller: kept from any
-        # earlier pass, its logits would still be alive during every later pass's loss. Passes start in
-        # order (sequentially, or in turn under the offloader's lock-step), so a counter names them.
-        num_passes = 2 * cfg.num_perturbations
+        # earlier pass, its logits would still be alive during every later pass's loss.
+        last_pass = 2 * cfg.num_perturbations - 1
         last_output: list[Any] = []
-        started = [0]
-        lock = threading.Lock()
 
-        def one_pass() -> torch.Tensor:
-            with lock:  # the offloader runs passes in lock-step threads
-                index = started[0]
-                started[0] += 1
+        def one_pass(index: int) -> torch.Tensor:
             output = DeepSpeedEngine.forward(self, *inputs, **kwargs)
-            loss = _loss_of(output)
-            if index == num_passes - 1:
+            if index == last_pass:
                 last_output.append(output)
-            return loss
+            return loss_of(output)
 
         # Dropout off for the perturbed passes (as MeZO does): L+ and L- must see the same network
         # up to the perturbation, or g measures dropout noise. No KV cache either: nothing reuses it.
-        with _eval_mode(self.module), torch.no_grad(), _kv_cache_off(self._kv_cache_configs):
+        with eval_mode(self.module), torch.no_grad(), kv_cache_off(self._kv_cache_configs):
             step = self.global_steps
             next_step = step + 1 if self.is_gradient_accumulation_boundary() else step
-            pairs = self.zo_runner.run(step, cfg.num_perturbations, one_pass, next_step=next_step)
+            pairs = self.zo_runner.run(step, one_pass, next_step=next_step)
         plus_losses = torch.stack([p for p, _ in pairs])
         minus_losses = torch.stack([m for _, m in pairs])
         g = zo.projected_grad(plus_losses, minus_losses, cfg.eps)
@@ -275,7 +240,7 @@ class ZOEngine(DeepSpeedEngine):
         stats = torch.cat([g, mean_loss.reshape(1)])
         self._g_sum = stats if self._g_sum is None else self._g_sum + stats
         self._g_count += 1
-        return _with_loss(last_output[0], mean_loss.to(plus_losses.dtype))
+        return with_loss(last_output[0], mean_loss.to(plus_losses.dtype))
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
         """No autograd work: the projected gradient was measured in forward."""
@@ -323,7 +288,7 @@ class ZOEngine(DeepSpeedEngine):
         self._g_sum, self._g_count = None, 0
         self._last_g = values
         finite = all(math.isfinite(v) for v in values)
-        self.optimizer.overflow = not finite
+        self.optimizer.prepare_step(self.global_steps, [v / len(values) for v in values], finite)
         if not finite:
             self.zo_skipped_steps += 1
             warnings.warn(
@@ -331,19 +296,6 @@ class ZOEngine(DeepSpeedEngine):
                 f"(parameters unchanged; {self.zo_skipped_steps} skipped so far)",
                 stacklevel=3,
             )
-
-    def _apply_update(self) -> None:
-        """ZOOptimizer.step(): theta <- theta - lr (mean_i g_i z_i + wd theta), per param group."""
-        if self.optimizer.overflow:
-            return
-        q = len(self._last_g)
-        coefs = [v / q for v in self._last_g]
-        groups = []
-        for group in self.optimizer.param_groups:
-            params = tuple(p for p in group["params"] if id(p) in self._zo_param_ids)
-            if params:
-                groups.append(UpdateGroup(params, float(group["lr"]), float(group.get("weight_decay", 0.0))))
-        self.zo_runner.update(self.global_steps, coefs, groups)
 
     @property
     def last_loss(self) -> float:
@@ -391,36 +343,6 @@ class ZOEngine(DeepSpeedEngine):
         super().destroy()
 
 
-class _OncePerStepThroughputTimer:
-    """DeepSpeed's ThroughputTimer, started once per ZO forward instead of once per pass.
-
-    DeepSpeed starts it in every ``DeepSpeedEngine.forward``, i.e. 2q times per ZO step, and by default each
-    start and stop synchronizes the device. A device-wide synchronize at the start of a pass drains the
-    queue the offloader keeps ahead of the host (the next blocks' uploads), leaving the GPU idle while the
-    host prepares the pass. The ZO step already waits for the device once per step (reading g), so the
-    timer keeps DeepSpeed's per-step figures without its own synchronize, unless the config asks for it
-    explicitly (``"timers": {"throughput": {"synchronized": true}}``).
-    """
-
-    def __init__(self, engine: Any):
-        timer = engine.tput_timer
-        self._timer = timer
-        self._engine = engine
-        explicit = ((engine._config._param_dict.get("timers") or {}).get("throughput") or {}).get("synchronized")
-        if not explicit and getattr(timer.config, "synchronized", False):
-            timer.config = timer.config.model_copy(update={"synchronized": False})
-
-    def start(self) -> None:  # called by every pass's DeepSpeedEngine.forward: a no-op inside a ZO forward
-        if not self._engine._zo_timed_forward:
-            self._timer.start()
-
-    def start_step(self) -> None:
-        self._timer.start()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._timer, name)
-
-
 def _check_compatible(config_class: Any) -> None:
     """ZO replaces the optimizer and the backward pass; settings built around them cannot apply."""
     cfg = parse_zo2_config(config_class._param_dict)
@@ -434,95 +356,3 @@ def _check_compatible(config_class: Any) -> None:
         )
     if config_class.hybrid_engine.enabled:
         raise ValueError("zo2 is incompatible with hybrid_engine")
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Every submodule's ``training`` False for the duration, then each one's own flag back.
-
-    ``module.train(False)`` / ``train(True)`` per step costs milliseconds of host time on a large model
-    (``nn.Module.__setattr__`` for each of hundreds of modules, twice), which an offloaded small model's
-    step cannot hide; it would also turn on modules the user had put in eval mode. Where a module's class
-    does more in ``train`` than set the flag (other than HF's override, which only re-casts hub kernels
-    when they are used), ``train`` is called as before.
-    """
-    modules = list(module.modules())
-    if not all(_plain_train(m) for m in modules):
-        module.train(False)
-        try:
-            yield
-        finally:
-            module.train(True)
-        return
-    saved = [m.training for m in modules]
-    for m in modules:
-        m.__dict__["training"] = False
-    try:
-        yield
-    finally:
-        for m, flag in zip(modules, saved):
-            m.__dict__["training"] = flag
-
-
-def _plain_train(module: torch.nn.Module) -> bool:
-    train = type(module).train
-    if train is torch.nn.Module.train:
-        return True
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return train is PreTrainedModel.train and not getattr(module, "_use_kernels", False)
-
-
-def _kv_cache_configs(module: torch.nn.Module) -> list[Any]:
-    """The distinct HF configs inside ``module`` whose ``use_cache`` is on."""
-    configs = {}
-    for sub in module.modules():
-        config = getattr(sub, "config", None)
-        if getattr(config, "use_cache", False) is True:
-            configs[id(config)] = config
-    return list(configs.values())
-
-
-@contextlib.contextmanager
-def _kv_cache_off(configs: list[Any]) -> Iterator[None]:
-    """``config.use_cache = False`` on each of ``configs`` for the duration (nothing reuses the cache)."""
-    for config in configs:
-        config.use_cache = False
-    try:
-        yield
-    finally:
-        for config in configs:
-            config.use_cache = True
-
-
-def _loss_of(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        loss = output
-    elif getattr(output, "loss", None) is not None:
-        loss = output.loss
-    elif isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
-        loss = output["loss"]
-    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        loss = output[0]
-    else:
-        raise TypeError(
-            "zo2: the model's forward must return a scalar loss tensor, an object with a .loss (e.g. an HF "
-            "ModelOutput: pass labels= to the model), a dict with a 'loss' tensor, or a tuple starting with the "
-            f"loss; got {type(output).__name__}" + (" with loss=None" if hasattr(output, "loss") else "")
-        )
-    if loss.numel() != 1:
-        raise TypeError(f"zo2: the loss must be a scalar tensor, got shape {tuple(loss.shape)}")
-    return loss.reshape(())
-
-
-def _with_loss(output: Any, loss: torch.Tensor) -> Any:
-    if isinstance(output, torch.Tensor):
-        return loss
-    if getattr(output, "loss", None) is not None:
-        output.loss = loss
-        return output
-    if isinstance(output, Mapping):
-        return {**output, "loss": loss}
-    return type(output)((loss, *output[1:]))

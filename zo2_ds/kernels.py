@@ -65,6 +65,9 @@ __all__ = [
     "apply_update_multi_",
     "update_and_perturb_multi_",
     "z_seeds_from_pass",
+    "set_direct_launch",
+    "INTERPRET",
+    "SUPPORTED_DTYPES",
 ]
 
 _ROW = 1024  # part of z's definition (see module docstring): changing it changes every z
@@ -73,10 +76,9 @@ _ROW = 1024  # part of z's definition (see module docstring): changing it change
 # compute-bound (1.25x a copy of the same bytes), 7 rounds run at copy speed (1.04x).
 _PHILOX_ROUNDS = 7
 _NUM_WARPS = 4  # 1024 lanes / 128 threads = 8 elements a thread per quarter: 16-byte fp16 loads
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_FAST_MATH = not _INTERPRET  # the interpreter cannot run libdevice calls
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DISABLE_ENV = "ZO2_DS_DISABLE_KERNELS"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's own switch: its CPU interpreter
+_FAST_MATH = not INTERPRET  # the interpreter cannot run libdevice calls
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _triton_wanted() -> bool:
@@ -86,7 +88,7 @@ def _triton_wanted() -> bool:
             return False
     except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None, as tests do to hide it
         return False
-    return _INTERPRET or torch.cuda.is_available()
+    return INTERPRET or torch.cuda.is_available()
 
 
 if _triton_wanted():
@@ -104,11 +106,9 @@ else:  # CPU machine: the module still imports; the kernels below are plain func
 
 @functools.cache
 def available() -> bool:
-    """True when the fused kernels can run: triton importable, a CUDA device present, not disabled
-    with ``ZO2_DS_DISABLE_KERNELS=1`` (the torch path in :mod:`zo2_ds.zo` is used otherwise)."""
-    if os.environ.get(_DISABLE_ENV, "0") not in ("", "0"):
-        return False
-    return triton is not None and torch.cuda.is_available()
+    """True when the fused kernels can run: triton importable and a CUDA device present (or Triton's CPU
+    interpreter, ``TRITON_INTERPRET=1``). Whether they are used is :class:`zo2_ds.ops.Ops`'s choice."""
+    return triton is not None and (torch.cuda.is_available() or INTERPRET)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -350,11 +350,11 @@ def _z_seeds_kernel(key_ptr, out_ptr, n, pass_hash, BLOCK: tl.constexpr):
 def _check_tensor(t: torch.Tensor, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
-    if t.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"{name}: dtype {t.dtype} not supported; expected one of {_SUPPORTED_DTYPES}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: dtype {t.dtype} not supported; expected one of {SUPPORTED_DTYPES}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: the fused kernels need a contiguous tensor (z is keyed by the flat index)")
-    if t.device.type != "cuda" and not _INTERPRET:
+    if t.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"{name}: the fused kernels need a CUDA tensor, got device {t.device}")
     if triton is None:
         raise RuntimeError("zo2_ds.kernels: triton is not available; use the torch path in zo2_ds.zo")
@@ -427,7 +427,7 @@ def _launch(
     grid = ((numel + group - 1) // group, 1, 1)
     args = (theta, out0, out1, coef_ptr, numel, seeds, scalar_coefs, neg_lr, weight_decay, pert_seed, scale0, scale1)
     constexprs = (q, coef_tensor is not None, len(outs), read_theta, numel + group > 2**31 - 1, _ROW, rounds, fast_math)
-    if _INTERPRET:
+    if INTERPRET:
         return _zo_kernel[grid](*args, *constexprs, num_warps=num_warps)
     device_index = theta.device.index
     if device_index != torch.cuda.current_device():
@@ -458,7 +458,13 @@ def _launch(
 # internals (`run`, `function`, `packed_metadata`, as JITFunction.run does in triton 3.x): any
 # failure turns the direct path off for the process and falls back to triton's own launch.
 _DIRECT_CACHE: dict[tuple, Any] = {}
-_DIRECT_STATE = {"enabled": os.environ.get("ZO2_DS_DIRECT_LAUNCH", "1") != "0", "launches": 0}
+# Benchmarks switch the direct path off to measure triton's own launch (set_direct_launch).
+_DIRECT_STATE = {"enabled": True, "launches": 0}
+
+
+def set_direct_launch(enabled: bool) -> None:
+    """Use the direct launch path (default) or triton's own launcher for every later launch (benchmarks)."""
+    _DIRECT_STATE["enabled"] = bool(enabled)
 
 
 def _direct_launch(compiled: Any, grid: tuple[int, int, int], device_index: int, all_args: tuple) -> bool:
@@ -662,7 +668,7 @@ def _launch_multi(
     grid = (table.num_chunks, 1, 1)
     args = (*table._tables, out0, out1, coef_ptr, hashes, scalar_coefs, neg_lr, weight_decay, pert, scale0, scale1)
     constexprs = (q, coef_tensor is not None, len(outs), table.aligned, _ROW, rounds, fast_math)
-    if _INTERPRET:
+    if INTERPRET:
         return _zo_multi_kernel[grid](*args, *constexprs, num_warps=num_warps)
     device_index = table.device.index
     if device_index != torch.cuda.current_device():

@@ -26,7 +26,6 @@ see ``zo2_ds.offload``.
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,12 +35,10 @@ import torch
 from torch import nn
 
 from zo2_ds import zo
+from zo2_ds.config import ZO2Config
+from zo2_ds.ops import Ops
 
 __all__ = ["TrainableParam", "trainable_params", "ResidentRunner", "UpdateGroup"]
-
-# ZO2_DS_MULTI_TENSOR=0 keeps the units but perturbs and updates tensor by tensor (benchmarks compare the
-# two); a failure of the multi-tensor kernels (a triton that cannot compile them) also turns them off.
-_MULTI_TENSOR = {"enabled": os.environ.get("ZO2_DS_MULTI_TENSOR", "1") != "0"}
 
 
 @dataclass(frozen=True)
@@ -113,18 +110,17 @@ class ResidentRunner:
         module: the model (hooks are installed on its blocks and on the modules owning other params).
         params: the trainable tensors, from :func:`trainable_params` (any subset: the offloader passes
             the tensors outside its streamed blocks).
-        eps: perturbation scale.
-        seed: the zo2 base seed.
+        config: the ``zo2`` config (eps, seed, num_perturbations are read from it).
+        ops: the kernel dispatch (default: the one ``config.kernels`` names).
     """
 
-    def __init__(self, module: nn.Module, params: Sequence[TrainableParam], eps: float, seed: int):
-        self.eps = eps
-        self.seed = seed
+    def __init__(self, module: nn.Module, params: Sequence[TrainableParam], config: ZO2Config, ops: Ops | None = None):
+        self.config = config
+        self.ops = ops if ops is not None else Ops(config.kernels)
         self.params = list(params)
         self._key_of = {id(tp.param): tp.key for tp in self.params}
         # (step, index, scale) while a perturbed forward runs; None otherwise (hooks do nothing).
-        # The offloader sets it directly, pass by pass.
-        self._active: tuple[int, int, float] | None = None
+        self._active: zo.PassSpec | None = None
         self._perturbed_in_pass: set[int] = set()
         self._warned_unperturbed = False
         self._pass_hash_cache: tuple[tuple[int, int], int] | None = None
@@ -240,27 +236,22 @@ class ResidentRunner:
         """z_pass_hash of (seed, step, index), computed once per pass rather than per tensor."""
         cached = self._pass_hash_cache
         if cached is None or cached[0] != (step, index):
-            cached = self._pass_hash_cache = ((step, index), zo.z_pass_hash(self.seed, step, index))
+            cached = self._pass_hash_cache = ((step, index), zo.z_pass_hash(self.config.seed, step, index))
         return cached[1]
 
     def _perturb_unit(self, unit: _Unit, pass_hash: int, scale: float) -> list[torch.Tensor]:
-        table = self._unit_table(unit) if _MULTI_TENSOR["enabled"] else False
-        if not table:  # CPU (the torch path of zo.py), or tensors the fused kernels do not take
+        table = self._unit_table(unit) if self.ops.multi_tensor else False
+        if not table:  # the per-tensor path (torch on CPU), or tensors the multi-tensor kernels do not take
             seeds = [zo.z_seed_from_pass(pass_hash, tp.key) for tp in unit.tensors]
             return [
-                zo.perturbed_into(torch.empty_like(tp.param), tp.param.data, seed, scale)
+                self.ops.perturbed_into(torch.empty_like(tp.param), tp.param.data, seed, scale)
                 for tp, seed in zip(unit.tensors, seeds)
             ]
-        from zo2_ds import kernels
-
         buf = self._take_shared(unit, table)
         if buf is None:
             buf = self._take_scratch(table.device, table.dtype, table.scratch_numel)
-        try:
-            kernels.perturbed_into_multi(table, buf, pass_hash, scale)
-        except Exception as exc:  # noqa: BLE001 - compilation problems of triton surface as many types
+        if not self.ops.perturbed_into_multi(table, buf, pass_hash, scale):
             self._give_back(buf)
-            _multi_tensor_failed(exc)
             unit.table = False
             return self._perturb_unit(unit, pass_hash, scale)
         unit.held = buf
@@ -275,7 +266,7 @@ class ResidentRunner:
             return False
         if table is not None and table.matches(unit.params):
             return table
-        unit.table = _kernel_table([p.data for p in unit.params], [tp.key for tp in unit.tensors])
+        unit.table = self.ops.table([p.data for p in unit.params], [tp.key for tp in unit.tensors]) or False
         return unit.table
 
     def _take_shared(self, unit: _Unit, table: Any) -> torch.Tensor | None:
@@ -284,8 +275,7 @@ class ResidentRunner:
             return None
         typed = self._shared_typed.get(table.dtype)
         if typed is None:
-            itemsize = table._dummy.element_size()
-            typed = self._shared_typed[table.dtype] = shared[: shared.numel() // itemsize * itemsize].view(table.dtype)
+            typed = self._shared_typed[table.dtype] = Ops.flat_view(shared, table.dtype)
         if typed.numel() < table.scratch_numel:
             return None
         self._shared_busy = True
@@ -317,35 +307,40 @@ class ResidentRunner:
                 buf.untyped_storage().resize_(0)
 
     # -- passes ----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def perturbed(self, step: int, index: int, sign: int) -> Iterator[None]:
+    def perturbed(self, step: int, index: int, sign: int) -> contextlib.AbstractContextManager:
         """Within this context, forwards of the module see theta + sign * eps * z(step, index)."""
-        self._active = (step, index, sign * self.eps)
+        return self._in_pass((step, index, sign * self.config.eps))
+
+    @contextlib.contextmanager
+    def _in_pass(self, spec: zo.PassSpec) -> Iterator[None]:
         self._perturbed_in_pass.clear()
         self.begin_passes()
+        self.activate(spec)
         try:
             yield
         finally:
-            self._active = None
+            self.activate(None)
         self._check_all_perturbed()
 
     def begin_passes(self) -> None:
         """Start counting finished units afresh (the offloader calls it before its interleaved passes)."""
         self._units_done.clear()
 
-    def run(
-        self, step: int, num_perturbations: int, forward: Callable[[], Any], next_step: int | None = None
-    ) -> list[tuple[Any, Any]]:
-        """[(output at theta + eps z_i, output at theta - eps z_i) for i in range(q)] (``next_step``: see
-        OffloadRunner.run; nothing to prefetch here)."""
+    def activate(self, spec: zo.PassSpec | None) -> None:
+        """Forwards from now on see the perturbation ``spec`` = (step, index, scale) (None: unperturbed).
+
+        The offloader calls it at each turn of its interleaved passes, so the parameters outside its blocks
+        follow whichever pass runs."""
+        self._active = spec
+
+    def run(self, step: int, forward: Callable[[int], Any], next_step: int | None = None) -> list[tuple[Any, Any]]:
+        """[(forward(2i) at theta + eps z_i, forward(2i + 1) at theta - eps z_i) for i in range(q)]
+        (``next_step``: see :class:`zo2_ds.runner.ZORunner`; nothing to prefetch here)."""
         outputs = []
-        for index in range(num_perturbations):
-            with self.perturbed(step, index, +1):
-                plus = forward()
-            with self.perturbed(step, index, -1):
-                minus = forward()
-            outputs.append((plus, minus))
-        return outputs
+        for j, spec in enumerate(zo.pass_specs(step, self.config.num_perturbations, self.config.eps)):
+            with self._in_pass(spec):
+                outputs.append(forward(j))
+        return list(zip(outputs[0::2], outputs[1::2]))
 
     def run_plain(self, forward: Callable[[], Any]) -> Any:
         """One unperturbed forward (eval mode)."""
@@ -353,22 +348,16 @@ class ResidentRunner:
 
     def update(self, step: int, coefs: Sequence[float], groups: Sequence[UpdateGroup]) -> None:
         """theta <- theta - lr * (sum_i coefs[i] z_i + wd * theta), once per distinct tensor."""
-        hashes = [zo.z_pass_hash(self.seed, step, i) for i in range(len(coefs))]
+        hashes = [zo.z_pass_hash(self.config.seed, step, i) for i in range(len(coefs))]
         for group in groups:
             for params, table in self._group_tables(group.params):
-                if table and _MULTI_TENSOR["enabled"]:
-                    from zo2_ds import kernels
-
-                    try:
-                        kernels.apply_update_multi_(table, hashes, coefs, group.lr, group.weight_decay)
-                        continue
-                    except Exception as exc:  # noqa: BLE001 - as in _perturb_unit; nothing was launched
-                        _multi_tensor_failed(exc)
+                if table and self.ops.apply_update_multi_(table, hashes, coefs, group.lr, group.weight_decay):
+                    continue
                 for p in params:
                     key = self._key_of[id(p)]
                     seeds = [zo.z_seed_from_pass(h, key) for h in hashes]
                     wd = group.weight_decay if zo.uses_weight_decay(p) else 0.0
-                    zo.apply_update_(p.data, seeds, coefs, group.lr, wd)
+                    self.ops.apply_update_(p.data, seeds, coefs, group.lr, wd)
 
     def _group_tables(self, params: Sequence[nn.Parameter]) -> list[tuple[list[nn.Parameter], Any]]:
         """An update group split by (device, dtype), each part with its kernels.TensorTable (or False)."""
@@ -382,7 +371,8 @@ class ResidentRunner:
         parts = []
         for ps in by_kind.values():
             keys = [self._key_of[id(p)] for p in ps]
-            parts.append((ps, _kernel_table([p.data for p in ps], keys, [zo.uses_weight_decay(p) for p in ps])))
+            decays = [zo.uses_weight_decay(p) for p in ps]
+            parts.append((ps, self.ops.table([p.data for p in ps], keys, decays) or False))
         self._update_tables[cache_key] = parts
         return parts
 
@@ -413,26 +403,3 @@ class ResidentRunner:
                 "its weight directly.",
                 stacklevel=3,
             )
-
-
-def _kernel_table(tensors: list[torch.Tensor], keys: list[int], decays: list[bool] | None = None) -> Any:
-    """A kernels.TensorTable for one multi-tensor launch, or False where zo.py's per-tensor path applies
-    (CPU, kernels off, mixed dtypes or devices, a non-contiguous tensor)."""
-    if not tensors or not _MULTI_TENSOR["enabled"] or not zo._use_kernels(tensors[0]):
-        return False
-    from zo2_ds import kernels
-
-    first = tensors[0]
-    if any(t.dtype != first.dtype or t.device != first.device or not t.is_contiguous() for t in tensors):
-        return False
-    if first.dtype not in kernels._SUPPORTED_DTYPES:
-        return False
-    return kernels.TensorTable(tensors, keys, decays)
-
-
-def _multi_tensor_failed(exc: Exception) -> None:
-    _MULTI_TENSOR["enabled"] = False
-    warnings.warn(
-        f"zo2: the multi-tensor kernels failed ({exc!r}); perturbing and updating tensor by tensor from now on",
-        stacklevel=3,
-    )

@@ -22,9 +22,10 @@ tests' reference repeats them):
     direction = sum_i coef_i * z_i                        (coef_i = g_i / q, summed in order i)
     theta     = theta - lr * (direction + weight_decay * theta)
 
-On CUDA the same formulas run in fused Triton kernels (`zo2_ds.kernels`), which never materialise z
-and make one pass over memory; there z comes from Triton's Philox generator, so z differs from the
-CPU's, but is again a pure function of the key.
+The functions here are the torch implementation. On CUDA the same formulas run in fused Triton kernels
+(`zo2_ds.kernels`), which never materialise z and make one pass over memory; there z comes from Triton's
+Philox generator, so z differs from torch's, but is again a pure function of the key. Which one runs is
+decided in one place, :class:`zo2_ds.ops.Ops` (``zo2.kernels``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "apply_update_",
     "projected_grad",
     "uses_weight_decay",
+    "pass_specs",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -88,21 +90,9 @@ def z_seed(seed: int, step: int, perturbation: int, key: int) -> int:
     return z_seed_from_pass(z_pass_hash(seed, step, perturbation), key)
 
 
-def _use_kernels(t: torch.Tensor) -> bool:
-    if t.device.type != "cuda":
-        return False
-    from zo2_ds import kernels
-
-    return kernels.available()
-
-
 def generate_z(seed: int, shape: Sequence[int] | torch.Size, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Materialise z (fp32) for one tensor. The CPU path uses this; CUDA kernels draw z in place."""
+    """Materialise z (fp32) for one tensor with torch's generator (the kernels draw their own z in place)."""
     device = torch.device(device)
-    if device.type == "cuda" and _use_kernels(torch.empty(0, device=device)):
-        from zo2_ds import kernels
-
-        return kernels.generate_z(seed, shape, device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32)
@@ -114,10 +104,6 @@ def perturbed_into(out: torch.Tensor, theta: torch.Tensor, seed: int, scale: flo
     ``theta`` is only read, so restoring the clean value is exact by construction: the caller swaps
     ``out`` in for the forward and swaps ``theta`` back afterwards.
     """
-    if _use_kernels(theta):
-        from zo2_ds import kernels
-
-        return kernels.perturbed_into(out, theta, seed, scale)
     z = generate_z(seed, theta.shape, theta.device)
     out.copy_(theta.float() + scale * z)
     return out
@@ -133,10 +119,6 @@ def apply_update_(
     """In place: ``theta = theta - lr * (sum_i coefs[i] * z(seeds[i]) + weight_decay * theta)``."""
     if len(seeds) != len(coefs) or not seeds:
         raise ValueError(f"need one coefficient per seed, got {len(seeds)} seeds and {len(coefs)} coefs")
-    if _use_kernels(theta):
-        from zo2_ds import kernels
-
-        return kernels.apply_update_(theta, seeds, coefs, lr, weight_decay)
     direction = coefs[0] * generate_z(seeds[0], theta.shape, theta.device)
     for seed, coef in zip(seeds[1:], coefs[1:]):
         direction += coef * generate_z(seed, theta.shape, theta.device)
@@ -153,3 +135,11 @@ def projected_grad(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float
 def uses_weight_decay(param: torch.Tensor) -> bool:
     """MeZO decays no biases and no norm weights; those are exactly the 1-D parameters."""
     return param.dim() >= 2
+
+
+PassSpec = tuple[int, int, float]  # (step, perturbation index, scale): what one perturbed pass sees
+
+
+def pass_specs(step: int, num_perturbations: int, eps: float) -> list[PassSpec]:
+    """The 2q perturbed passes of a step, in order: (step, i, +eps) then (step, i, -eps) for each i."""
+    return [(step, i, sign * eps) for i in range(num_perturbations) for sign in (1, -1)]

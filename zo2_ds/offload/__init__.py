@@ -1,10 +1,18 @@
 """ZO2 offloading: the transformer blocks live in pinned host memory and stream through a ring of GPU slots.
 
-- :mod:`~zo2_ds.offload.store`: block homes (one aligned flat buffer per block, pinned or resident),
-  built inside ``ZOEngine._configure_distributed_model``;
-- :mod:`~zo2_ds.offload.streams`: upload / write-back streams and events (no-op twin on CPU);
+Which file owns what (see README.md in this folder):
+
+- :mod:`~zo2_ds.offload.store`: where each block's parameters live (one flat buffer per block, pinned or
+  resident), built inside ``ZOEngine._configure_distributed_model``;
+- :mod:`~zo2_ds.offload.streams`: the upload / write-back streams and events (no-op twin on CPU);
+- :mod:`~zo2_ds.offload.ring`: the GPU slot ring, its uploads and write-backs, and the prefetch order;
+- :mod:`~zo2_ds.offload.pending`: the pending-update log, the write-back and exact-copy rules (pure);
+- :mod:`~zo2_ds.offload.narrow`: the narrow-copy path of ``transfer_dtype`` (and its no-op twin);
+- :mod:`~zo2_ds.offload.perturber`: the blocks' update and perturbation kernels, the perturbation scratch;
 - :mod:`~zo2_ds.offload.lockstep`: the 2q passes run block-major;
-- :mod:`~zo2_ds.offload.runner`: :class:`OffloadRunner`, the per-step block schedule and the lazy update.
+- :mod:`~zo2_ds.offload.graphs`: CUDA graphs of the blocks' forwards;
+- :mod:`~zo2_ds.offload.trace`: observers, the timeline and the device-byte accounting;
+- :mod:`~zo2_ds.offload.runner`: :class:`OffloadRunner`, the facade composing them, and its hooks.
 """
 
 from __future__ import annotations
@@ -19,25 +27,18 @@ from zo2_ds.offload.store import BlockStore, build_store
 __all__ = ["OffloadRunner", "BlockStore", "build_store", "broadcast_store"]
 
 
-def broadcast_store(engine: Any, store: BlockStore) -> None:
-    """DeepSpeed's ``_broadcast_model`` for an offloaded model: every rank starts from rank 0's weights.
+def broadcast_store(module: torch.nn.Module, store: BlockStore, *, src: int, group: Any) -> None:
+    """Every rank of ``group`` takes rank ``src``'s weights (DeepSpeed's ``_broadcast_model`` for an offloaded
+    model; call it only with more than one rank).
 
     Parameters outside the blocks are on the device and broadcast as DeepSpeed does; a streamed block's
     pinned master goes through one device staging buffer when the backend cannot send host tensors (NCCL);
     with a narrower ``transfer_dtype`` each rank then remakes its narrow copies from the received masters.
-    Does nothing with one rank.
     """
     from deepspeed import comm as dist
-    from deepspeed.utils import groups
 
-    if engine.dist_backend is None:
-        return
-    group = engine.seq_data_parallel_group
-    if dist.get_world_size(group=group) == 1:
-        return
-    src = groups._get_broadcast_src_rank()
     in_blocks = store.param_ids
-    for p in engine.module.parameters():
+    for p in module.parameters():
         if id(p) not in in_blocks:
             dist.broadcast(p.data.view(torch.uint8), src, group=group)
     staging = None

@@ -11,8 +11,19 @@ at the next block's forward pre-hook hands the turn to the next pass and waits f
 thread runs at any time, in a fixed order, so the result is the same as running the passes one after the
 other (the maths of each pass is unchanged; only the order between passes differs).
 
-Grad mode, autocast, the current device and the current stream are thread-local in torch: each worker
-copies them from the caller, so kernels of every pass go to the caller's stream in issue order.
+What a worker copies (:class:`_ThreadContext`). torch keeps some state per thread; a worker enters the
+caller's values for the pass it runs, and leaves them after:
+
+- grad mode (``torch.is_grad_enabled``; the ZO passes run under ``no_grad``);
+- autocast, per device type ("cuda", "cpu"): whether it is on and its dtype;
+- the current CUDA device and the current stream, so kernels of every pass go to the caller's stream in
+  issue order (the offloader's events order the side streams against that one stream).
+
+Not copied: ``torch.inference_mode`` (the engine uses ``no_grad``), the hooks of
+``torch.autograd.graph.saved_tensors_hooks`` and other autograd thread-locals (nothing is recorded under
+``no_grad``), and any library's own thread-local state (cuBLAS / cuDNN handles are made once per worker,
+which is why the workers live for the whole run: :class:`PassPool`). Python-level state read by the model
+(module attributes, HF configs) is shared, as it is when the passes run one after the other.
 
 Failure: the first exception (in any pass) aborts the others: they raise :class:`Aborted` where they
 wait, unwind through the model (its always-call hooks run) and the caller re-raises the original error.

@@ -62,8 +62,9 @@ __all__ = ["OffloadRunner"]
 
 class OffloadRunner:
     """Built by the engine when ``zo2.offload.enabled``, from the model, its trainable tensors, the block store
-    (:func:`zo2_ds.offload.build_store`) and the ``zo2`` config. ``timing=True`` creates timed events (for
-    :meth:`recording_timeline`)."""
+    (:func:`zo2_ds.offload.build_store`) and the ``zo2`` config; ``ops``: the kernel dispatch (default: the
+    one ``config.kernels`` names), shared with the ResidentRunner it builds for the tensors outside the
+    blocks."""
 
     def __init__(
         self,
@@ -73,11 +74,10 @@ class OffloadRunner:
         config: ZO2Config,
         *,
         ops: Ops | None = None,
-        timing: bool = False,
     ):
         self.store, self.config = store, config
         self.ops = ops if ops is not None else Ops(config.kernels)
-        self.streams = Streams(enabled=None if store.device.type != "cpu" else False, timing=timing)
+        self.streams = Streams(enabled=None if store.device.type != "cpu" else False, timing=False)
         self.tracer = Tracer()
         self._module = module
         in_blocks = self._in_blocks = store.param_ids

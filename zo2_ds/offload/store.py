@@ -209,23 +209,7 @@ def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = T
             [flat for _, _, flat in layouts_n],
         )
 
-    streamed = store.streamed
-    pinned_bytes = sum(sizes[b] for b in streamed)
-    if store.narrow is not None:
-        pinned_bytes += sum(store.narrow.sizes[b] for b in streamed)
-    # Host bytes freed as each block's original storage is replaced (only what is on the CPU now).
-    freed = sum(e.nbytes for b in streamed for e in entries[b] if e.param.device.type == "cpu")
-    needed = pinned_bytes - freed + (max(sizes[b] for b in streamed) if streamed else 0)
-    available = available_host_bytes()
-    if needed > available:
-        raise ValueError(
-            f"zo2.offload: the pinned host masters of {len(streamed)} streamed blocks "
-            f"{'and their transfer_dtype copies ' if store.narrow is not None else ''}need "
-            f"{pinned_bytes / _GIB:.2f} GiB "
-            f"({needed / _GIB:.2f} GiB more than the model holds on the host now), but only {available / _GIB:.2f} GiB "
-            "is available (MemAvailable). Free host memory, keep more blocks on the GPU "
-            "(zo2.offload.max_gpu_memory / num_resident_blocks), or use more nodes."
-        )
+    _check_host_memory(store)
 
     acc = get_accelerator()
     registered: list[int] = []
@@ -270,6 +254,28 @@ def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = T
                 if buf is not None and buf.device != device:
                     mod._buffers[name] = buf.to(device)
     return store
+
+
+def _check_host_memory(store: BlockStore) -> None:
+    """Raise ValueError, with the numbers, when the pinned masters (and narrow copies) cannot fit the host's
+    MemAvailable; checked before anything is allocated."""
+    streamed = store.streamed
+    pinned_bytes = sum(store.sizes[b] for b in streamed)
+    if store.narrow is not None:
+        pinned_bytes += sum(store.narrow.sizes[b] for b in streamed)
+    # Host bytes freed as each block's original storage is replaced (only what is on the CPU now).
+    freed = sum(e.nbytes for b in streamed for e in store.entries[b] if e.param.device.type == "cpu")
+    needed = pinned_bytes - freed + (max(store.sizes[b] for b in streamed) if streamed else 0)
+    available = available_host_bytes()
+    if needed > available:
+        raise ValueError(
+            f"zo2.offload: the pinned host masters of {len(streamed)} streamed blocks "
+            f"{'and their transfer_dtype copies ' if store.narrow is not None else ''}need "
+            f"{pinned_bytes / _GIB:.2f} GiB "
+            f"({needed / _GIB:.2f} GiB more than the model holds on the host now), but only {available / _GIB:.2f} GiB "
+            "is available (MemAvailable). Free host memory, keep more blocks on the GPU "
+            "(zo2.offload.max_gpu_memory / num_resident_blocks), or use more nodes."
+        )
 
 
 def _pinned_host_buffer(acc, nbytes: int, registered: list[int]) -> torch.Tensor:

@@ -36,7 +36,7 @@ class Tracer:
 class Timeline:
     """An observer recording a timed CUDA event at each start and end: ``events`` is a list of
     (what, block, phase, event); ``event.elapsed_time`` gives the times once the device is synchronised.
-    Needs streams created with timing (``OffloadRunner(..., timing=True)``); records nothing on the CPU."""
+    Records nothing on the CPU (no streams). Use it through ``OffloadRunner.recording_timeline()``."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, int, str, Any]] = []

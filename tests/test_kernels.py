@@ -57,7 +57,7 @@ def _check_z_statistics(device: str, numel: int) -> None:
     assert abs(inside - 0.6826894921) < 6.0 / numel**0.5
     assert z.abs().max().item() <= 5.7  # 23-bit uniforms bound |z| by sqrt(2 * 23 ln 2)
     # The four outputs of one Philox call land a ROW apart: they must be uncorrelated too.
-    row = kernels._ROW
+    row = kernels.ROW
     if numel >= 8 * row:
         groups = z[: numel // (4 * row) * 4 * row].view(-1, 4, row)
         for j in range(1, 4):
@@ -139,13 +139,13 @@ def _check_device_seeds(device: str) -> None:
     """The kernels' z_seed_from_pass == zo's, including keys with the top bit set."""
     keys = [zo.param_key(f"model.layers.{i}.w") for i in range(50)] + [0, 1, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
     for pass_hash in (zo.z_pass_hash(0, 0, 0), zo.z_pass_hash(7, 123456, 3), 0, 5, (1 << 64) - 1, 1 << 63):
-        signed = torch.tensor([kernels._as_signed64(k) for k in keys], dtype=torch.int64, device=device)
+        signed = torch.tensor([kernels.as_signed64(k) for k in keys], dtype=torch.int64, device=device)
         got = kernels.z_seeds_from_pass(pass_hash, signed).tolist()
         assert got == [zo.z_seed_from_pass(pass_hash, k) for k in keys], pass_hash
 
 
 def _multi_case(device: str, dtype: torch.dtype, misaligned: bool) -> tuple[list[torch.Tensor], list[int], list[bool]]:
-    row4 = 4 * kernels._ROW
+    row4 = 4 * kernels.ROW
     sizes = [2 * row4 + 96, 16, row4, 3 * 32, row4 + 48]  # multiples of 16: the aligned (vector) variant
     if misaligned:
         sizes = [2 * row4 + 100, 1, 7, row4, 5001]
@@ -278,7 +278,7 @@ def test_validation_happens_before_launch():
     with pytest.raises(ValueError, match="dtype"):
         kernels.perturbed_into(torch.empty(8, 8), theta.double(), 1, 0.1)
     with pytest.raises(ValueError, match="shape"):
-        kernels._check_out(torch.empty(4), theta, "out")
+        kernels.check_out(torch.empty(4), theta, "out")
     with pytest.raises(ValueError, match="coefficient"):
         kernels.apply_update_(theta, [1, 2], [0.1], 1e-3, 0.0)
     with pytest.raises(ValueError, match="outputs"):
@@ -324,6 +324,7 @@ def test_tensor_table_validation():
             kernels.TensorTable([torch.zeros(4)], [1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_kernels_under_triton_interpreter():
     """The kernels' indexing, masking and fused == separate logic, run by Triton's CPU interpreter."""
@@ -331,8 +332,8 @@ def test_kernels_under_triton_interpreter():
         f"""
         import runpy, torch
         ns = runpy.run_path({str(Path(__file__))!r})
-        n = 4 * {kernels._ROW} * 2 + 100   # two full groups and a ragged tail
-        ns["_check_z_statistics"]("cpu", 4 * {kernels._ROW} * 4)
+        n = 4 * {kernels.ROW} * 2 + 100   # two full groups and a ragged tail
+        ns["_check_z_statistics"]("cpu", 4 * {kernels.ROW} * 4)
         ns["_check_determinism_and_independence"]("cpu", n)
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             ns["_check_perturbed_into"]("cpu", n, dtype)
@@ -406,22 +407,26 @@ def test_q16_update_cuda():
 
 @pytest.mark.cuda
 @requires_kernels
-def test_zo_dispatches_to_kernels_cuda():
+def test_ops_dispatch_to_kernels_cuda():
+    """zo2.kernels "auto" (and the kernel modes) run the kernels on CUDA tensors; "torch" runs zo.py."""
     theta = torch.randn(3000, 7, device="cuda", dtype=torch.bfloat16)
-    a = zo.perturbed_into(torch.empty_like(theta), theta, SEED, 1e-3)
     b = kernels.perturbed_into(torch.empty_like(theta), theta, SEED, 1e-3)
-    assert torch.equal(a, b)
-    assert torch.equal(zo.generate_z(SEED, theta.shape, "cuda"), kernels.generate_z(SEED, theta.shape, "cuda"))
+    for mode in ("auto", "multi_tensor", "per_tensor"):
+        ops = Ops(mode)
+        assert torch.equal(ops.perturbed_into(torch.empty_like(theta), theta, SEED, 1e-3), b), mode
+        assert torch.equal(ops.generate_z(SEED, theta.shape, "cuda"), kernels.generate_z(SEED, theta.shape, "cuda"))
+    torch_path = Ops("torch").perturbed_into(torch.empty_like(theta), theta, SEED, 1e-3)
+    assert torch.equal(torch_path, zo.perturbed_into(torch.empty_like(theta), theta, SEED, 1e-3))
 
 
 @pytest.mark.cuda
 @requires_kernels
 @pytest.mark.parametrize("direct", [True, False])
-def test_direct_launch_matches_triton_launch_cuda(direct, monkeypatch):
+def test_direct_launch_matches_triton_launch_cuda(direct):
     """The cached direct launch (second call onwards) == triton's own launch, also for views whose
     pointer is not 16-byte aligned (a different specialisation, so a different cache entry)."""
-    monkeypatch.setitem(kernels._DIRECT_STATE, "enabled", direct)
-    launches_before = kernels._DIRECT_STATE["launches"]
+    kernels.set_direct_launch(direct)
+    launches_before = kernels.direct_launches()
     buf = torch.randn(3 * 4096 + 9, device="cuda", dtype=torch.float16)
     for theta in (buf[:4096], buf[1:4097], buf[3 : 3 + 3 * 4096 + 5]):  # aligned, misaligned, ragged
         ref = torch.empty_like(theta)
@@ -433,14 +438,15 @@ def test_direct_launch_matches_triton_launch_cuda(direct, monkeypatch):
         z = kernels.generate_z(SEED, theta.shape, "cuda").double()
         expected = theta.double() + 0.5 * z
         assert ((out.double() - expected).abs() <= 1e-3 * expected.abs() + 1e-6).all()
-    assert (kernels._DIRECT_STATE["launches"] > launches_before) == direct
+    kernels.set_direct_launch(True)
+    assert (kernels.direct_launches() > launches_before) == direct
 
 
 @pytest.mark.cuda
 @requires_kernels
 def test_int64_offsets_cuda():
     """A tensor past 2^31 elements: the tail must be written and must not alias the head."""
-    numel = (1 << 31) + 3 * kernels._ROW + 11
+    numel = (1 << 31) + 3 * kernels.ROW + 11
     if torch.cuda.mem_get_info()[0] < 3 * numel * 2 + (1 << 30):
         pytest.skip("not enough GPU memory")
     theta = torch.zeros(numel, device="cuda", dtype=torch.float16)

@@ -923,7 +923,7 @@ def test_cuda_graphs_equal_eager_in_gpu_bit_exactly(arch, delay):
 @pytest.mark.parametrize("depth", [1, 0])
 def test_cuda_narrow_transfer_is_race_free_and_keeps_exact_masters(depth):
     """fp32 masters with bf16 transfers on the GPU: the same bits with every stream delayed, masters equal
-    to the recorded g applied eagerly (zo.apply_update_), losses within bf16 rounding of offload off."""
+    to the recorded g applied eagerly (kernels.apply_update_), losses within bf16 rounding of offload off."""
     assert CUDA, "run with DS_ACCELERATOR=cuda"
     base = tiny_causal_lm("llama", tied=False, vocab_size=VOCAB, hidden=64, layers=5)
     data = batches(5, 2, seq=32)

@@ -22,6 +22,7 @@ sys.path.insert(0, str(WORKER.parent))
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow  # two processes over gloo: 15-40 s on 2 shared cores
 def test_two_ranks_agree_and_match_one_rank_with_the_full_batch(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env["DS_ACCELERATOR"] = "cpu"

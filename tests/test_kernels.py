@@ -223,8 +223,8 @@ def _check_resident_runner(device: str) -> None:
         seen.clear()
         with torch.no_grad(), runner.perturbed(3, 1, sign):
             model(input_ids=ids)
-        pooled = [b for free in runner._pool.values() for b in free]
-        assert pooled and all(b.untyped_storage().nbytes() == 0 for b in pooled), "scratch freed after the pass"
+        pooled = runner.pool_storage_bytes()
+        assert pooled and all(n == 0 for n in pooled), "scratch freed after the pass"
         assert torch.equal(seen["lm_head.weight"], seen["model.decoder.embed_tokens.weight"]), "tied: same z"
         for tp in params:
             ref = torch.empty_like(tp.param)

@@ -334,7 +334,7 @@ def test_failure_in_one_pass_propagates_and_leaves_parameters_clean():
 
 def test_budget_keeps_blocks_resident_and_bad_input_is_explained(monkeypatch):
     model = tiny_causal_lm("llama", layers=4)
-    block_bytes = store_mod._layout(model.model.layers[0])[1]
+    block_bytes = store_mod.block_nbytes(model.model.layers[0])
     engine, *_ = zo2_ds.initialize(
         model=model, config=make_config({"enabled": True, "max_gpu_memory": 2 * block_bytes + 7})
     )
@@ -910,7 +910,7 @@ def test_cuda_graphs_equal_eager_in_gpu_bit_exactly(arch, delay):
         _delay_everything(engine, delay)
     losses, gs = train(engine, data, "cuda")
     replays = graphs.replays
-    assert not any(graphs._eager), "a block fell back to eager"
+    assert not graphs.eager, "a block fell back to eager"
     # 10 micro-steps x 4 passes x 4 blocks: a block's first pass runs eagerly, its second captures and replays.
     assert replays == (10 * 4 - 1) * 4, replays
     engine.eval()

@@ -9,8 +9,18 @@ Two ways in:
 from zo2_ds.config import OffloadConfig, ZO2Config, parse_zo2_config
 from zo2_ds.engine import ZOEngine, ZOOptimizer
 from zo2_ds.patch import initialize, install
+from zo2_ds.runner import ZORunner
 
-__all__ = ["initialize", "ZOEngine", "ZOOptimizer", "ZO2Config", "OffloadConfig", "parse_zo2_config", "__version__"]
+__all__ = [
+    "initialize",
+    "ZOEngine",
+    "ZOOptimizer",
+    "ZORunner",
+    "ZO2Config",
+    "OffloadConfig",
+    "parse_zo2_config",
+    "__version__",
+]
 __version__ = "0.1.0"
 
 install()

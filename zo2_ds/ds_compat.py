@@ -18,6 +18,9 @@ DeepSpeed behaviour beyond its public API (re-check these when DeepSpeed is upgr
    profiler (through ``flops_profiler_enabled()``); ``print_model_profile`` reads ``wall_clock_breakdown()``
    to print backward lines. A ZO step runs 2q forwards, which DeepSpeed would time, count and profile as 2q
    steps: :class:`ForwardSpan` makes the 2q passes one span (see ZOEngine.forward).
+
+The other adapter, how ``deepspeed.initialize`` comes to build a ZOEngine (the module global it looks up),
+is :mod:`zo2_ds.patch`, with its own list.
 """
 
 from __future__ import annotations

@@ -301,6 +301,10 @@ class ResidentRunner:
             free.pop()
         return torch.empty(numel, dtype=dtype, device=device)
 
+    def pool_storage_bytes(self) -> list[int]:
+        """Storage bytes held by each pooled perturbation buffer (all 0 between passes: freed after each)."""
+        return [buf.untyped_storage().nbytes() for free in self._pool.values() for buf in free]
+
     def _release_pool_memory(self) -> None:
         for free in self._pool.values():
             for buf in free:

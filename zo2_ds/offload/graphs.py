@@ -65,6 +65,11 @@ class BlockGraphs:
         for b, block in enumerate(self._blocks):
             block.forward = self._make_forward(b)
 
+    @property
+    def eager(self) -> bool:
+        """True once any block has given up on graphs (a failed capture turns them off for every block)."""
+        return any(self._eager)
+
     def close(self) -> None:
         for block in self._blocks:
             if "forward" in block.__dict__:

@@ -25,7 +25,7 @@ from torch import nn
 
 from zo2_ds.models import BlockList, find_blocks
 
-__all__ = ["ALIGN_BYTES", "BlockStore", "Narrow", "build_store", "parse_bytes", "available_host_bytes"]
+__all__ = ["ALIGN_BYTES", "BlockStore", "Narrow", "build_store", "block_nbytes", "parse_bytes", "available_host_bytes"]
 
 ALIGN_BYTES = 256
 _GIB = 1024**3
@@ -153,6 +153,11 @@ def available_host_bytes() -> int:
     import psutil
 
     return psutil.virtual_memory().available
+
+
+def block_nbytes(block: nn.Module) -> int:
+    """Bytes of ``block``'s flat home buffer (each distinct parameter at an ALIGN_BYTES boundary)."""
+    return _layout(block)[1]
 
 
 def _layout(block: nn.Module) -> tuple[list[tuple[nn.Parameter, int, int]], int]:

@@ -223,7 +223,7 @@ def _check_resident_runner(device: str) -> None:
         seen.clear()
         with torch.no_grad(), runner.perturbed(3, 1, sign):
             model(input_ids=ids)
-        pooled = runner.pool_storage_bytes()
+        pooled = runner.scratch.storage_bytes()
         assert pooled and all(n == 0 for n in pooled), "scratch freed after the pass"
         assert torch.equal(seen["lm_head.weight"], seen["model.decoder.embed_tokens.weight"]), "tied: same z"
         for tp in params:

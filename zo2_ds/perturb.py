@@ -37,6 +37,7 @@ from torch import nn
 from zo2_ds import zo
 from zo2_ds.config import ZO2Config
 from zo2_ds.ops import Ops
+from zo2_ds.scratch import ScratchPool
 
 __all__ = ["TrainableParam", "trainable_params", "ResidentRunner", "UpdateGroup"]
 
@@ -124,23 +125,11 @@ class ResidentRunner:
         self._perturbed_in_pass: set[int] = set()
         self._warned_unperturbed = False
         self._pass_hash_cache: tuple[tuple[int, int], int] | None = None
-        # Flat scratch buffers for the CUDA path, per (device, dtype): taken by a unit's pre-hook and given
-        # back by its post-hook. Units run one after another, so the pool holds one buffer (two when a
-        # unit's module contains another unit). All use is on the current stream, so a buffer given back
-        # may be rewritten by the next unit's kernel: the stream orders it after the forward that read it.
-        # Once every unit of a pass has run, the buffers' storage is freed (resize_(0), as FSDP does with
-        # unsharded parameters) so that the loss, computed after the last unit, has the memory it had
-        # without the pool; the tensors and the units' cached views of them stay, and the next pass
-        # re-allocates the same bytes from the caching allocator.
-        self._pool: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        # Flat buffers for the perturbed copies on the multi-tensor path (see zo2_ds/scratch.py).
+        self.scratch = ScratchPool()
         # Units finished per pass (keyed by the pass's (step, index, scale)): passes may interleave (the
         # offloader's lock-step), so each counts its own.
         self._units_done: dict[tuple[int, int, float], int] = {}
-        # A buffer lent by the offloader (its perturbation scratch, idle outside the blocks), used for units
-        # that hold no block, so the perturbed embedding / head costs no memory of its own.
-        self._shared: torch.Tensor | None = None
-        self._shared_typed: dict[torch.dtype, torch.Tensor] = {}
-        self._shared_busy = False
         self._update_tables: dict[tuple[int, ...], list[tuple[list[nn.Parameter], Any]]] = {}
         self.units = self._build_units(module)
         self._handles = []
@@ -179,7 +168,7 @@ class ResidentRunner:
         The offloader lends its block perturbation scratch: a unit outside the blocks (embeddings, head,
         final norm) never runs while a block does, and every use is on the compute stream, in order.
         """
-        self._shared, self._shared_typed, self._shared_busy = buffer, {}, False
+        self.scratch.lend(buffer)
 
     def shared_bytes_wanted(self) -> int:
         """Bytes the largest unit outside the blocks needs in the multi-tensor scratch layout (0 if none)."""
@@ -220,14 +209,14 @@ class ResidentRunner:
             for owner, attr, i in unit.slots:
                 owner._parameters[attr] = unit.tensors[i].param
             if unit.held is not None:
-                self._give_back(unit.held)
+                self.scratch.give_back(unit.held)
                 unit.held = None
             active = self._active
             if active is not None:
                 done = self._units_done.get(active, 0) + 1
                 self._units_done[active] = done
                 if done == len(self.units):
-                    self._release_pool_memory()
+                    self.scratch.release_memory()
 
         return post_hook
 
@@ -247,11 +236,11 @@ class ResidentRunner:
                 self.ops.perturbed_into(torch.empty_like(tp.param), tp.param.data, seed, scale)
                 for tp, seed in zip(unit.tensors, seeds)
             ]
-        buf = self._take_shared(unit, table)
+        buf = None if unit.contains_block else self.scratch.take_lent(table.device, table.dtype, table.scratch_numel)
         if buf is None:
-            buf = self._take_scratch(table.device, table.dtype, table.scratch_numel)
+            buf = self.scratch.take(table.device, table.dtype, table.scratch_numel)
         if not self.ops.perturbed_into_multi(table, buf, pass_hash, scale):
-            self._give_back(buf)
+            self.scratch.give_back(buf)
             unit.table = False
             return self._perturb_unit(unit, pass_hash, scale)
         unit.held = buf
@@ -269,51 +258,10 @@ class ResidentRunner:
         unit.table = self.ops.table([p.data for p in unit.params], [tp.key for tp in unit.tensors]) or False
         return unit.table
 
-    def _take_shared(self, unit: _Unit, table: Any) -> torch.Tensor | None:
-        shared = self._shared
-        if shared is None or self._shared_busy or unit.contains_block or shared.device != table.device:
-            return None
-        typed = self._shared_typed.get(table.dtype)
-        if typed is None:
-            typed = self._shared_typed[table.dtype] = Ops.flat_view(shared, table.dtype)
-        if typed.numel() < table.scratch_numel:
-            return None
-        self._shared_busy = True
-        return typed
-
-    def _give_back(self, buf: torch.Tensor) -> None:
-        """Return a buffer from _take_shared or _take_scratch."""
-        if self._shared_typed.get(buf.dtype) is buf:
-            self._shared_busy = False
-        else:
-            self._pool[(buf.device, buf.dtype)].append(buf)
-
-    def _take_scratch(self, device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        free = self._pool.setdefault((device, dtype), [])
-        for i, buf in enumerate(free):
-            if buf.numel() >= numel:
-                buf = free.pop(i)
-                storage = buf.untyped_storage()
-                if storage.nbytes() == 0:  # freed at the end of the last pass
-                    storage.resize_(buf.numel() * buf.element_size())
-                return buf
-        if free:  # too small for this unit: replace it (the pool settles at the largest unit)
-            free.pop()
-        return torch.empty(numel, dtype=dtype, device=device)
-
-    def pool_storage_bytes(self) -> list[int]:
-        """Storage bytes held by each pooled perturbation buffer (all 0 between passes: freed after each)."""
-        return [buf.untyped_storage().nbytes() for free in self._pool.values() for buf in free]
-
-    def _release_pool_memory(self) -> None:
-        for free in self._pool.values():
-            for buf in free:
-                buf.untyped_storage().resize_(0)
-
     # -- passes ----------------------------------------------------------------------------------
     def perturbed(self, step: int, index: int, sign: int) -> contextlib.AbstractContextManager:
         """Within this context, forwards of the module see theta + sign * eps * z(step, index)."""
-        return self._in_pass((step, index, sign * self.config.eps))
+        return self._in_pass(zo.pass_spec(step, index, sign, self.config.eps))
 
     @contextlib.contextmanager
     def _in_pass(self, spec: zo.PassSpec) -> Iterator[None]:
@@ -387,9 +335,8 @@ class ResidentRunner:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._pool.clear()
+        self.scratch.clear()
         self._update_tables.clear()
-        self._shared, self._shared_typed, self._shared_busy = None, {}, False
         for unit in self.units:
             unit.table, unit.views = None, (None, [])
 

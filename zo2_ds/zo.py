@@ -45,6 +45,7 @@ __all__ = [
     "apply_update_",
     "projected_grad",
     "uses_weight_decay",
+    "pass_spec",
     "pass_specs",
 ]
 
@@ -57,7 +58,7 @@ def param_key(name: str) -> int:
 
 
 # splitmix64 (Steele, Lea, Flood, OOPSLA'14): a bijective 64-bit finaliser with full avalanche. The same
-# constants and steps are in kernels._mix64; tests check that the two agree.
+# constants and steps are in kernels_triton._mix64; tests check that the two agree.
 _GOLDEN64 = 0x9E3779B97F4A7C15
 _MIX_MUL1 = 0xBF58476D1CE4E5B9
 _MIX_MUL2 = 0x94D049BB133111EB
@@ -140,6 +141,11 @@ def uses_weight_decay(param: torch.Tensor) -> bool:
 PassSpec = tuple[int, int, float]  # (step, perturbation index, scale): what one perturbed pass sees
 
 
+def pass_spec(step: int, index: int, sign: int, eps: float) -> PassSpec:
+    """The pass at theta + sign * eps * z(step, index): the one place the perturbation scale is derived."""
+    return (step, index, sign * eps)
+
+
 def pass_specs(step: int, num_perturbations: int, eps: float) -> list[PassSpec]:
     """The 2q perturbed passes of a step, in order: (step, i, +eps) then (step, i, -eps) for each i."""
-    return [(step, i, sign * eps) for i in range(num_perturbations) for sign in (1, -1)]
+    return [pass_spec(step, i, sign, eps) for i in range(num_perturbations) for sign in (1, -1)]

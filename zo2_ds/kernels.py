@@ -272,7 +272,7 @@ def _launch_multi(
         out0.dtype, out1.dtype, coef_ptr.dtype, table._tables_aligned, out0.data_ptr() % 16 == 0,
         out1.data_ptr() % 16 == 0, coef_ptr.data_ptr() % 16 == 0, is_i32(pert), tuple(is_i32(h) for h in hashes),
     )  # fmt: skip
-    return run_kernel(zo_multi_kernel, grid, table.device.index, args, constexprs, NUM_WARPS, specialisation)
+    return run_kernel("multi", zo_multi_kernel, grid, table.device.index, args, constexprs, NUM_WARPS, specialisation)
 
 
 def perturbed_into_multi(table: TensorTable, out: torch.Tensor, pass_hash: int, scale: float) -> torch.Tensor:

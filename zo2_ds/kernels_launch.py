@@ -129,7 +129,7 @@ def launch(
         coef_ptr.data_ptr() % 16 == 0, numel == 1, numel % 16 == 0, numel > 2**31 - 1,
         pert_seed > 2**31 - 1, tuple(s > 2**31 - 1 for s in seeds),
     )  # fmt: skip
-    return run_kernel(zo_kernel, grid, theta.device.index, args, constexprs, num_warps, specialisation)
+    return run_kernel("single", zo_kernel, grid, theta.device.index, args, constexprs, num_warps, specialisation)
 
 
 # Direct launches. Triton's own launch path (JITFunction.run) costs ~20 us of host time per call,
@@ -147,6 +147,7 @@ _DIRECT_STATE = {"enabled": True, "launches": 0}
 
 
 def run_kernel(
+    name: str,
     kernel: Any,
     grid: tuple[int, int, int],
     device_index: int,
@@ -155,14 +156,15 @@ def run_kernel(
     num_warps: int,
     specialisation: tuple,
 ) -> Any:
-    """Launch ``kernel`` on ``grid``: through triton the first time for a specialisation (compiling if needed),
-    directly afterwards; under the interpreter, or on another device than the current one, through triton."""
+    """Launch ``kernel`` (``name``: its key in the cache of compiled kernels) on ``grid``: through triton the
+    first time for a specialisation (compiling if needed), directly afterwards; under the interpreter, or on
+    another device than the current one, through triton."""
     if INTERPRET:
         return kernel[grid](*args, *constexprs, num_warps=num_warps)
     if device_index != torch.cuda.current_device():
         with torch.cuda.device(device_index):  # triton launches on the current device
             return kernel[grid](*args, *constexprs, num_warps=num_warps)
-    key = (kernel.__name__, constexprs, num_warps, device_index, *specialisation)
+    key = (name, constexprs, num_warps, device_index, *specialisation)
     compiled = _DIRECT_CACHE.get(key)
     if compiled is not None and _direct_launch(compiled, grid, device_index, args + constexprs):
         return compiled

@@ -355,3 +355,21 @@ def test_dict_output_with_loss_is_accepted():
     engine.backward(out["loss"])
     engine.step()
     assert not torch.equal(engine.module.w.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("synchronized", [None, True])
+def test_throughput_timer_starts_once_per_step_and_syncs_only_when_asked(offload, synchronized, monkeypatch):
+    """DeepSpeed starts its throughput timer in every forward; a ZO step (2q = 4 forwards) starts it once, and
+    without the device-wide synchronise per start unless the config asks for it."""
+    from deepspeed.utils.timer import ThroughputTimer
+
+    timers = {} if synchronized is None else {"timers": {"throughput": {"synchronized": synchronized}}}
+    config = ds_config(zo2={"num_perturbations": 2, "offload": {"enabled": offload}}, **timers)
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", layers=2), config=config)
+    assert engine.tput_timer.config.synchronized is bool(synchronized)
+    starts = []
+    original = ThroughputTimer.start
+    monkeypatch.setattr(ThroughputTimer, "start", lambda self: (starts.append(engine.global_steps), original(self)))
+    run_engine_steps(engine, 3)
+    assert starts == [0, 1, 2]  # once per ZO forward, not once per pass

@@ -14,6 +14,14 @@ What it overrides, and why (everything else is DeepSpeed's own behaviour):
   no state) instead of DeepSpeed's optimizer and its fp16/bf16 wrappers, so no fp32 master copies,
   moments or gradients are ever allocated.
 - ``save_checkpoint`` / ``load_checkpoint``: flush pending (offloaded) updates and carry the ZO state.
+- ``_configure_distributed_model`` / ``_broadcast_model`` and the forward timers / flops profiler /
+  throughput timer: through :mod:`zo2_ds.ds_compat`, the one place that steers DeepSpeed's private
+  attributes (and lists what it relies on).
+
+The passes themselves are the runner's (:class:`zo2_ds.runner.ZORunner`, ``self.zo_runner``): the engine
+hands it one forward that takes the pass index and gets the losses back; whether passes interleave on
+threads (the offloader) is invisible here. The update reaches the runner through DeepSpeed's own
+``optimizer.step()``: :meth:`ZOOptimizer.prepare_step` before it, :meth:`ZOOptimizer.bind` once.
 """
 
 from __future__ import annotations

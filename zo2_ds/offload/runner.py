@@ -77,7 +77,7 @@ class OffloadRunner:
     ):
         self.store, self.config = store, config
         self.ops = ops if ops is not None else Ops(config.kernels)
-        self.streams = Streams(enabled=None if store.device.type != "cpu" else False, timing=False)
+        self.streams = Streams(enabled=None if store.device.type != "cpu" else False)
         self.tracer = Tracer()
         self._module = module
         in_blocks = self._in_blocks = store.param_ids

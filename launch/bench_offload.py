@@ -5,6 +5,7 @@
     python launch/bench_offload.py --models opt-6.7b --resident 16 --timeline $OUT/timeline.png
     python launch/bench_offload.py --models opt-6.7b --dtype fp32 --transfer-dtypes auto,bf16
     python launch/bench_offload.py --tiny                                                   # CPU, seconds
+    torchrun --nproc_per_node 2 launch/bench_offload.py --models opt-6.7b --batches 1x2048 --no-in-gpu  # data parallel
 
 Per model, one random-init model per engine (fp16 on CUDA, fp32 on CPU): two plain forwards and the
 in-GPU step (``in_gpu``, unless --no-in-gpu), then the offloaded step with every block streamed
@@ -14,6 +15,8 @@ floor = max(two plain forwards, streamed bytes / pinned host-to-device bandwidth
 Reported: median step, tokens/s, x in-GPU, x floor, peak allocated, NVML used (the whole device: CUDA
 context and allocator cache included; the context alone is ``env.cuda_context_nvml_bytes``), host RSS
 over the model's bytes, and the offloader's device budget by part where the installed zo2_ds has it.
+Under a launcher each rank runs on its GPU (LOCAL_RANK) with the same batch (the per-rank batch is fixed)
+and rank 0 writes the JSON; compare its step with a one-GPU run for the data-parallel scaling.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_run_args(p, default_models="opt-1.3b", tiny_batches="2x16")
     p.add_argument("--no-in-gpu", action="store_true", help="skip the in-GPU step (a model too big for the GPU)")
-    p.add_argument("--no-floor", action="store_true", help="skip two plain forwards and the bandwidth probe")
+    p.add_argument("--no-floor", action="store_true", help="skip two plain forwards (the floor is then the link's)")
     p.add_argument("--only-in-gpu", action="store_true", help="no offloaded step")
     p.add_argument("--prefetch-depth", type=int, default=1, help="zo2.offload.prefetch_depth (ring: depth + 2)")
     p.add_argument("--write-back-interval", type=int, default=None, help="zo2.offload.write_back_interval")
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     switches = driver.resolve_switches(kernels=args.kernels, prefetch_next_step=not args.no_prefetch_next_step)
     run = driver.Settings(args.dtype, switches, warmup=args.warmup, steps=args.steps)
     env = {**report.environment(), "cuda_context_nvml_bytes": measure.cuda_context_bytes()}
-    bandwidth = {} if args.no_floor else measure.link_bandwidth()
+    bandwidth = measure.link_bandwidth()
     result = {"env": env, "args": vars(args), "switches": switches, "bandwidth": bandwidth, "records": []}
     print(json.dumps(env), json.dumps(bandwidth), flush=True)
     variants = [] if args.only_in_gpu else offload.offload_variants(
@@ -103,8 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
                 plot_timeline(spans, png, f"{name} {rec['batch']} {args.dtype} {rec['mode']}: one step")
         result["records"] += records
         report.write_json(args.out, result)
-    print(f"\n{env['card']}  {env['date']}  H2D {bandwidth.get('h2d_gbps', 0):.1f} GB/s")
-    print(report.format_table(result["records"], COLUMNS))
+    if env["world_size"] == 1 or os.environ.get("RANK") == "0":
+        print(f"\n{env['card']}  {env['date']}  H2D {bandwidth.get('h2d_gbps', 0):.1f} GB/s")
+        print(report.format_table(result["records"], COLUMNS))
     return result
 
 

@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "KERNEL_CHOICES",
     "Settings",
+    "select_device",
     "single_process_env",
     "config_accepts",
     "resolve_switches",
@@ -46,6 +47,16 @@ _SWITCH_ENV = {
     ("prefetch_next_step", False): ("ZO2_DS_PREFETCH_NEXT_STEP", "0"),
 }
 _RESTARTED = "ZO2_DS_BENCH_RESTARTED"
+
+
+def select_device() -> torch.device:
+    """This process's device, made current: ``cuda:LOCAL_RANK`` (0 outside a launcher; one process per GPU
+    under ``torchrun`` / ``deepspeed``), else the CPU. Call it before anything else touches CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
 
 
 @dataclass(frozen=True)

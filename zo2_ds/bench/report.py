@@ -27,6 +27,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "zo2_ds_path": str(Path(zo2_ds.__file__).resolve().parent),
         "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
@@ -39,8 +40,9 @@ def environment() -> dict[str, Any]:
 
 
 def write_json(path: str | Path | None, result: dict[str, Any]) -> None:
-    """Write ``result`` to ``path`` (whole or not at all: a run cut short keeps its last complete file)."""
-    if not path:
+    """Write ``result`` to ``path`` (whole or not at all: a run cut short keeps its last complete file).
+    Under a launcher only rank 0 writes."""
+    if not path or os.environ.get("RANK", "0") != "0":
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

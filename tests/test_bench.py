@@ -175,10 +175,10 @@ def test_ab_overlay_child_path_and_ratios(tmp_path):
 
 
 def test_bench_step_script_tiny_with_a_kernel_switch(tmp_path):
-    args = ["launch/bench_step.py", "--tiny", "--kernels", "per_tensor", "--out", str(tmp_path / "step.json")]
-    proc = _run_script(args, tmp_path)
+    args = ["launch/bench_step.py", "--tiny", "--modes", "forward,zo", "--kernels", "per_tensor"]
+    proc = _run_script([*args, "--out", str(tmp_path / "step.json")], tmp_path)
     result = json.loads((tmp_path / "step.json").read_text())
-    assert [r["mode"] for r in result["records"]] == ["forward", "mezo_ref", "zo"]
+    assert [r["mode"] for r in result["records"]] == ["forward", "zo"]
     # A config field where this checkout's config has it, else the variable older checkouts read (a restart).
     switches = result["switches"]
     assert switches["zo2"] == {"kernels": "per_tensor"} or switches["env"] == {"ZO2_DS_MULTI_TENSOR": "0"}
@@ -233,6 +233,5 @@ def test_bench_scripts_on_the_gpu(tmp_path):
     result = json.loads((tmp_path / "off.json").read_text())
     assert result["bandwidth"]["h2d_gbps"] > 1
     streamed = [r for r in result["records"] if r["mode"] == "offload"]
-    assert streamed and all(r["ratio_to_floor"] > 0 and r["nvml_used_bytes"] for r in streamed)
-    assert all(r.get("device_budget") for r in streamed)  # the offloader of this checkout exposes it
-    assert list(tmp_path.glob("tl_offload.png"))
+    assert streamed and all(r["ratio_to_floor"] > 0 and r["peak_allocated_bytes"] > 0 for r in streamed)
+    assert all(r.get("device_budget") for r in streamed)  # engine.zo_runner.device_bytes()

@@ -83,12 +83,20 @@ def single_process_env() -> None:
 
 
 def config_accepts(zo2_block: dict[str, Any]) -> bool:
-    """Whether the installed zo2_ds validates this ``zo2`` block (it rejects unknown keys)."""
+    """Whether the installed zo2_ds validates this ``zo2`` block (it rejects unknown keys), through
+    ``zo2_ds.parse_zo2_config`` or, failing that, the ``zo2_ds.ZO2Config`` model."""
     import zo2_ds
 
+    parse = getattr(zo2_ds, "parse_zo2_config", None)
+    model = getattr(zo2_ds, "ZO2Config", None)
     try:
-        zo2_ds.parse_zo2_config({"zo2": zo2_block})
-    except ValueError:
+        if parse is not None:
+            parse({"zo2": zo2_block})
+        elif model is not None:
+            model(**zo2_block)
+        else:
+            return False
+    except (ValueError, TypeError):  # pydantic's ValidationError is a ValueError
         return False
     return True
 

@@ -114,14 +114,17 @@ def ratio_rows(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    print("model | batch | mode | A ms (per round) | B ms (per round) | B / A")
-    print("--- | --- | --- | --- | --- | ---")
+def print_table(rows: list[dict], tolerance: float = 0.03) -> None:
+    """The ratio table; "ok" where B is within ``tolerance`` of A (slower or faster)."""
+    print("model | batch | mode | A ms (per round) | B ms (per round) | B / A | within 3%")
+    print("--- | --- | --- | --- | --- | --- | ---")
     for r in rows:
         a = ", ".join(f"{x:.1f}" for x in r["a_ms"]) or "-"
         b = ", ".join(f"{x:.1f}" for x in r["b_ms"]) or "-"
-        ratio = "-" if r["b_over_a"] is None else f"{r['b_over_a']:.3f}"
-        print(f"{r['model']} | {r['batch']} | {r['mode']} | {a} | {b} | {ratio}")
+        ratio, within = "-", "-"
+        if r["b_over_a"] is not None:
+            ratio, within = f"{r['b_over_a']:.3f}", "ok" if abs(r["b_over_a"] - 1) <= tolerance else "NO"
+        print(f"{r['model']} | {r['batch']} | {r['mode']} | {a} | {b} | {ratio} | {within}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,7 +21,8 @@ for stage in ${STAGES:-tests step offload graphs tasks}; do
   case $stage in
     tests) python3 -m pytest -q -rs -m cuda tests/ >"$OUT/pytest_cuda.txt" 2>&1 || status=1
            tail -5 "$OUT/pytest_cuda.txt" ;;
-    step) python3 launch/bench_step.py --models "$MODELS" --kernel-micro --out "$OUT/step.json" >"$OUT/step.log" 2>&1 || status=1
+    step) python3 launch/bench_step.py --models "$MODELS" --kernel-micro --out "$OUT/step.json" \
+            >"$OUT/step.log" 2>&1 || status=1
           tail -n 25 "$OUT/step.log" ;;
     offload) for model in ${MODELS//,/ }; do
                half=$(python3 -c "from zo2_ds.bench import SHAPES; print(SHAPES['$model'].num_layers // 2)")

@@ -147,5 +147,5 @@ def offload_records(
             rec["floor_ms"] = max(floors) if floors else None
             rec["ratio_to_floor"] = rec["median_ms"] / rec["floor_ms"] if floors else None
             rec["ratio_to_in_gpu"] = rec["median_ms"] / in_gpu_ms[rec["batch"]] if in_gpu else None
-        log({k: v for k, v in rec.items() if k not in ("step_ms_all", "timeline", "device_budget")})
+        log({k: v for k, v in rec.items() if k not in ("step_ms_all", "timeline")})
     return records

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The CUDA tests and the benchmarks on any CUDA machine; logs, JSON and tables to $OUT (default runs/gpu).
+#
+#   bash launch/gpu/check.sh                       # every stage (more than 10 minutes in all on one H200)
+#   STAGES="tests" bash launch/gpu/check.sh        # one stage per call: tests, step, offload, graphs, tasks
+#   MODELS=opt-1.3b STAGES="step offload" bash launch/gpu/check.sh
+#   device tool: run(command="STAGES=tests bash launch/gpu/check.sh", carry=[".whl"])
+#
+# tests:   python3 -m pytest -m cuda (the 2-GPU data-parallel test skips on one GPU)
+# step:    launch/bench_step.py, the in-GPU step against two forwards and MeZO's pattern, and the kernels
+# offload: launch/bench_offload.py, in-GPU and offloaded steps, half the blocks resident (13B: no in-GPU)
+# graphs:  launch/bench_offload.py --cuda-graphs --no-in-gpu
+# tasks:   launch/bench_tasks.py, OPT-1.3B shape through launch/train.py --task sst2, full and LoRA
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source launch/gpu/env.sh
+MODELS=${MODELS:-opt-1.3b,opt-6.7b,opt-13b}
+status=0
+for stage in ${STAGES:-tests step offload graphs tasks}; do
+  echo "== $stage $(date -u +%H:%M:%S)"
+  case $stage in
+    tests) python3 -m pytest -q -rs -m cuda tests/ >"$OUT/pytest_cuda.txt" 2>&1 || status=1
+           tail -5 "$OUT/pytest_cuda.txt" ;;
+    step) python3 launch/bench_step.py --models "$MODELS" --kernel-micro --out "$OUT/step.json" \
+            >"$OUT/step.log" 2>&1 || status=1
+          tail -n 25 "$OUT/step.log" ;;
+    offload) for model in ${MODELS//,/ }; do
+               half=$(python3 -c "from zo2_ds.bench import SHAPES; print(SHAPES['$model'].num_layers // 2)")
+               python3 launch/bench_offload.py --models "$model" --resident "$half" --out "$OUT/offload_$model.json" \
+                 >"$OUT/offload_$model.log" 2>&1 || status=1
+               grep "^$model |" "$OUT/offload_$model.log"
+             done ;;
+    graphs) python3 launch/bench_offload.py --models "$MODELS" --no-in-gpu --cuda-graphs --out "$OUT/graphs.json" \
+              >"$OUT/graphs.log" 2>&1 || status=1
+            grep "^opt\|^llama\|^qwen" "$OUT/graphs.log" ;;
+    tasks) python3 launch/bench_tasks.py --out "$OUT/tasks" >"$OUT/tasks.log" 2>&1 || status=1
+           tail -n 6 "$OUT/tasks.log" ;;
+    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks)"; status=2 ;;
+  esac
+done
+exit $status

@@ -1,0 +1,237 @@
+"""The benchmark helpers (zo2_ds/bench) and the launch/bench_*.py entry points, at tiny size on the CPU.
+
+The figures themselves need a GPU; here: the model builder (shapes, tying, determinism), the byte
+accounting behind the transfer floor, the config and switch handling, the records each mode writes, the
+A/B overlay and ratio table, and every entry point's --tiny run end to end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zo2_ds.bench import SHAPES, build_model, driver, make_batch, measure, offload, report, step
+from zo2_ds.bench.models import block_list, parameter_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+RUN = driver.Settings("fp32", {"zo2": {}, "offload": {}, "route": "default", "env": {}}, warmup=1, steps=2, device=CPU)
+
+
+def _load_launch(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_script(args: list[str], tmp_path: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", OUT=str(tmp_path))
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_build_model_ties_the_head_where_the_real_model_does():
+    opt = build_model("tiny", CPU, torch.float32)
+    assert opt.lm_head.weight.data_ptr() == opt.get_input_embeddings().weight.data_ptr()
+    llama = build_model("tiny-llama", CPU, torch.float32)
+    assert llama.lm_head.weight.data_ptr() != llama.get_input_embeddings().weight.data_ptr()
+    assert len(block_list(opt)) == SHAPES["tiny"].num_layers and len(block_list(llama)) == 4
+    # A tied tensor counts once.
+    assert parameter_bytes(opt) == 4 * sum(p.numel() for p in opt.parameters())
+
+
+def test_build_model_is_deterministic_in_the_requested_dtype():
+    a, b = build_model("tiny", CPU, torch.bfloat16), build_model("tiny", CPU, torch.bfloat16)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert pa.dtype == torch.bfloat16 and torch.equal(pa, pb), name
+    norm = block_list(a)[0].final_layer_norm
+    assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
+    assert not a.config.use_cache and a.config.dropout == 0.0
+
+
+def test_build_model_and_batches_reject_unknown_names_and_lengths():
+    with pytest.raises(ValueError, match="model: 'opt-7b'"):
+        build_model("opt-7b", CPU)
+    batch = make_batch("tiny", 2, 16, CPU)
+    assert batch["input_ids"].shape == (2, 16) and torch.equal(batch["labels"], batch["input_ids"])
+    assert torch.equal(make_batch("tiny", 2, 16, CPU)["input_ids"], batch["input_ids"])
+    with pytest.raises(ValueError, match="seq_len: 4096"):
+        make_batch("tiny", 1, 4096, CPU)
+
+
+def test_parsers_name_the_argument():
+    assert report.parse_batches("1x2048,16X256") == [(1, 2048), (16, 256)]
+    with pytest.raises(ValueError, match="--batches: '16-256'"):
+        report.parse_batches("16-256")
+    with pytest.raises(ValueError, match="--models"):
+        report.parse_names("tiny,opt-7b", SHAPES, "--models")
+
+
+def test_streamed_bytes_count_resident_blocks_and_narrow_copies():
+    model = build_model("tiny", CPU, torch.float32)
+    numel = sum(p.numel() for p in block_list(model)[0].parameters())
+    assert offload.streamed_bytes_per_step(model, {"enabled": True}, 4) == 4 * numel * 4
+    assert offload.streamed_bytes_per_step(model, {"num_resident_blocks": 1}, 4) == 3 * numel * 4
+    # bf16 copies of fp32 masters, interval 4: the exact master one step in four, the copy at the others.
+    assert offload.streamed_bytes_per_step(model, {"transfer_dtype": "bf16"}, 4) == 4 * numel * (4 + 3 * 2) / 4
+    half = build_model("tiny", CPU, torch.float16)
+    assert offload.streamed_bytes_per_step(half, {"transfer_dtype": "bf16"}, 4) == 4 * numel * 2
+
+
+def test_offload_variants_and_engine_config():
+    variants = offload.offload_variants(transfer_dtypes=("auto", "bf16"), cuda_graphs=True, resident_blocks=2)
+    assert [m for m, _ in variants] == ["offload", "offload_xfer_bf16", "offload_graphs", "offload_resident2"]
+    assert variants[3][1] == {"enabled": True, "prefetch_depth": 1, "num_resident_blocks": 2}
+    config = driver.engine_config(16, "fp16", offload=variants[0][1])
+    assert config["zo2"]["offload"]["enabled"] and config["fp16"]["enabled"]
+    assert "offload" not in driver.engine_config(1, "fp32")["zo2"]
+    with pytest.raises(ValueError, match="dtype: 'int8'"):
+        driver.engine_config(1, "int8")
+
+
+def test_switches_default_needs_no_restart_and_bad_choices_fail():
+    switches = driver.resolve_switches()
+    assert switches["env"] == {} and switches["route"] in ("default", "config")
+    assert not driver.config_accepts({"no_such_key": 1})
+    with pytest.raises(ValueError, match="kernels: 'fast'"):
+        driver.resolve_switches(kernels="fast")
+
+
+def test_step_records_measure_every_mode_against_two_forwards():
+    records = step.step_records("tiny", [(2, 16)], list(step.STEP_MODES), RUN, log=lambda rec: None)
+    step.add_ratios(records)
+    assert [r["mode"] for r in records] == ["forward", "mezo_ref", "zo"]
+    for rec in records:
+        assert "error" not in rec, rec.get("traceback")
+        assert rec["steps"] == 2 and len(rec["step_ms_all"]) == 2 and rec["median_ms"] > 0
+        assert rec["time_vs_forward"] == rec["median_ms"] / records[0]["median_ms"]
+
+
+def test_offload_records_carry_floors_ratios_and_host_memory():
+    variants = offload.offload_variants(resident_blocks=2)
+    records = offload.offload_records(
+        "tiny", [(2, 16)], variants, RUN, bandwidth={"h2d_gbps": 50.0}, log=lambda r: None
+    )
+    assert [r["mode"] for r in records] == ["in_gpu", "offload", "offload_resident2"]
+    in_gpu, streamed, half = records
+    assert in_gpu["ratio_to_two_forwards"] == in_gpu["median_ms"] / in_gpu["two_forwards_ms"]
+    assert streamed["ratio_to_in_gpu"] == streamed["median_ms"] / in_gpu["median_ms"]
+    assert streamed["transfer_floor_ms"] == streamed["streamed_bytes"] / 50e9 * 1e3
+    assert streamed["floor_ms"] == max(streamed["two_forwards_ms"], streamed["transfer_floor_ms"])
+    assert half["streamed_bytes"] == streamed["streamed_bytes"] / 2
+    assert streamed["host_rss_bytes"] > 0 and streamed["host_rss_over_model"] > 0
+    assert streamed.get("write_back_interval", 1) == 1  # "auto" on the CPU, where the installed offloader says
+
+
+def test_measure_helpers_on_the_cpu():
+    calls = []
+    times = measure.time_calls(lambda: calls.append(1), warmup=2, steps=3)
+    assert len(calls) == 5 and len(times) == 3
+    summary = measure.summarize([3.0, 1.0, 2.0], warmup=2)
+    assert (summary["median_ms"], summary["min_ms"], summary["max_ms"]) == (2.0, 1.0, 3.0)
+    assert measure.device_memory() == {} and measure.link_bandwidth() == {}
+    assert measure.host_rss_bytes()["host_rss_peak_bytes"] > 0
+
+
+def test_write_json_and_table(tmp_path):
+    report.write_json(tmp_path / "a" / "r.json", {"x": 1.5})
+    assert json.loads((tmp_path / "a" / "r.json").read_text()) == {"x": 1.5}
+    assert not list((tmp_path / "a").glob("*.partial"))
+    table = report.format_table([{"m": "tiny", "b": 3 * 2**30}, {"m": "x"}], "m b:gib")
+    assert table.splitlines()[2:] == ["tiny | 3.00", "x | -"]
+
+
+def test_ab_overlay_child_path_and_ratios(tmp_path):
+    ab = _load_launch("bench_ab")
+    tree = tmp_path / "old"
+    (tree / "zo2_ds" / "bench").mkdir(parents=True)
+    (tree / "zo2_ds" / "__init__.py").write_text("")
+    root = ab.overlay(tree, tmp_path / "stage")
+    root = ab.overlay(tree, tmp_path / "stage")  # again: replaces the links
+    assert (root / "zo2_ds" / "__init__.py").resolve() == (tree / "zo2_ds" / "__init__.py").resolve()
+    assert (root / "zo2_ds" / "bench").resolve() == (REPO / "zo2_ds" / "bench").resolve()
+    os.environ["PYTHONPATH"], saved = f"/tmp/site{os.pathsep}{REPO}", os.environ.get("PYTHONPATH")
+    try:
+        assert ab.child_env(root)["PYTHONPATH"] == f"{root}{os.pathsep}/tmp/site"
+    finally:
+        os.environ.pop("PYTHONPATH") if saved is None else os.environ.__setitem__("PYTHONPATH", saved)
+
+    def run(label, ms):
+        return {"label": label, "records": [{"model": "m", "batch": "1x8", "mode": "offload", "median_ms": ms}]}
+
+    rows = ab.ratio_rows([run("A1", 100.0), run("B1", 99.0), run("A2", 102.0), run("B2", 103.0)])
+    assert rows == [{"model": "m", "batch": "1x8", "mode": "offload", "a_ms": [100.0, 102.0], "b_ms": [99.0, 103.0],
+                     "b_over_a": 1.0}]  # fmt: skip
+
+
+def test_bench_step_script_tiny_with_a_kernel_switch(tmp_path):
+    args = ["launch/bench_step.py", "--tiny", "--modes", "forward,zo", "--kernels", "per_tensor"]
+    proc = _run_script([*args, "--out", str(tmp_path / "step.json")], tmp_path)
+    result = json.loads((tmp_path / "step.json").read_text())
+    assert [r["mode"] for r in result["records"]] == ["forward", "zo"]
+    # A config field where this checkout's config has it, else the variable older checkouts read (a restart).
+    switches = result["switches"]
+    assert switches["zo2"] == {"kernels": "per_tensor"} or switches["env"] == {"ZO2_DS_MULTI_TENSOR": "0"}
+    assert result["env"]["zo2_ds_path"] == str(REPO / "zo2_ds") and "tiny | 2x32 | zo |" in proc.stdout
+
+
+def test_bench_offload_script_tiny(tmp_path):
+    proc = _run_script(["launch/bench_offload.py", "--tiny", "--out", str(tmp_path / "off.json")], tmp_path)
+    result = json.loads((tmp_path / "off.json").read_text())
+    assert [r["mode"] for r in result["records"]] == ["in_gpu", "offload"]
+    assert "tiny | 2x16 | offload |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_tasks_script_tiny(tmp_path):
+    proc = _run_script(["launch/bench_tasks.py", "--tiny", "--steps", "3", "--out", str(tmp_path)], tmp_path)
+    result = json.loads((tmp_path / "tasks.json").read_text())
+    assert [r["peft"] for r in result["runs"]] == ["none", "lora"]
+    for row in result["runs"]:
+        assert row["steps"] == 3 and row["steps_per_second"] > 0
+    assert "| steps_per_second |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_ab_script_tiny_runs_abab_on_the_two_trees(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    subprocess.run(f"git -C {REPO} archive HEAD zo2_ds | tar -x -C {old}", shell=True, check=True)
+    args = ["launch/bench_ab.py", "--a", str(old), "--b", str(REPO), "--tiny", "--out", str(tmp_path / "ab")]
+    proc = _run_script([*args, "--work", str(tmp_path / "stage")], tmp_path, timeout=400)
+    result = json.loads((tmp_path / "ab" / "ab.json").read_text())
+    assert [r["label"] for r in result["runs"]] == ["A1", "B1", "A2", "B2"]
+    assert [r["zo2_ds"] for r in result["runs"]][:2] == [str((old / "zo2_ds").resolve()), str(REPO / "zo2_ds")]
+    cells = {(r["mode"], len(r["a_ms"]), len(r["b_ms"])) for r in result["ratios"]}
+    assert cells == {("in_gpu", 2, 2), ("offload", 2, 2)}
+    assert "| B / A | within 3%" in proc.stdout
+
+
+@pytest.mark.cuda
+def test_bench_scripts_on_the_gpu(tmp_path):
+    env_extra = {"DS_ACCELERATOR": "cuda"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(env_extra, PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    common = ["--models", "opt-125m", "--batches", "2x128", "--steps", "2", "--warmup", "1"]
+    for script, out in (("bench_step.py", "step.json"), ("bench_offload.py", "off.json")):
+        extra = ["--timeline", str(tmp_path / "tl.png")] if script == "bench_offload.py" else ["--kernel-micro"]
+        cmd = [sys.executable, f"launch/{script}", *common, *extra, "--out", str(tmp_path / out)]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads((tmp_path / "step.json").read_text())["records"]
+    assert all("error" not in r and r["peak_allocated_bytes"] > 0 for r in records)
+    result = json.loads((tmp_path / "off.json").read_text())
+    assert result["bandwidth"]["h2d_gbps"] > 1
+    streamed = [r for r in result["records"] if r["mode"] == "offload"]
+    assert streamed and all(r["ratio_to_floor"] > 0 and r["peak_allocated_bytes"] > 0 for r in streamed)
+    assert all(r.get("device_budget") for r in streamed)  # engine.zo_runner.device_bytes()

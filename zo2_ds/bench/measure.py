@@ -1,0 +1,204 @@
+"""Measurement helpers: steady-state step times, device and host memory, link bandwidth.
+
+Every timed call is bracketed by device synchronizations, so a step's time is its wall time from an
+idle device to an idle device, whatever the step does inside (the ZO step reads its projected gradient
+on the host anyway). Steps after ``warmup`` are timed one by one and summarised by their median.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "time_calls",
+    "summarize",
+    "sync",
+    "release_cached_memory",
+    "reset_peak_memory",
+    "device_memory",
+    "nvml_used_bytes",
+    "host_rss_bytes",
+    "cuda_context_bytes",
+    "link_bandwidth",
+    "NvmlPeak",
+]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
+    """Milliseconds of each of ``steps`` calls of ``fn`` made after ``warmup`` untimed calls."""
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def summarize(times: list[float], warmup: int) -> dict[str, Any]:
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "steps": len(times),
+        "warmup": warmup,
+        "step_ms_all": times,
+    }
+
+
+def release_cached_memory() -> None:
+    """Give cached device (and pinned host) blocks back, so later readings see only what runs next."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        host_empty = getattr(torch._C, "_host_emptyCache", None)
+        if host_empty is not None:
+            host_empty()
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def device_memory() -> dict[str, int | None]:
+    """Peak allocated / reserved since the last reset, and NVML's reading now (empty on CPU)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+        "nvml_used_bytes": nvml_used_bytes(),
+    }
+
+
+def nvml_used_bytes() -> int | None:
+    """Device memory in use as NVML counts it (the whole device: CUDA context and allocator cache
+    included); None where NVML is not available."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except Exception:  # no pynvml or no GPU: report nothing rather than fail the run
+        return None
+
+
+def host_rss_bytes() -> dict[str, int]:
+    """This process's resident host memory now, and its peak so far."""
+    import psutil
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    return {"host_rss_bytes": psutil.Process().memory_info().rss, "host_rss_peak_bytes": peak}
+
+
+def cuda_context_bytes() -> int | None:
+    """NVML-used bytes with CUDA initialised, a cuBLAS handle made and nothing allocated: the floor of every
+    NVML reading of this process. Call it before anything else touches the GPU."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.ones(64, 64, device="cuda", dtype=torch.float16)
+    (a @ a).sum().item()
+    del a
+    release_cached_memory()
+    return nvml_used_bytes()
+
+
+def link_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
+    """Pinned host<->device bandwidth in GB/s (1e9 bytes/s): to the device, from it, and both at once
+    (the sum); the median of ``repeats`` copies of ``num_bytes``. Empty on CPU."""
+    if not torch.cuda.is_available():
+        return {}
+    result = _copy_bandwidth(num_bytes, repeats)
+    release_cached_memory()  # the buffers are gone: give their cache (and pinned blocks) back
+    return result
+
+
+def _copy_bandwidth(num_bytes: int, repeats: int) -> dict[str, float]:
+    host_in = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+    host_out = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+    dev_in = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    dev_out = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    up, down = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def both() -> None:
+        with torch.cuda.stream(up):
+            dev_in.copy_(host_in, non_blocking=True)
+        with torch.cuda.stream(down):
+            host_out.copy_(dev_out, non_blocking=True)
+
+    def seconds(fn: Callable[[], Any]) -> float:
+        return statistics.median(time_calls(fn, 1, repeats)) / 1e3
+
+    return {
+        "h2d_gbps": num_bytes / seconds(lambda: dev_in.copy_(host_in, non_blocking=True)) / 1e9,
+        "d2h_gbps": num_bytes / seconds(lambda: host_out.copy_(dev_out, non_blocking=True)) / 1e9,
+        "bidir_sum_gbps": 2 * num_bytes / seconds(both) / 1e9,
+    }
+
+
+class NvmlPeak:
+    """The peak of GPU 0's used memory (as NVML counts it: the whole device, every process) while the
+    ``with`` block runs, sampled by a thread every ``interval_s``; through pynvml, else nvidia-smi, else None."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.peak_bytes: int | None = None
+        self.baseline_bytes: int | None = None
+        self.source: str | None = None
+        self._read = self._reader()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _reader(self) -> Callable[[], int] | None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.source = "pynvml"
+            return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+        except Exception:  # no pynvml or no GPU: try nvidia-smi
+            pass
+        cmd = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"]
+        try:
+            subprocess.run(cmd, capture_output=True, check=True, timeout=10)
+        except Exception:  # no GPU here: nothing to sample
+            return None
+        self.source = "nvidia-smi"
+        return lambda: int(subprocess.run(cmd, capture_output=True, text=True).stdout.split()[0]) * 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            used = self._read()
+            self.peak_bytes = used if self.peak_bytes is None else max(self.peak_bytes, used)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> NvmlPeak:
+        if self._read is not None:
+            self.baseline_bytes = self._read()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()

@@ -1,0 +1,151 @@
+"""The offloaded ZO step against the in-GPU step and its floor, on one model (``launch/bench_offload.py``).
+
+  transfer floor = bytes streamed per step / pinned host-to-device bandwidth measured in the process
+  floor          = max(two plain forwards, transfer floor)
+
+The streamed bytes are counted from the model's blocks before the engine takes them: (blocks - resident)
+x one block's bytes; with a narrower ``transfer_dtype`` the per-step average, since a block crosses as its
+exact master one step in ``write_back_interval`` and as the narrow copy at the others.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from zo2_ds.bench import baselines, driver, measure
+from zo2_ds.bench.models import DTYPES, block_list, build_model, make_batch, parameter_bytes
+
+__all__ = ["offload_variants", "streamed_bytes_per_step", "offload_records"]
+
+
+def offload_variants(
+    *,
+    prefetch_depth: int = 1,
+    write_back_interval: int | None = None,
+    transfer_dtypes: tuple[str, ...] = ("auto",),
+    cuda_graphs: bool = False,
+    resident_blocks: int | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """[(mode, zo2.offload block)]: every block streamed per transfer dtype, then the optional variants."""
+    common: dict[str, Any] = {"enabled": True, "prefetch_depth": prefetch_depth}
+    if write_back_interval is not None:
+        common["write_back_interval"] = write_back_interval
+    variants = [
+        ("offload" if xfer == "auto" else f"offload_xfer_{xfer}", {**common, "transfer_dtype": xfer})
+        for xfer in transfer_dtypes
+    ]
+    if cuda_graphs:
+        variants.append(("offload_graphs", {**common, "cuda_graphs": True}))
+    if resident_blocks:
+        variants.append((f"offload_resident{resident_blocks}", {**common, "num_resident_blocks": resident_blocks}))
+    return variants
+
+
+def streamed_bytes_per_step(model: torch.nn.Module, offload: dict[str, Any], write_back_interval: int) -> float:
+    """Host-to-device bytes of one step (average over ``write_back_interval`` steps with a narrow copy)."""
+    blocks = block_list(model)
+    streamed = len(blocks) - (offload.get("num_resident_blocks") or 0)
+    numel = sum(p.numel() for p in blocks[0].parameters())
+    element = next(blocks[0].parameters()).element_size()
+    narrow = {"fp16": 2, "bf16": 2, "fp32": 4}.get(offload.get("transfer_dtype", "auto"), element)
+    per_element = element if narrow >= element else (element + (write_back_interval - 1) * narrow) / write_back_interval
+    return streamed * numel * per_element
+
+
+def _in_gpu(name: str, batches: list, run: driver.Settings, floor: bool, in_gpu: bool) -> tuple[list, dict, dict]:
+    """Two plain forwards (if ``floor``) and the in-GPU step (if ``in_gpu``) per batch, on one model."""
+    model = build_model(name, run.device, DTYPES[run.dtype])
+    forwards_ms: dict[str, float] = {}
+    records = []
+    if floor:
+        model.eval()
+        for b, s in batches:
+            times = measure.time_calls(
+                baselines.two_forwards(model, make_batch(name, b, s, run.device)), run.warmup, run.steps
+            )
+            forwards_ms[f"{b}x{s}"] = statistics.median(times)
+    if in_gpu:
+        engine = driver.build_engine(model, driver.engine_config(batches[0][0], run.dtype, switches=run.switches))
+        for b, s in batches:
+            measure.reset_peak_memory()
+            times = measure.time_calls(
+                driver.zo_step(engine, make_batch(name, b, s, run.device)), run.warmup, run.steps
+            )
+            rec = {"mode": "in_gpu", "batch": f"{b}x{s}", **measure.summarize(times, run.warmup)}
+            records.append({**rec, **measure.device_memory(), **measure.host_rss_bytes()})
+        driver.finish(engine)
+    del model
+    measure.release_cached_memory()
+    return records, forwards_ms, {r["batch"]: r["median_ms"] for r in records}
+
+
+def _offload_one(name: str, mode: str, offload: dict, batches: list, run: driver.Settings, timeline: bool) -> list:
+    """The offloaded step per batch on a fresh model (offloading moves the blocks off the device)."""
+    model = build_model(name, run.device, DTYPES[run.dtype])
+    model_bytes = parameter_bytes(model)
+    num_blocks = len(block_list(model))
+    config = driver.engine_config(batches[0][0], run.dtype, offload=offload, switches=run.switches)
+    started = time.perf_counter()
+    engine = driver.build_engine(model, config)
+    init_s = time.perf_counter() - started
+    facts = driver.offload_facts(engine)
+    interval = facts.get("write_back_interval") or offload.get("write_back_interval") or 1
+    streamed = streamed_bytes_per_step(model, offload, interval)
+    records = []
+    for b, s in batches:
+        batch = make_batch(name, b, s, run.device)
+        measure.reset_peak_memory()
+        times = measure.time_calls(driver.zo_step(engine, batch), run.warmup, run.steps)
+        rec = {"mode": mode, "batch": f"{b}x{s}", **measure.summarize(times, run.warmup), **measure.device_memory()}
+        rec.update(measure.host_rss_bytes())
+        rec.update(facts, offload=offload, streamed_bytes=streamed, model_bytes=model_bytes, num_blocks=num_blocks)
+        rec.update(engine_init_s=init_s, host_rss_over_model=rec["host_rss_bytes"] / model_bytes)
+        if timeline and (b, s) == batches[0]:
+            rec["timeline"] = driver.timeline_of_one_step(engine, driver.zo_step(engine, batch))
+        records.append(rec)
+    driver.finish(engine)
+    del engine, model
+    measure.release_cached_memory()
+    return records
+
+
+def offload_records(
+    name: str,
+    batches: list[tuple[int, int]],
+    variants: list[tuple[str, dict[str, Any]]],
+    run: driver.Settings,
+    *,
+    in_gpu: bool = True,
+    floor: bool = True,
+    bandwidth: dict[str, float] | None = None,
+    timeline: bool = False,
+    log: Any = print,
+) -> list[dict[str, Any]]:
+    """Records of the in-GPU step (if ``in_gpu``) and of each offload variant, one per batch, with floors
+    and ratios. A fresh model per engine: offloading moves the blocks off the device."""
+    forwards_ms: dict[str, float] = {}
+    in_gpu_ms: dict[str, float] = {}
+    records: list[dict[str, Any]] = []
+    if in_gpu or floor:
+        records, forwards_ms, in_gpu_ms = _in_gpu(name, batches, run, floor, in_gpu)
+    for mode, offload in variants:
+        records += _offload_one(name, mode, offload, batches, run, timeline)
+    h2d = (bandwidth or {}).get("h2d_gbps")
+    for rec in records:
+        b, s = (int(v) for v in rec["batch"].split("x"))
+        rec.update(model=name, dtype=run.dtype, tokens_per_s=b * s / rec["median_ms"] * 1e3)
+        fwd = rec["two_forwards_ms"] = forwards_ms.get(rec["batch"])
+        if rec["mode"] == "in_gpu":
+            rec["ratio_to_two_forwards"] = rec["median_ms"] / fwd if fwd else None
+        else:
+            transfer = rec["transfer_floor_ms"] = rec["streamed_bytes"] / (h2d * 1e9) * 1e3 if h2d else None
+            floors = [x for x in (fwd, transfer) if x]
+            rec["floor_ms"] = max(floors) if floors else None
+            rec["ratio_to_floor"] = rec["median_ms"] / rec["floor_ms"] if floors else None
+            rec["ratio_to_in_gpu"] = rec["median_ms"] / in_gpu_ms[rec["batch"]] if in_gpu else None
+        log({k: v for k, v in rec.items() if k not in ("step_ms_all", "timeline")})
+    return records

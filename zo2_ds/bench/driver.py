@@ -203,17 +203,26 @@ def offload_facts(engine: Any) -> dict[str, Any]:
 
 def timeline_of_one_step(engine: Any, step: Callable[[], None]) -> list[dict[str, Any]]:
     """[{what, block, start_ms, end_ms}] of one offloaded step from the runner's CUDA events, where the
-    installed offloader records them (a ``timeline`` list of (what, block, edge, event)); else []."""
+    installed offloader records them (``recording_timeline()``, or an older checkout's ``timeline`` list of
+    (what, block, edge, event)); else []."""
     runner = getattr(engine, "zo_runner", None)
-    if not torch.cuda.is_available() or not hasattr(runner, "timeline"):
+    recording = getattr(runner, "recording_timeline", None)
+    if not torch.cuda.is_available() or not (callable(recording) or hasattr(runner, "timeline")):
         return []
     origin = torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
-    runner.timeline = []
-    origin.record()
-    step()
-    torch.cuda.synchronize()
-    events, runner.timeline = runner.timeline, None
+    if callable(recording):
+        with recording() as timeline:
+            origin.record()
+            step()
+            torch.cuda.synchronize()
+        events = timeline.events
+    else:
+        runner.timeline = []
+        origin.record()
+        step()
+        torch.cuda.synchronize()
+        events, runner.timeline = runner.timeline, None
     spans: dict[tuple[str, int], dict[str, Any]] = {}
     for what, block, edge, event in events:
         span = spans.setdefault((what, block), {"what": what, "block": block})

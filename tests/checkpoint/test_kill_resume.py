@@ -119,6 +119,9 @@ def test_sigint_saves_at_the_step_boundary_then_resume_is_bit_exact(tmp_path, re
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert "SIGINT received" in stopped.stderr and "KeyboardInterrupt" not in stopped.stderr
     assert "to resume:" in stopped.stdout and "--resume" in stopped.stdout
+    # zo2_ds.hygiene (the worker calls it): none of the start-up noise.
+    for noise in ("built successfully", "Attempting to get learning rate", "loss_type=None"):
+        assert noise not in stopped.stdout + stopped.stderr, noise
     assert (out / "latest").read_text() == "checkpoint-3"
     resumed = run(out, result, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import zo2_ds
 from zo2_ds.checkpoint import (
     Checkpointer,
     GracefulStop,
@@ -21,28 +20,14 @@ from zo2_ds.checkpoint import (
     truncate_jsonl,
     write_json_atomic,
 )
-from zo2_ds.testing import ds_config, tiny_causal_lm
-
-
-def make_engine():
-    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt"), config=ds_config(lr=1e-3))
-    engine.train()
-    return engine
-
-
-def train_step(engine) -> None:
-    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(engine.global_steps))
-    out = engine(input_ids=ids, labels=ids)
-    engine.backward(out.loss)
-    engine.step()
 
 
 def listing(path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.name != ".lock")
 
 
-def test_rotation_keeps_the_newest_k_plus_the_best(tmp_path):
-    engine = make_engine()
+def test_rotation_keeps_the_newest_k_plus_the_best(tmp_path, new_engine, train_step):
+    engine = new_engine()
     stages = []
     with RunDirectory(tmp_path) as run_dir:
         ckpt = Checkpointer(engine, run_dir, save_steps=1, save_total_limit=2, fault_hook=stages.append)
@@ -57,8 +42,8 @@ def test_rotation_keeps_the_newest_k_plus_the_best(tmp_path):
     assert stages[:15] == [*plain, "done", *plain, "best", "done"]  # saves of steps 1 and 2
 
 
-def test_a_checkpoint_is_immutable_and_hf_copy_is_part_of_it(tmp_path):
-    engine = make_engine()
+def test_a_checkpoint_is_immutable_and_hf_copy_is_part_of_it(tmp_path, new_engine, train_step):
+    engine = new_engine()
 
     def hf_save(folder: str) -> None:
         os.makedirs(os.path.join(folder, "model"))
@@ -76,14 +61,16 @@ def test_a_checkpoint_is_immutable_and_hf_copy_is_part_of_it(tmp_path):
     assert (tmp_path / "best").read_text() == "checkpoint-1"
 
 
-def test_resuming_an_older_checkpoint_drops_the_abandoned_newer_ones_at_the_first_save(tmp_path):
-    engine = make_engine()
+def test_resuming_an_older_checkpoint_drops_the_abandoned_newer_ones_at_the_first_save(
+    tmp_path, new_engine, train_step
+):
+    engine = new_engine()
     with RunDirectory(tmp_path) as run_dir:
         ckpt = Checkpointer(engine, run_dir)
         for step in range(1, 5):
             train_step(engine)
             ckpt.save(best=step == 2)
-    engine = make_engine()
+    engine = new_engine()
     with RunDirectory(tmp_path, resume=True) as run_dir:
         ckpt = Checkpointer(engine, run_dir)
         assert ckpt.resume("checkpoint-1").step == 1
@@ -116,22 +103,14 @@ def test_non_finite_guard_stops_a_run_whose_steps_are_all_skipped():
         guard.check(engine)
 
 
-def test_non_finite_guard_on_a_real_engine():
-    class Exploding(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(3))
-
-        def forward(self, x):
-            return (self.w * x).sum() * torch.tensor(float("inf"))
-
-    engine, *_ = zo2_ds.initialize(model=Exploding(), config=ds_config())
-    engine.train()
+def test_non_finite_guard_on_a_real_engine(new_engine, train_step):
+    engine = new_engine()
+    with torch.no_grad():  # bytes overwritten inside the weights: every loss is NaN, every step skipped
+        engine.module.model.decoder.embed_tokens.weight[:, 0] = float("nan")
     guard = NonFiniteGuard(max_consecutive=2)
     with pytest.warns(UserWarning, match="non-finite"), pytest.raises(NonFiniteError, match="2 skipped in all"):
         for _ in range(2):
-            engine.backward(engine(torch.ones(3)))
-            engine.step()
+            train_step(engine)
             guard.check(engine)
 
 

@@ -9,32 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import zo2_ds
 from zo2_ds.checkpoint import Checkpointer, CheckpointError, RunDirectory
-from zo2_ds.testing import ds_config, tiny_causal_lm
 
 RUN_INFO = {"max_steps": 10}
 WEIGHTS = "mp_rank_00_model_states.pt"
 
 
-def make_engine(**model_kw):
-    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", **model_kw), config=ds_config(lr=1e-3))
-    engine.train()
-    return engine
-
-
-def train_step(engine) -> None:
-    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(engine.global_steps))
-    out = engine(input_ids=ids, labels=ids)
-    engine.backward(out.loss)
-    engine.step()
-
-
 @pytest.fixture(scope="module")
-def saved_run(tmp_path_factory) -> Path:
+def saved_run(tmp_path_factory, new_engine, train_step) -> Path:
     """A run directory with checkpoint-1 and checkpoint-2 (latest; best at 1)."""
     path = tmp_path_factory.mktemp("saved") / "run"
-    engine = make_engine()
+    engine = new_engine()
     with RunDirectory(path) as run_dir:
         ckpt = Checkpointer(engine, run_dir, run_info=RUN_INFO)
         for best in (True, False):
@@ -48,8 +33,8 @@ def run_copy(saved_run, tmp_path) -> Path:
     return Path(shutil.copytree(saved_run, tmp_path / "run"))
 
 
-def resume(path: Path, tag=None, run_info=RUN_INFO, **model_kw):
-    engine = make_engine(seed=7, **model_kw)
+def resume(new_engine, path: Path, tag=None, run_info=RUN_INFO, **model_kw):
+    engine = new_engine(seed=7, **model_kw)
     before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     with RunDirectory(path, resume=True) as run_dir:
         try:
@@ -61,11 +46,11 @@ def resume(path: Path, tag=None, run_info=RUN_INFO, **model_kw):
                     assert torch.equal(p, before[n]), n
 
 
-def test_intact_checkpoint_resumes_with_its_client_state(run_copy):
-    state, engine = resume(run_copy)
+def test_intact_checkpoint_resumes_with_its_client_state(new_engine, run_copy):
+    state, engine = resume(new_engine, run_copy)
     assert state.step == 2 and engine.global_steps == 2 and state.checkpoint.name == "checkpoint-2"
     assert state.client_state["step_note"] == 2 and state.run_info == RUN_INFO
-    state, engine = resume(run_copy, tag="best")
+    state, engine = resume(new_engine, run_copy, tag="best")
     assert state.step == 1 and state.client_state["step_note"] == 1
 
 
@@ -106,34 +91,34 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("kind", list(DAMAGE))
-def test_damaged_checkpoint_is_refused_naming_the_file(run_copy, kind):
+def test_damaged_checkpoint_is_refused_naming_the_file(new_engine, run_copy, kind):
     damage, message = DAMAGE[kind]
     damage(run_copy)
     with pytest.raises(CheckpointError, match=message):
-        resume(run_copy)
+        resume(new_engine, run_copy)
 
 
-def test_checkpoint_of_another_model_is_refused(run_copy):
+def test_checkpoint_of_another_model_is_refused(new_engine, run_copy):
     with pytest.raises(
         CheckpointError, match=r"is a checkpoint of another model .*embed_tokens.weight \[96, 16\] -> \[96, 32\]"
     ):
-        resume(run_copy, hidden=32)
+        resume(new_engine, run_copy, hidden=32)
     with pytest.raises(
         CheckpointError, match=r"another model .*the model has parameters the checkpoint lacks: .*layers\.2\."
     ):
-        resume(run_copy, layers=3)
+        resume(new_engine, run_copy, layers=3)
 
 
-def test_changed_run_info_is_refused_naming_the_key(run_copy):
+def test_changed_run_info_is_refused_naming_the_key(new_engine, run_copy):
     with pytest.raises(ValueError, match=r"checkpoint-2 was saved by a run with max_steps=10 \(now 20\)"):
-        resume(run_copy, run_info={"max_steps": 20})
+        resume(new_engine, run_copy, run_info={"max_steps": 20})
 
 
-def test_unknown_tags_name_what_there_is(run_copy):
+def test_unknown_tags_name_what_there_is(new_engine, run_copy):
     with pytest.raises(
         CheckpointError, match=r"checkpoint '7': no folder .*checkpoint-7 \(checkpoints there: checkpoint-1"
     ):
-        resume(run_copy, tag=7)
+        resume(new_engine, run_copy, tag=7)
     (run_copy / "best").unlink()
     with pytest.raises(CheckpointError, match=r"/best does not exist: no best checkpoint was saved"):
-        resume(run_copy, tag="best")
+        resume(new_engine, run_copy, tag="best")

@@ -17,6 +17,7 @@ from zo2_ds.checkpoint import (
     NonFiniteError,
     NonFiniteGuard,
     RunDirectory,
+    resume_command,
     truncate_jsonl,
     write_json_atomic,
 )
@@ -122,7 +123,8 @@ def test_graceful_stop_sets_a_flag_and_a_second_ctrl_c_aborts(capsys):
         assert stop.requested and stop.should_stop()
         os.kill(os.getpid(), signal.SIGTERM)  # a launcher's SIGTERM after the first signal does not abort
         assert "SIGTERM received (rank 0): finishing this step" in capsys.readouterr().err
-        assert "stopped by SIGTERM" in stop.message("python train.py --resume")
+        assert stop.message("python train.py --resume").endswith("to resume: python train.py --resume")
+        assert "stopped by SIGTERM" in stop.message()
     assert signal.getsignal(signal.SIGINT) is previous
     with GracefulStop() as stop, pytest.raises(KeyboardInterrupt, match="second Ctrl-C"):
         os.kill(os.getpid(), signal.SIGINT)
@@ -145,3 +147,9 @@ def test_write_json_atomic_keeps_the_old_file_on_failure(tmp_path):
     with pytest.raises(TypeError, match="not JSON serializable"):
         write_json_atomic(path, {"bad": object()})
     assert json.loads(path.read_text())["acc"] == 0.5 and listing(tmp_path) == ["metrics.json"]
+
+
+def test_resume_command_adds_resume_and_drops_what_a_rerun_must_not_repeat():
+    argv = ["launch/train.py", "--output_dir", "runs/a b", "--overwrite_output_dir", "--local_rank=0"]
+    assert resume_command(argv) == "python launch/train.py --output_dir 'runs/a b' --resume"
+    assert resume_command(["t.py", "--local_rank", "1", "--resume"]) == "python t.py --resume"

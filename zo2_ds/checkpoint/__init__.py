@@ -25,10 +25,11 @@ A launcher uses it in a few lines (every rank runs all of them; rank 0 does the 
         while engine.global_steps < max_steps:
             ...  # one optimizer step
             guard.check(engine)  # raises NonFiniteError before anything is saved
-            if ckpt.due(engine.global_steps) or stop.should_stop():
+            stopping = stop.should_stop()  # once per step: the same answer on every rank
+            if ckpt.due(engine.global_steps) or stopping:
                 ckpt.save({"run_summary": summary}, best=improved)
-            if stop.should_stop():  # the same answer on every rank
-                print(stop.message("python launch/train.py ... --resume"))
+            if stopping:
+                print(stop.message())  # one line, with the command that resumes
                 sys.exit(130)
     ckpt.save({"run_summary": summary})
     if rank == 0:
@@ -46,7 +47,7 @@ from zo2_ds.checkpoint.checkpointer import SAVE_STAGES, Checkpointer, ResumeStat
 from zo2_ds.checkpoint.logs import truncate_jsonl
 from zo2_ds.checkpoint.manifest import CheckpointError, model_fingerprint
 from zo2_ds.checkpoint.rundir import CheckpointInfo, OutputDirInUseError, RunDirectory, checkpoint_name
-from zo2_ds.checkpoint.stop import GracefulStop, NonFiniteError, NonFiniteGuard
+from zo2_ds.checkpoint.stop import GracefulStop, NonFiniteError, NonFiniteGuard, resume_command
 
 __all__ = [
     "RunDirectory",
@@ -58,6 +59,7 @@ __all__ = [
     "GracefulStop",
     "NonFiniteGuard",
     "NonFiniteError",
+    "resume_command",
     "SAVE_STAGES",
     "checkpoint_name",
     "model_fingerprint",

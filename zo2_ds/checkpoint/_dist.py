@@ -29,6 +29,15 @@ def world_size() -> int:
     return tdist.get_world_size() if initialized() else 1
 
 
+def require_initialized(what: str) -> None:
+    """A launcher started several processes (WORLD_SIZE > 1): ``what`` needs torch.distributed up first."""
+    if not initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            f"{what} in a job of {os.environ['WORLD_SIZE']} processes needs torch.distributed initialised first "
+            "(deepspeed.init_distributed() or zo2_ds.hygiene.init_distributed())"
+        )
+
+
 def cpu_group() -> Any:
     """A group over every rank whose collectives run on the CPU: the default group when it is gloo,
     else one gloo group made on first use (a collective call: every rank must reach it)."""

@@ -113,6 +113,7 @@ class RunDirectory:
         self.overwrite = overwrite
         self.run_files = tuple(run_files)
         self._lock_fd: int | None = None
+        _dist.require_initialized("RunDirectory")
         _dist.on_rank0(self._open)
 
     # -- opening -------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ all skipped as non-finite."""
 from __future__ import annotations
 
 import math
+import shlex
 import signal
 import sys
 import threading
@@ -11,7 +12,24 @@ from typing import Any, TextIO
 
 from zo2_ds.checkpoint import _dist
 
-__all__ = ["GracefulStop", "NonFiniteGuard", "NonFiniteError"]
+__all__ = ["GracefulStop", "NonFiniteGuard", "NonFiniteError", "resume_command"]
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command that resumes this run: ``python`` and ``argv`` (default ``sys.argv``) with ``--resume``
+    added and ``--overwrite_output_dir`` and the launcher's ``--local_rank`` left out.
+
+    Under a launcher (``deepspeed``, ``torchrun``) the ranks do not see its command line; the launcher
+    script can prefix its own instead.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    kept = [a for a in argv if a != "--overwrite_output_dir" and not a.startswith("--local_rank")]
+    if "--local_rank" in argv:  # "--local_rank N": its value goes too
+        i = argv.index("--local_rank")
+        kept = [a for j, a in enumerate(argv) if j not in (i, i + 1) and a != "--overwrite_output_dir"]
+    if "--resume" not in kept:
+        kept.append("--resume")
+    return " ".join(["python", *(shlex.quote(a) for a in kept)])
 
 
 class GracefulStop:
@@ -25,7 +43,7 @@ class GracefulStop:
                 ...  # one step
                 if stop.should_stop():
                     ckpt.save(state)
-                    print(stop.message(f"python launch/train.py ... --resume"))
+                    print(stop.message())  # "... to resume: python launch/train.py ... --resume"
                     break
 
     The first signal sets the flag and prints one line; a second Ctrl-C (SIGINT) aborts at once
@@ -47,6 +65,7 @@ class GracefulStop:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> GracefulStop:
+        _dist.require_initialized("GracefulStop")
         if _dist.world_size() > 1:
             _dist.cpu_group()  # made now, by every rank together, not at a first signal on one rank
         if threading.current_thread() is threading.main_thread():
@@ -92,9 +111,11 @@ class GracefulStop:
             return False
         return _dist.any_rank(self.requested)
 
-    def message(self, resume_command: str) -> str:
-        """The one line to print after the stop's checkpoint is saved."""
-        return f"stopped by {self._requested} at a step boundary, checkpoint saved; to resume: {resume_command}"
+    def message(self, command: str | None = None) -> str:
+        """The one line to print after the stop's checkpoint is saved; ``command`` (default
+        :func:`resume_command`) is how to resume."""
+        command = command or resume_command()
+        return f"stopped by {self._requested} at a step boundary, checkpoint saved; to resume: {command}"
 
 
 class NonFiniteError(RuntimeError):

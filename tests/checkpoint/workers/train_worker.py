@@ -121,7 +121,7 @@ def main() -> None:
             if ckpt.due(engine.global_steps) or stopping:
                 ckpt.save({"note": f"step {engine.global_steps}"})
             if stopping:
-                print(stop.message(f"{sys.executable} {' '.join(sys.argv)} --resume"), flush=True)
+                print(stop.message(), flush=True)
                 sys.exit(130)
     ckpt.save({"note": "final"})
     if rank == 0:

@@ -94,3 +94,12 @@ def test_a_second_job_is_refused_and_a_killed_jobs_lock_is_not_stuck(tmp_path):
         with pytest.raises(OutputDirInUseError):
             RunDirectory(tmp_path)  # ... and this process holds it now (another open file, another lock)
     RunDirectory(tmp_path).close()  # close() released it
+
+
+def test_a_rank_of_a_multi_process_job_needs_torch_distributed_first(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    code = f"from zo2_ds.checkpoint import RunDirectory; RunDirectory({str(tmp_path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "needs torch.distributed initialised first" in proc.stderr
+    assert not (tmp_path / ".lock").exists()

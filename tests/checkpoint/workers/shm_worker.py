@@ -29,7 +29,8 @@ def main() -> None:
         hygiene.init_distributed()
     value = torch.ones(1)
     deepspeed.comm.all_reduce(value)
-    print(f"rank {deepspeed.comm.get_rank()} sum {value.item():g} shm {os.path.exists(hygiene.shm_buffer_path())}")
+    shm = os.path.exists(hygiene.shm_buffer_path())
+    sys.stdout.write(f"rank {deepspeed.comm.get_rank()} sum {value.item():g} shm {shm}\n")  # one write: whole line
     sys.stdout.flush()
     if args.hang:
         time.sleep(300)

@@ -68,7 +68,11 @@ def damage_flip_bytes(path: Path) -> None:
 
 
 DAMAGE = {
-    "truncated": (damage_truncate, rf"checkpoint-2/{WEIGHTS} is truncated: \d+ bytes, the manifest records \d+"),
+    "truncated": (
+        damage_truncate,
+        rf"checkpoint-2/{WEIGHTS} is truncated: \d+ bytes, the manifest records \d+\. Other checkpoints there: "
+        r"checkpoint-1 \(--checkpoint_tag\)",
+    ),
     "bytes changed": (
         damage_flip_bytes,
         rf"checkpoint-2/{WEIGHTS} is damaged: its contents changed since it was saved",

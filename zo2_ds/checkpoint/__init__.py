@@ -3,9 +3,12 @@ that are never clobbered; a graceful Ctrl-C; a stop for runs that only skip non-
 
 A launcher uses it in a few lines (every rank runs all of them; rank 0 does the file work)::
 
+    from zo2_ds import hygiene
     from zo2_ds.checkpoint import (Checkpointer, GracefulStop, NonFiniteGuard, RunDirectory, truncate_jsonl,
                                    write_json_atomic)
 
+    hygiene.silence_startup_noise()
+    hygiene.init_distributed()  # instead of deepspeed.init_distributed(): no /dev/shm leak, no noise
     run_dir = RunDirectory(args.output_dir, resume=args.resume, overwrite=args.overwrite_output_dir,
                            run_files=("log.jsonl", "metrics.json"))  # lock; refuse a used dir; clean leftovers
     run_info = {"max_steps": max_steps, "scheduler": ds_config.get("scheduler")}

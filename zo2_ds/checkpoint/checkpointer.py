@@ -21,7 +21,13 @@ from typing import Any
 
 from zo2_ds.checkpoint import _dist
 from zo2_ds.checkpoint.atomic import TMP_PREFIX, fsync_dir, fsync_tree, remove_tree
-from zo2_ds.checkpoint.manifest import check_fingerprint, model_fingerprint, verify_files, write_manifest
+from zo2_ds.checkpoint.manifest import (
+    CheckpointError,
+    check_fingerprint,
+    model_fingerprint,
+    verify_files,
+    write_manifest,
+)
 from zo2_ds.checkpoint.rundir import CheckpointInfo, RunDirectory, checkpoint_name
 
 __all__ = ["Checkpointer", "ResumeState", "SAVE_STAGES"]
@@ -192,6 +198,9 @@ class Checkpointer:
         sha256), the model against the saved fingerprint and ``run_info`` against the saved one; any
         failure is a :class:`~zo2_ds.checkpoint.CheckpointError` (or ValueError for ``run_info``) naming the
         file and what is wrong, raised on every rank. Logs which checkpoint it resumes from, and why.
+
+        Checkpoints after the resumed one are then stale: the next :meth:`save` deletes them (the run left
+        that trajectory). To evaluate a checkpoint without training on from it, load it after the last save.
         """
         fingerprint = model_fingerprint(self.engine.module)
         info = _dist.on_rank0(lambda: self._verified(tag, fingerprint))
@@ -209,7 +218,13 @@ class Checkpointer:
 
     def _verified(self, tag: str | int | None, fingerprint: dict) -> CheckpointInfo:
         info = self.run_dir.find_checkpoint(tag)
-        verify_files(info.path, info.manifest)
-        check_fingerprint(info.manifest["model"], fingerprint, str(info.path))
+        try:
+            verify_files(info.path, info.manifest)
+            check_fingerprint(info.manifest["model"], fingerprint, str(info.path))
+        except CheckpointError as exc:
+            others = [name for _, name in self.run_dir.checkpoints() if name != info.name]
+            if not others:
+                raise
+            raise CheckpointError(f"{exc}. Other checkpoints there: {', '.join(others)} (--checkpoint_tag)") from None
         info.require_same_run(self.run_info)
         return info

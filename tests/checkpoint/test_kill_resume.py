@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,18 +31,44 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def run(out: Path, result: Path, *args: str, ranks: int = 1) -> subprocess.CompletedProcess:
+def command(out: Path, result: Path, *args: str, ranks: int = 1) -> tuple[list[str], dict[str, str]]:
     script = [str(WORKER), "--out", str(out), "--result", str(result), "--steps", str(STEPS)]
     script += ["--save-steps", str(SAVE_STEPS), "--total-limit", str(LIMIT), *args]
     env = worker_env()
     if ranks == 1:
-        cmd = [sys.executable, *script]
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    else:
-        port = env["MASTER_PORT"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={port}"]
-        cmd += script
+        return [sys.executable, *script], env
+    port = env["MASTER_PORT"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={port}"]
+    return [*launcher, *script], env
+
+
+def run(out: Path, result: Path, *args: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    cmd, env = command(out, result, *args, ranks=ranks)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def ctrl_c(out: Path, result: Path, *args: str, ranks: int, after_step: int) -> subprocess.CompletedProcess:
+    """Start a run in a session of its own and, once it has logged ``after_step``, send SIGINT to the whole
+    group, as a Ctrl-C in a terminal does (the launcher and every rank get it)."""
+    cmd, env = command(out, result, *args, ranks=ranks)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        log = out / "log.jsonl"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.is_file() and f'"step": {after_step},' in log.read_text():
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+            time.sleep(0.05)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def params(result: Path) -> dict[str, torch.Tensor]:
@@ -171,6 +198,17 @@ def test_two_ranks_sigkill_and_sigint_then_resume_are_bit_exact(tmp_path):
     stopped = run(out, result, "--sigint-at", "3", "--sigint-rank0-only", ranks=2)
     assert stopped.returncode != 0 and (out / "latest").read_text() == "checkpoint-3", stopped.stderr[-3000:]
     assert stopped.stdout.count("to resume:") == 2  # both ranks stopped after step 3
+    resumed = run(out, result, "--resume", ranks=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_bit_exact(params(result), reference)
+
+    # A real Ctrl-C through torchrun: SIGINT from the terminal to every process, and torchrun's own SIGINT
+    # to the ranks right after (one request, not an abort); both ranks finish the step and save it.
+    out, result = tmp_path / "ctrl_c" / "run", tmp_path / "ctrl_c" / "result.pt"
+    stopped = ctrl_c(out, result, "--step-sleep", "1", ranks=2, after_step=2)
+    assert stopped.stdout.count("to resume:") == 2, stopped.stderr[-3000:]
+    assert "KeyboardInterrupt" not in stopped.stderr and "aborted" not in stopped.stderr
+    assert not result.exists() and (out / "latest").read_text() in ("checkpoint-2", "checkpoint-3", "checkpoint-4")
     resumed = run(out, result, "--resume", ranks=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_bit_exact(params(result), reference)

@@ -8,6 +8,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
 from zo2_ds.checkpoint import _dist
@@ -47,20 +48,24 @@ class GracefulStop:
                     break
 
     The first signal sets the flag and prints one line; a second Ctrl-C (SIGINT) aborts at once
-    (KeyboardInterrupt; the last complete checkpoint stays). A SIGTERM after a SIGINT does not abort: the
-    ``deepspeed`` and ``torchrun`` launchers pass a Ctrl-C on to their ranks as SIGTERM (and kill them 30 s
-    later). With several ranks, :meth:`should_stop` all-reduces the flag (one int over a CPU group, so no
-    GPU sync) every ``sync_every`` calls, so all stop at the same step even when the signal reached
-    them at different times; with one rank it reads the flag. Handlers are installed only from the main
-    thread; the previous ones come back on exit.
+    (KeyboardInterrupt; the last complete checkpoint stays), unless it comes within ``repeat_window_s`` of the
+    first: a Ctrl-C in a terminal reaches every rank and the launcher, and ``torchrun`` passes it on to its
+    ranks as a second SIGINT at once (the ``deepspeed`` launcher as SIGTERM), both to be read as one request.
+    SIGTERM never aborts. Both launchers kill their ranks 30 s after a Ctrl-C, which bounds the time a step
+    and the save may take. With several ranks, :meth:`should_stop` all-reduces the flag (one int over a CPU
+    group, so no GPU sync) every ``sync_every`` calls, so all stop at the same step even when the signal
+    reached them at different times; with one rank it reads the flag. Handlers are installed only from the
+    main thread; the previous ones come back on exit.
     """
 
-    def __init__(self, *, sync_every: int = 1, stream: TextIO | None = None):
+    def __init__(self, *, sync_every: int = 1, repeat_window_s: float = 2.0, stream: TextIO | None = None):
         if not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
         self.sync_every = sync_every
+        self.repeat_window_s = repeat_window_s
         self._stream = stream
         self._requested: str | None = None
+        self._requested_at = 0.0
         self._calls = 0
         self._previous: dict[int, Any] = {}
 
@@ -81,11 +86,12 @@ class GracefulStop:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self._requested is not None:
-            if signum == signal.SIGINT and self._requested == "SIGINT":
+            again = time.monotonic() - self._requested_at >= self.repeat_window_s
+            if signum == signal.SIGINT and self._requested == "SIGINT" and again:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt("second Ctrl-C: aborted without saving")
             return
-        self._requested = name
+        self._requested, self._requested_at = name, time.monotonic()
         stream = self._stream or sys.stderr
         stream.write(
             f"\n{name} received (rank {_dist.rank()}): finishing this step, then saving a checkpoint and "

@@ -17,6 +17,7 @@ import random
 import signal
 import sys
 import threading
+import time
 
 import torch
 
@@ -41,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sigint-at", type=int, default=None, help="send this process SIGINT during this step")
     p.add_argument("--sigint-twice", action="store_true", help="... twice (the second aborts)")
     p.add_argument("--sigint-rank0-only", action="store_true", help="... on rank 0 only (the ranks must agree)")
+    p.add_argument("--step-sleep", type=float, default=0.0, help="seconds of sleep per step (time for a Ctrl-C)")
     p.add_argument("--local_rank", type=int, default=None)
     return p.parse_args()
 
@@ -109,8 +111,11 @@ def main() -> None:
             step = engine.global_steps
             out = engine(**batch(step, rank, world))
             if args.sigint_at == step + 1 and not args.resume and (rank == 0 or not args.sigint_rank0_only):
-                for _ in range(2 if args.sigint_twice else 1):
-                    os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step
+                os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step
+                if args.sigint_twice:
+                    time.sleep(2.5)  # later than a launcher's passing on of the first one
+                    os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(args.step_sleep)
             engine.backward(out.loss)
             engine.step()
             guard.check(engine)

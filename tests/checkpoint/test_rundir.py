@@ -54,6 +54,10 @@ def test_resume_needs_a_checkpoint(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(CheckpointError, match=r"--resume: no checkpoint in .*stopped before its first checkpoint"):
         RunDirectory(tmp_path, resume=True, run_files=RUN_FILES)
+    (tmp_path / "global_step6").mkdir()  # the layout of an older zo2_ds: DeepSpeed's own tags, no manifests
+    (tmp_path / "latest").write_text("global_step6")
+    with pytest.raises(CheckpointError, match=r"--resume: no checkpoint in .*'latest' there names .* older zo2_ds"):
+        RunDirectory(tmp_path, resume=True, run_files=RUN_FILES)
     with pytest.raises(ValueError, match="--resume and --overwrite_output_dir exclude each other"):
         RunDirectory(tmp_path, resume=True, overwrite=True)
 

@@ -133,6 +133,8 @@ class RunDirectory:
                 self._delete(previous)
             if self.resume and not self.checkpoints():
                 why = " (that run stopped before its first checkpoint)" if previous else ""
+                if (self.path / "latest").is_file():
+                    why = " ('latest' there names a checkpoint of an older zo2_ds, without a manifest)"
                 raise CheckpointError(
                     f"--resume: no checkpoint in --output_dir {self.path}{why}; start the run again, with "
                     "--overwrite_output_dir if the directory holds its files"

@@ -53,6 +53,8 @@ def candidate_token_log_probs(
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
     if _forward_accepts(base_cls, "logits_to_keep"):
         kwargs["logits_to_keep"] = num_keep
+    if _forward_accepts(base_cls, "use_cache") and not _is_prompt_learning(model):
+        kwargs["use_cache"] = False  # no KV cache to build (a prefix model's cache holds its prefix)
     logits = model(**kwargs).logits[:, -num_keep:, :]  # [R, L, V]
     log_norm = torch.logsumexp(logits.float(), dim=-1)  # [R, L]
     rows = cand_row.unsqueeze(-1).expand_as(cand_tokens)
@@ -71,6 +73,8 @@ def candidate_scores(
 ) -> torch.Tensor:
     """Mean log-probability of each candidate's tokens, [B, C]; -inf for padding candidates."""
     token_lp = candidate_token_log_probs(model, input_ids, attention_mask, cand_row, cand_tokens)
+    if cand_tokens.shape[-1] == 1:  # single-token candidates (label words): the mean is the token itself
+        return token_lp.squeeze(-1).masked_fill(~cand_mask, float("-inf"))
     mask = cand_token_mask.to(token_lp.dtype)
     scores = (token_lp * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     return scores.masked_fill(~cand_mask, float("-inf"))

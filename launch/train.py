@@ -45,18 +45,13 @@ def main(argv: list[str] | None = None) -> dict:
         deepspeed.comm.destroy_process_group()
 
 
-def train(args) -> dict:
-    """Build, evaluate, train (keeping the best-dev checkpoint), evaluate, save. Returns the summary also
-    written to metrics.json."""
-    import deepspeed
-    import torch
-    from tqdm import tqdm
-
+def build(args):
+    """``(task, task_data, model, engine, checkpoints)``: the cheap checks first (task, DeepSpeed config,
+    a checkpoint to resume), then the tokenizer and the data (their errors name files and rows), the
+    model last."""
     import zo2_ds
     from zo2_ds import job
 
-    started = time.perf_counter()
-    # -- build: the cheap checks first (task, DeepSpeed config, checkpoint), the model last ------------
     task = job.task_of(args)
     ds_config = job.resolve_ds_config(
         args.deepspeed_config, max_steps=args.max_steps, peft=args.peft, output_dir=args.output_dir
@@ -73,6 +68,20 @@ def train(args) -> dict:
     engine, _, _, _ = zo2_ds.initialize(model=task_data.wrap_model(model), model_parameters=trainable, config=ds_config)
     if not args.no_hf_save:
         checkpoints.hf_save = lambda folder: job.save_hf_copy(model, folder, tokenizer)
+    return task, task_data, model, engine, checkpoints
+
+
+def train(args) -> dict:
+    """Build, evaluate, train (keeping the best-dev checkpoint), evaluate, save. Returns the summary also
+    written to metrics.json."""
+    import deepspeed
+    import torch
+    from tqdm import tqdm
+
+    from zo2_ds import job
+
+    started = time.perf_counter()
+    task, task_data, model, engine, checkpoints = build(args)
     rank, world_size = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
     recorder = job.RunRecorder(args.output_dir, enabled=rank == 0, resume=args.resume)
     evaluate = job.Evaluator(engine, model, task_data, batch_size=args.eval_batch_size)
@@ -144,7 +153,7 @@ def train(args) -> dict:
     final_dev = dev if args.eval_every > 0 and engine.global_steps > start_step else evaluate(task_data.dev)
     summary.update(job.prefixed("dev_", final_dev, "_after"))
     checkpoints.save(engine, summary)
-    figures = dict(started=started, train_seconds=train_seconds, trainable=trainable, peak_bytes=peak_bytes)
+    figures = dict(started=started, train_seconds=train_seconds, model=model, peak_bytes=peak_bytes)
     summary.update(task=task.name, peft=args.peft)
     summary.update(job.run_figures(engine, steps_this_run=engine.global_steps - start_step, **figures))
     best.score_best(engine, evaluate, task_data.test)  # MeZO reports the test metric of the best-dev model

@@ -14,6 +14,7 @@ from zo2_ds.tasks import (
     get_task,
     load_task_data,
 )
+from zo2_ds.tasks.objectives import candidate_scores
 from zo2_ds.tasks.synthetic import NEGATIVE, POSITIVE
 
 
@@ -106,6 +107,18 @@ def test_loss_is_cross_entropy_over_the_label_words_and_padding_invariant(defaul
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(alone, labels), rtol=1e-5, atol=1e-6)
     assert loss.dim() == 0 and not loss.requires_grad
     assert abs(float(loss) - 0.693) < 0.3  # near chance at initialisation
+
+
+def test_label_word_loss_is_the_cross_entropy_over_mean_log_probs(default_task):
+    """Label words take a shortcut (the shared log-normaliser cancels); it gives the general objective's value."""
+    data, tokenizer = default_task
+    model = build_tiny_opt(len(tokenizer), seed=1)
+    batch = data.collate(data.train[:16])
+    with torch.no_grad():
+        loss = data.wrap_model(model)(**batch)
+        scores = candidate_scores(model, **{k: v for k, v in batch.items() if k != "labels"})
+    assert scores.shape == (16, 2) and bool((scores < 0).all())  # log-probabilities over the vocabulary
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(scores, batch["labels"]))
 
 
 def test_evaluate_reports_accuracy_and_restores_train_mode(default_task):

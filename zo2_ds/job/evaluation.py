@@ -11,7 +11,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from zo2_ds.job.checkpoints import BEST_TAG, RunCheckpoints
@@ -79,7 +78,7 @@ def run_figures(
     started: float,
     train_seconds: float,
     steps_this_run: int,
-    trainable: Sequence[torch.Tensor],
+    model: nn.Module,
     peak_bytes: int | None,
 ) -> dict[str, Any]:
     """Steps, time, speed, device and memory (``peak_bytes``: of the training loop) of the run."""
@@ -91,6 +90,6 @@ def run_figures(
         "total_seconds": time.perf_counter() - started,
         "world_size": engine.world_size,
         "device": str(engine.device),
-        "num_trainable_parameters": sum(p.numel() for p in {id(p): p for p in trainable}.values()),
+        "num_trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "peak_gpu_memory_allocated_bytes": peak_bytes,
     }

@@ -80,7 +80,6 @@ def test_default_job_short_run_then_refused_resume_and_eval_only(tmp_path):
     assert final["eval_accuracy"] == pytest.approx(metrics["eval_accuracy_after"])
 
 
-@pytest.mark.slow
 def test_resume_continues_the_run(tmp_path):
     """A schedule of explicit length does not depend on --max_steps: a resumed run trains on from the
     checkpoint, with the first run's numbers kept and the log appended."""

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_files", nargs="+", default=None, help="SPLIT=PATH ... (train=a.jsonl validation=b.jsonl)")
     p.add_argument("--num_train", type=int, default=None, help="train examples (MeZO: 1000)")
     p.add_argument("--num_dev", type=int, default=None, help="dev examples (MeZO: 500)")
-    p.add_argument("--num_test", type=int, default=None, help="test examples (MeZO: 1000)")
+    p.add_argument("--num_test", type=int, default=1000, help="test examples (MeZO: 1000)")
     p.add_argument("--peft", default=None, choices=["lora", "prefix"])
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_alpha", type=int, default=16)

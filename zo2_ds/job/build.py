@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from zo2_ds.tasks import (
+    MEZO_NUM_TEST,
     Task,
     TaskData,
     apply_lora,
@@ -49,7 +50,7 @@ def build_task_data(args: Namespace, task: Task, tokenizer) -> TaskData:
         data_files=parse_data_files(args.data_files) if args.data_files else None,
         num_train=args.num_train,
         num_dev=args.num_dev,
-        num_test=args.num_test,
+        num_test=MEZO_NUM_TEST if args.num_test is None else args.num_test,
         seed=args.seed,
         max_length=args.max_length,
     )

@@ -30,7 +30,7 @@ from zo2_ds.tasks.hf import (
     load_causal_lm,
     load_tokenizer,
 )
-from zo2_ds.tasks.loader import TaskData, load_task_data, resolve_task
+from zo2_ds.tasks.loader import MEZO_NUM_DEV, MEZO_NUM_TEST, MEZO_NUM_TRAIN, TaskData, load_task_data, resolve_task
 from zo2_ds.tasks.metrics import exact_match, f1_score, normalize_answer
 from zo2_ds.tasks.objectives import AnswerLM, CandidateCrossEntropy, NegativeF1
 from zo2_ds.tasks.synthetic import SENTIMENT, generate_sentiment
@@ -41,6 +41,9 @@ __all__ = [
     "SENTIMENT",
     "Task",
     "TaskData",
+    "MEZO_NUM_TRAIN",
+    "MEZO_NUM_DEV",
+    "MEZO_NUM_TEST",
     "get_task",
     "list_tasks",
     "load_task_data",

@@ -147,7 +147,7 @@ def load_task_data(
     label_words: str | Mapping[Any, str] | list[str] | None = None,
     num_train: int | None = None,
     num_dev: int | None = None,
-    num_test: int | None = None,
+    num_test: int | None = MEZO_NUM_TEST,
     seed: int = 0,
     max_length: int = 256,
     objective: Objective | None = None,
@@ -158,10 +158,11 @@ def load_task_data(
         ``template`` (and ``label_words`` for classification) to define a task over your own
         ``data_files``; a template or label words given with a built-in task replace its own.
     data_dir / data_files: local data (see ``zo2_ds.tasks.data``); neither means the hub.
-    num_train, num_dev, num_test, seed: MeZO's sampling (see ``mezo_sample``); None means MeZO's
-        1000 / 500 / 1000 for a dataset task, all rows of a generated task (whose rows are used in
-        order, the first ``num_*`` of each split). A task with few training rows caps num_dev (CB,
-        COPA: 100) as MeZO's script does.
+    num_train, num_dev, num_test, seed: MeZO's sampling (see ``mezo_sample``). num_train and
+        num_dev None: MeZO's 1000 and 500 for a dataset task, all rows of a generated task (whose
+        rows are used in order: the first ``num_*`` of each split). num_test: 1000 by default, None
+        for all of the eval split. A task with few training rows caps num_dev (CB, COPA: 100) as
+        MeZO's script does.
     max_length: tokens per sequence; longer prompts lose tokens on the left.
     objective: override the task's training objective ("candidates", "answer_lm", "neg_f1").
     """
@@ -184,7 +185,7 @@ def load_task_data(
         None if eval_split is None else len(eval_split.rows),
         num_train=num_train,
         num_dev=num_dev,
-        num_test=MEZO_NUM_TEST if num_test is None else num_test,
+        num_test=num_test,
         seed=seed,
     )
     if test_from_train:

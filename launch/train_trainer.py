@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,14 +29,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model_name_or_path", required=True, help="hub id or local save_pretrained folder")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--task", default="sst2", help="a zo2_ds.tasks task name")
+    p.add_argument("--dtype", default="fp32", help="fp32, fp16 or bf16")
+    p.add_argument("--task", default="sst2", help="a built-in task name (zo2_ds.tasks.list_tasks())")
     p.add_argument("--data_dir", default=None, help="local copy of the task's data (else data_files or the hub)")
     p.add_argument("--data_files", nargs="+", default=None, help="SPLIT=PATH ... (train=a.jsonl validation=b.jsonl)")
-    p.add_argument("--num_train", type=int, default=1000)
-    p.add_argument("--num_dev", type=int, default=500)
-    p.add_argument("--num_test", type=int, default=1000)
+    p.add_argument("--num_train", type=int, default=None, help="train examples (MeZO: 1000)")
+    p.add_argument("--num_dev", type=int, default=None, help="dev examples (MeZO: 500)")
+    p.add_argument("--num_test", type=int, default=1000, help="test examples (MeZO: 1000)")
     p.add_argument("--peft", default=None, choices=["lora", "prefix"])
+    p.add_argument("--lora_r", type=int, default=8)
+    p.add_argument("--lora_alpha", type=int, default=16)
+    p.add_argument("--prefix_tokens", type=int, default=5, help="virtual tokens of the prefix")
     p.add_argument("--deepspeed", default=str(REPO / "ds_configs" / "zo2_trainer.json"), help="config with zo2")
     p.add_argument("--output_dir", default="runs/trainer")
     p.add_argument("--max_steps", type=int, default=1000)
@@ -57,30 +59,24 @@ def build_trainer(args: argparse.Namespace):
     from transformers.modeling_outputs import CausalLMOutput
 
     import zo2_ds  # noqa: F401  -- deepspeed.initialize (and so the Trainer) now honours the "zo2" block
-    from zo2_ds.tasks import apply_lora, apply_prefix_tuning, load_causal_lm, load_task_data, load_tokenizer
+    from zo2_ds import job
+    from zo2_ds.tasks import load_causal_lm, load_task_data, load_tokenizer, parse_data_files
 
+    ds_config = job.read_ds_config(args.deepspeed, peft=args.peft, flag="--deepspeed")  # before the model loads
     tokenizer = load_tokenizer(args.model_name_or_path)
-    data_files = None
-    if args.data_files:
-        data_files = {}
-        for item in args.data_files:
-            split, sep, path = item.partition("=")
-            data_files.setdefault(split if sep else "train", []).append(path if sep else item)
     task_data = load_task_data(
         args.task,
         tokenizer,
         data_dir=args.data_dir,
-        data_files=data_files,
+        data_files=parse_data_files(args.data_files) if args.data_files else None,
         num_train=args.num_train,
         num_dev=args.num_dev,
         num_test=args.num_test,
         seed=args.seed,
     )
     lm = load_causal_lm(args.model_name_or_path, dtype=args.dtype).eval()  # dropout off, as MeZO
-    if args.peft == "lora":
-        lm = apply_lora(lm)
-    elif args.peft == "prefix":
-        lm = apply_prefix_tuning(lm, seed=args.seed)
+    if args.peft:
+        lm = job.apply_adapter(lm, args)
 
     class TaskLoss(nn.Module):
         """The task objective as a Trainer model. Returns a ModelOutput (a dict with attributes), not a
@@ -108,8 +104,6 @@ def build_trainer(args: argparse.Namespace):
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
 
-    with open(args.deepspeed) as f:
-        ds_config = json.load(f)
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         deepspeed=ds_config,
@@ -139,13 +133,14 @@ def build_trainer(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    sys.path.insert(0, str(REPO / "launch"))
-    from train import set_process_env  # one-process rendezvous defaults and the CPU accelerator
+    # Before deepspeed is imported (importing zo2_ds does): it picks its accelerator then.
+    import torch
 
-    set_process_env(None)
-    sys.path.insert(0, str(REPO))
-    from zo2_ds.data.job import save_hf_copy
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from zo2_ds import job
 
+    job.set_process_env(None)  # one-process rendezvous defaults
     trainer, task_data, lm = build_trainer(args)
     result = trainer.train()
     summary = {"task": task_data.task.name, "peft": args.peft, "steps": result.global_step}
@@ -156,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if trainer.is_world_process_zero():
         os.makedirs(args.output_dir, exist_ok=True)
-        save_hf_copy(lm, args.output_dir, task_data.tokenizer)
+        job.save_hf_copy(lm, args.output_dir, task_data.tokenizer)
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(json.dumps(summary))

@@ -8,26 +8,20 @@ size 1) and every engine in the session reuses it. MASTER_PORT is picked free so
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RANK", "0")
 os.environ.setdefault("LOCAL_RANK", "0")
 os.environ.setdefault("WORLD_SIZE", "1")
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("MASTER_PORT", str(_free_port()))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from zo2_ds.testing import free_port  # noqa: E402  (imports deepspeed: the variables above come first)
+
+os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

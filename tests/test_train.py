@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from zo2_ds.testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -28,7 +29,7 @@ def run_train(*args: str, nproc: int = 1, cpu: bool = False, timeout: float = 12
         env["CUDA_VISIBLE_DEVICES"] = ""  # the job then picks the CPU (gloo) whatever the machine has
     launcher = [sys.executable]
     if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
     return subprocess.run(
         [*launcher, str(TRAIN), "--no_progress", *args],
         cwd=REPO,
@@ -39,12 +40,6 @@ def run_train(*args: str, nproc: int = 1, cpu: bool = False, timeout: float = 12
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def check(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
@@ -53,7 +48,8 @@ def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_default_job_short_run_then_resume(tmp_path):
+@pytest.mark.slow
+def test_default_job_short_run_then_refused_resume_and_eval_only(tmp_path):
     out = tmp_path / "run"
     check(run_train("--output_dir", str(out), "--max_steps", "40", "--eval_every", "20", "--log_every", "10"))
     metrics = json.loads((out / "metrics.json").read_text())
@@ -74,40 +70,53 @@ def test_default_job_short_run_then_resume(tmp_path):
     assert [r["step"] for r in log] == [10, 20, 30, 40]
     assert all({"train_loss", "lr"} <= set(r) for r in log) and "eval_accuracy" in log[1]
 
-    # --resume continues from the checkpoint: same first-run numbers, more steps, the log appended.
-    check(run_train("--output_dir", str(out), "--max_steps", "50", "--log_every", "10", "--resume"))
+    # The default schedule decays to 0 at --max_steps: a longer run from the checkpoint is refused...
+    proc = run_train("--output_dir", str(out), "--max_steps", "50", "--resume")
+    assert proc.returncode != 0 and "Resume with --max_steps 40" in proc.stderr
+    # ... and --eval_only --resume scores the checkpoint without training.
+    check(run_train("--output_dir", str(out), "--eval_only", "--resume"))
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["eval_only"] and final["steps"] == 40
+    assert final["eval_accuracy"] == pytest.approx(metrics["eval_accuracy_after"])
+
+
+def test_resume_continues_the_run(tmp_path):
+    """A schedule of explicit length does not depend on --max_steps: a resumed run trains on from the
+    checkpoint, with the first run's numbers kept and the log appended."""
+    config = json.loads((REPO / "ds_configs" / "zo2.json").read_text())
+    config["scheduler"]["params"]["total_num_steps"] = 50
+    config_path = tmp_path / "ds.json"
+    config_path.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    common = ("--deepspeed_config", str(config_path), "--output_dir", str(out), "--log_every", "10")
+    check(run_train(*common, "--max_steps", "40", "--eval_every", "0"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    check(run_train(*common, "--max_steps", "50", "--resume"))
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["steps"] == 50 and resumed["steps_this_run"] == 10
     assert resumed["eval_accuracy_before"] == metrics["eval_accuracy_before"]
     assert resumed["train_loss_first"] == metrics["train_loss_first"]
     assert [r["step"] for r in read_log(out)] == [10, 20, 30, 40, 50]
-
-    # --eval_only --resume scores the checkpoint without training.
-    check(run_train("--output_dir", str(out), "--eval_only", "--resume"))
-    final = json.loads((out / "metrics.json").read_text())
-    assert final["eval_only"] and final["steps"] == 50
-    assert final["eval_accuracy"] == pytest.approx(resumed["eval_accuracy_after"])
+    assert read_log(out)[-1]["lr"] < read_log(out)[-2]["lr"]  # the same decay, continued
 
 
 @pytest.fixture(scope="module")
 def local_model_and_data(tmp_path_factory):
     """A tiny OPT with its tokenizer saved as a hub model would be, and jsonl train/validation files."""
-    from zo2_ds.data import build_tiny_opt, load_default_task
+    from zo2_ds.tasks import SENTIMENT, build_tiny_opt, build_word_tokenizer
 
     root = tmp_path_factory.mktemp("local")
-    data, tokenizer = load_default_task(seed=0)
+    tokenizer = build_word_tokenizer(SENTIMENT.vocabulary)
     build_tiny_opt(len(tokenizer), seed=0).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
+    rows = SENTIMENT.generate(0)
 
-    def dump(name: str, examples: list[dict]) -> str:
+    def dump(name: str, split: list[dict]) -> str:
         path = root / name
-        rows = [{"review": ex["text"].removesuffix(" It was"), "label": ex["label"]} for ex in examples]
-        for row in rows:
-            row["sentence"] = row["review"]  # the column MeZO's SST-2 reads
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return str(path)
+        path.write_text("".join(json.dumps({"review": r["sentence"], **r}) + "\n" for r in split))
+        return str(path)  # "sentence": the column MeZO's SST-2 reads
 
-    return root / "model", dump("train.jsonl", data.train[:400]), dump("validation.jsonl", data.dev[:64])
+    return root / "model", dump("train.jsonl", rows["train"][:400]), dump("validation.jsonl", rows["dev"][:64])
 
 
 def test_real_model_and_local_jsonl(tmp_path, local_model_and_data):
@@ -120,13 +129,11 @@ def test_real_model_and_local_jsonl(tmp_path, local_model_and_data):
             "--data_files",
             f"train={train}",
             f"validation={validation}",
-            "--text_column",
-            "review",
             "--template",
-            "{text} It was",
+            "{review} It was",
             "--label_words",
-            " terrible",
-            " great",
+            "terrible",
+            "great",
             "--max_eval_examples",
             "48",
             "--output_dir",
@@ -142,13 +149,12 @@ def test_real_model_and_local_jsonl(tmp_path, local_model_and_data):
         )
     )
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 20 and metrics["task"].endswith("train.jsonl,validation=" + validation)
+    assert metrics["steps"] == 20 and metrics["task"] == "custom"
     assert (out / "latest").is_file() and [r["step"] for r in read_log(out)] == [10, 20]
 
 
 def test_task_from_the_suite_on_local_files(tmp_path, local_model_and_data):
-    """--task delegates to zo2_ds.tasks (MeZO's SST-2 prompt and label words) on local files."""
-    pytest.importorskip("zo2_ds.tasks")
+    """--task sst2: MeZO's SST-2 prompt and label words on local files."""
     model_dir, train, validation = local_model_and_data
     out = tmp_path / "sst2"
     check(
@@ -183,6 +189,8 @@ def test_bad_arguments_fail_with_a_message_naming_them(tmp_path, local_model_and
     proc = run_train(
         "--model_name_or_path",
         str(model_dir),
+        "--task",
+        "sst2",
         "--data_files",
         str(tmp_path / "x.txt"),
         "--output_dir",
@@ -193,6 +201,7 @@ def test_bad_arguments_fail_with_a_message_naming_them(tmp_path, local_model_and
     assert proc.returncode != 0 and "--resume: no checkpoint" in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path):
     """Each rank takes a disjoint half of the global batch and g is averaged over ranks, so 2 ranks x 8
     examples follow the trajectory of 1 rank x 16 (up to float summation order)."""

@@ -1,4 +1,4 @@
-"""Helpers for tests and examples: tiny HF models built from configs, DeepSpeed config builders.
+"""Helpers for tests and examples: tiny HF models built from configs, DeepSpeed config builders, a free port.
 
 Nothing here downloads anything; every model is a random-init transformers config.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["tiny_causal_lm", "ds_config", "cpu_dist_env", "require_cuda", "TINY_ARCHS"]
+__all__ = ["tiny_causal_lm", "ds_config", "cpu_dist_env", "free_port", "require_cuda", "TINY_ARCHS"]
 
 TINY_ARCHS = ("opt", "gpt2", "llama", "qwen2", "mistral")
 
@@ -99,6 +99,7 @@ def ds_config(
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for MASTER_PORT): the one helper tests and launchers use."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

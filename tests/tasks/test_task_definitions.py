@@ -65,8 +65,8 @@ EXPECTED = {
 }
 
 
-def test_registry_lists_the_mezo_tasks():
-    assert list_tasks() == sorted(TASK_NAMES) == sorted(EXPECTED)
+def test_registry_lists_the_mezo_tasks_and_the_generated_one():
+    assert list_tasks() == sorted([*TASK_NAMES, "synthetic_sentiment"]) and sorted(TASK_NAMES) == sorted(EXPECTED)
     assert get_task("SST2") is TASKS["sst2"] and get_task("ReCoRD") is TASKS["record"]
 
 
@@ -129,3 +129,8 @@ def test_task_definition_is_validated():
         make_task("x", "Review: {} Sentiment:", "a,b")
     with pytest.raises(ValueError, match="label '0' twice"):
         parse_label_words("0:a,0:b")
+    with pytest.raises(ValueError, match="at least 2"):
+        parse_label_words(["great"])
+    with pytest.raises(ValueError, match=r"LABEL=WORD is no longer accepted; write LABEL:WORD \(here neg:terrible\)"):
+        parse_label_words(["neg= terrible", "pos= great"])  # the syntax of the former zo2_ds.data parser
+    assert parse_label_words(["==", "!="]) == {"0": "==", "1": "!="}  # words that hold "=" are still words

@@ -13,11 +13,13 @@ Sources, in order of precedence:
 Splits: the task's train split (``train``) gives the train and dev sets, its eval split
 (``validation``; ``valid``, ``dev`` or ``test`` are accepted for local files) the test set. Without
 an eval split, the test set is drawn from the train rows left over after train and dev.
+A generated task (``Task.generate``) reads none of these (``loader.load_task_data``).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -25,9 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zo2_ds.tasks.definitions import Task
+from zo2_ds.tasks.task import Task
 
-__all__ = ["RawSplit", "load_raw_splits", "mezo_sample", "check_columns"]
+__all__ = ["RawSplit", "load_raw_splits", "mezo_sample", "check_columns", "parse_data_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +79,54 @@ def _load_files(files: Mapping[str, Sequence[str]]) -> dict[str, RawSplit]:
         # datasets fails on an empty file with an obscure error (StopIteration, "no data"): say it plainly.
         if not any(_has_rows(p, builder) for p in paths):
             raise ValueError(f"split {split!r} is empty: {', '.join(paths)} holds no rows")
-        rows = datasets.load_dataset(builder, data_files={split: list(paths)}, split=split)
+        try:
+            rows = datasets.load_dataset(builder, data_files={split: list(paths)}, split=split)
+        except Exception:
+            if builder == "json":
+                _raise_on_bad_json_line(paths)  # datasets' own error buries the line in a traceback
+            raise
         splits[split] = RawSplit(rows, ", ".join(paths))
     return splits
+
+
+def _raise_on_bad_json_line(paths: Sequence[str]) -> None:
+    """A ValueError naming the file and line of the first line that is not one JSON object."""
+    for path in (p for p in paths if p.lower().endswith(".jsonl")):
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                problem = _json_object_problem(line)
+                if problem is not None:
+                    raise ValueError(f"{path}:{line_no}: {problem}")
+
+
+def _json_object_problem(line: str) -> str | None:
+    if not line.strip():
+        return None  # blank lines are skipped by datasets too
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return f"not valid JSON ({err.msg})"
+    return None if isinstance(record, dict) else f"each line must be one JSON object, got {type(record).__name__}"
+
+
+def parse_data_files(items: Sequence[str], *, flag: str = "--data_files") -> dict[str, list[str]]:
+    """``["a.jsonl", "validation=b.jsonl"]`` (PATH is the train split, SPLIT=PATH any split) as
+    ``{"train": ["a.jsonl"], "validation": ["b.jsonl"]}``; unknown types and missing files name ``flag``."""
+    by_split: dict[str, list[str]] = {}
+    for item in items:
+        split, sep, path = item.partition("=")
+        if not sep:
+            split, path = "train", item
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix not in _EXTENSIONS:
+            raise ValueError(
+                f"{flag} {item!r}: unsupported file type {suffix or '(none)'}; use one of "
+                f"{', '.join(sorted(_EXTENSIONS))}, as PATH or SPLIT=PATH"
+            )
+        if not os.path.isfile(path):
+            raise ValueError(f"{flag} {item!r}: no such file {path!r}")
+        by_split.setdefault(split, []).append(path)
+    return by_split
 
 
 def _split_files(folder: str) -> dict[str, list[str]]:
@@ -101,10 +148,12 @@ def _load_dir(task: Task, data_dir: str) -> dict[str, RawSplit]:
         candidates.append(os.path.join(data_dir, task.hub[1]))
     candidates.append(data_dir)
     for folder in candidates:
-        if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
+        if any(os.path.isfile(os.path.join(folder, marker)) for marker in ("dataset_dict.json", "state.json")):
             import datasets
 
-            loaded = datasets.load_from_disk(folder)
+            loaded = datasets.load_from_disk(folder)  # a DatasetDict, or one Dataset: the train split
+            if isinstance(loaded, datasets.Dataset):
+                loaded = {task.train_split: loaded}
             return {split: RawSplit(loaded[split], f"{folder} [{split}]") for split in loaded}
         files = _split_files(folder) if os.path.isdir(folder) else {}
         if task.train_split in files:
@@ -199,7 +248,8 @@ def mezo_sample(
         )
     if len(chosen) <= num_dev:
         raise ValueError(
-            f"{num_train_rows} training rows leave nothing for training after num_dev={num_dev}; lower num_dev"
+            f"{num_train_rows} training rows leave nothing for training after num_dev={num_dev}; lower num_dev "
+            "(--num_dev, or --max_eval_examples, on the command line)"
         )
     dev = chosen[len(chosen) - num_dev :]
     train = chosen[: len(chosen) - num_dev]

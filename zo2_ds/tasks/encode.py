@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from zo2_ds.tasks.definitions import Task, label_key
+from zo2_ds.tasks.task import Task, label_key
 
 __all__ = ["encode_rows", "collate_candidates", "collate_prompts", "pad_token_id", "stop_token_ids"]
 
@@ -171,14 +171,12 @@ def encode_rows(
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Padded as Python lists, then one tensor each: collate runs every step, and many small tensors
+    # (one per row) cost more than the model's forward on a small model.
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, seq in enumerate(seqs):
-        if seq:
-            ids[r, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[r, width - len(seq) :] = 1
-    return ids, mask
+    ids = [[pad_id] * (width - len(s)) + list(s) for s in seqs]
+    mask = [[0] * (width - len(s)) + [1] * len(s) for s in seqs]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
 def collate_candidates(examples: Sequence[dict[str, Any]], *, pad_id: int, target_only: bool = False) -> dict[str, Any]:
@@ -195,7 +193,7 @@ def collate_candidates(examples: Sequence[dict[str, Any]], *, pad_id: int, targe
     rows: list[list[int]] = []
     per_example = []
     for ex in examples:
-        chosen = [ex["target"]] if target_only else list(range(len(ex["cand_tokens"])))
+        chosen = [ex["target"]] if target_only else range(len(ex["cand_tokens"]))
         local: dict[int, int] = {}
         entries = []
         for c in chosen:
@@ -207,27 +205,25 @@ def collate_candidates(examples: Sequence[dict[str, Any]], *, pad_id: int, targe
         per_example.append(entries)
     num_cands = max(len(e) for e in per_example)
     max_tokens = max(len(t) for e in per_example for _, t in e)
-    batch = len(examples)
-    cand_row = torch.zeros((batch, num_cands), dtype=torch.long)
-    cand_tokens = torch.zeros((batch, num_cands, max_tokens), dtype=torch.long)
-    cand_token_mask = torch.zeros((batch, num_cands, max_tokens), dtype=torch.bool)
-    cand_mask = torch.zeros((batch, num_cands), dtype=torch.bool)
-    for b, entries in enumerate(per_example):
-        for c, (r, toks) in enumerate(entries):
-            cand_row[b, c] = r
-            cand_tokens[b, c, max_tokens - len(toks) :] = torch.tensor(toks, dtype=torch.long)
-            cand_token_mask[b, c, max_tokens - len(toks) :] = True
-            cand_mask[b, c] = True
+    no_tokens = [0] * max_tokens
+    cand_row, cand_tokens, cand_token_mask, cand_mask = [], [], [], []
+    for entries in per_example:
+        missing = num_cands - len(entries)
+        cand_row.append([r for r, _ in entries] + [0] * missing)
+        cand_tokens.append([no_tokens[len(t) :] + list(t) for _, t in entries] + [no_tokens] * missing)
+        cand_token_mask.append(
+            [[False] * (max_tokens - len(t)) + [True] * len(t) for _, t in entries] + [[False] * max_tokens] * missing
+        )
+        cand_mask.append([True] * len(entries) + [False] * missing)
     input_ids, attention_mask = _left_pad(rows, pad_id)
-    labels = torch.tensor([0 if target_only else ex["target"] for ex in examples], dtype=torch.long)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "cand_row": cand_row,
-        "cand_tokens": cand_tokens,
-        "cand_token_mask": cand_token_mask,
-        "cand_mask": cand_mask,
-        "labels": labels,
+        "cand_row": torch.tensor(cand_row, dtype=torch.long),
+        "cand_tokens": torch.tensor(cand_tokens, dtype=torch.long),
+        "cand_token_mask": torch.tensor(cand_token_mask, dtype=torch.bool),
+        "cand_mask": torch.tensor(cand_mask, dtype=torch.bool),
+        "labels": torch.tensor([0 if target_only else ex["target"] for ex in examples], dtype=torch.long),
     }
 
 

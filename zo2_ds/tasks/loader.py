@@ -13,14 +13,18 @@ import torch
 from torch import nn
 
 from zo2_ds.tasks.data import check_columns, load_raw_splits, mezo_sample
-from zo2_ds.tasks.definitions import Objective, Task, get_task, make_task, with_overrides
+from zo2_ds.tasks.definitions import get_task
 from zo2_ds.tasks.encode import collate_candidates, collate_prompts, encode_rows, pad_token_id, stop_token_ids
 from zo2_ds.tasks.metrics import accuracy, qa_metrics
 from zo2_ds.tasks.objectives import AnswerLM, CandidateCrossEntropy, NegativeF1, candidate_scores, greedy_decode
+from zo2_ds.tasks.task import Objective, Task, make_task, with_overrides
 
-__all__ = ["TaskData", "load_task_data", "resolve_task"]
+__all__ = ["TaskData", "load_task_data", "resolve_task", "MEZO_NUM_TRAIN", "MEZO_NUM_DEV", "MEZO_NUM_TEST"]
 
 logger = logging.getLogger(__name__)
+
+# MeZO's sample sizes (train / dev / test), the defaults for a task read from a dataset.
+MEZO_NUM_TRAIN, MEZO_NUM_DEV, MEZO_NUM_TEST = 1000, 500, 1000
 
 
 def _to(batch: Mapping[str, Any], device: torch.device | str | None) -> dict[str, Any]:
@@ -141,9 +145,9 @@ def load_task_data(
     data_files: str | Mapping[str, str | Sequence[str]] | None = None,
     template: str | None = None,
     label_words: str | Mapping[Any, str] | list[str] | None = None,
-    num_train: int = 1000,
-    num_dev: int = 500,
-    num_test: int | None = 1000,
+    num_train: int | None = None,
+    num_dev: int | None = None,
+    num_test: int | None = MEZO_NUM_TEST,
     seed: int = 0,
     max_length: int = 256,
     objective: Objective | None = None,
@@ -154,12 +158,21 @@ def load_task_data(
         ``template`` (and ``label_words`` for classification) to define a task over your own
         ``data_files``; a template or label words given with a built-in task replace its own.
     data_dir / data_files: local data (see ``zo2_ds.tasks.data``); neither means the hub.
-    num_train, num_dev, num_test, seed: MeZO's sampling (see ``mezo_sample``); a task with few
-        training rows caps num_dev (CB, COPA: 100) as MeZO's script does. num_test=None: all.
+    num_train, num_dev, num_test, seed: MeZO's sampling (see ``mezo_sample``). num_train and
+        num_dev None: MeZO's 1000 and 500 for a dataset task, all rows of a generated task (whose
+        rows are used in order: the first ``num_*`` of each split). num_test: 1000 by default, None
+        for all of the eval split. A task with few training rows caps num_dev (CB, COPA: 100) as
+        MeZO's script does.
     max_length: tokens per sequence; longer prompts lose tokens on the left.
     objective: override the task's training objective ("candidates", "answer_lm", "neg_f1").
     """
     task = resolve_task(task, template=template, label_words=label_words, objective=objective)
+    if task.generate is not None:
+        if data_dir is not None or data_files is not None:
+            raise ValueError(f"task {task.name!r} is generated in-process; it reads no data_dir or data_files")
+        return _generated_task_data(task, tokenizer, seed, (num_train, num_dev, num_test), max_length)
+    num_train = MEZO_NUM_TRAIN if num_train is None else num_train
+    num_dev = MEZO_NUM_DEV if num_dev is None else num_dev
     if task.max_num_dev is not None and num_dev > task.max_num_dev:
         logger.warning("task %s: num_dev=%d capped to %d (MeZO's setting)", task.name, num_dev, task.max_num_dev)
         num_dev = task.max_num_dev
@@ -190,6 +203,23 @@ def load_task_data(
     train = encode_split(train_split, train_idx, 0)
     dev = encode_split(train_split, dev_idx, len(train))
     test = encode_split(test_split, test_idx, len(train) + len(dev))
+    return _task_data(task, tokenizer, train, dev, test)
+
+
+def _generated_task_data(task: Task, tokenizer, seed: int, sizes: tuple, max_length: int) -> TaskData:
+    """A generated task's splits, whole or their first ``sizes`` (train, dev, test) rows, in order."""
+    rows = task.generate(seed)
+    encoded, first_uid = [], 0
+    for split, size in zip(("train", "dev", "test"), sizes):
+        source = f"the generated {split} split (seed {seed})"
+        encoded.append(
+            encode_rows(task, rows[split][:size], tokenizer, max_length=max_length, source=source, first_uid=first_uid)
+        )
+        first_uid += len(encoded[-1])
+    return _task_data(task, tokenizer, *encoded)
+
+
+def _task_data(task: Task, tokenizer, train: list[dict], dev: list[dict], test: list[dict]) -> TaskData:
     pad_id = pad_token_id(tokenizer)
     if task.objective == "neg_f1":
         collate = functools.partial(collate_prompts, pad_id=pad_id)

@@ -1,0 +1,46 @@
+"""What launch/train.py (and launch/train_trainer.py) need besides the training loop itself: the
+command line, building the job, the DeepSpeed config, data-parallel batches, evaluation and the
+best-dev checkpoint, the checkpoint seam, and the run's records (log.jsonl, metrics.json).
+
+    args = job.check_args(job.build_parser().parse_args())
+    task = job.task_of(args)
+    ds_config = job.resolve_ds_config(args.deepspeed_config, max_steps=args.max_steps, peft=args.peft)
+    tokenizer = job.build_tokenizer(args, task)
+    task_data = job.build_task_data(args, task, tokenizer)
+    model = job.build_model(args, tokenizer)
+"""
+
+from zo2_ds.job.batching import ShardedBatches
+from zo2_ds.job.build import apply_adapter, build_model, build_task_data, build_tokenizer, save_hf_copy
+from zo2_ds.job.checkpoints import BEST_TAG, RunCheckpoints
+from zo2_ds.job.cli import DEFAULT_EVAL_EVERY, DEFAULT_LOG_EVERY, DEFAULT_MAX_STEPS, build_parser, check_args, task_of
+from zo2_ds.job.ds_config import DEFAULT_DS_CONFIG, read_ds_config, resolve_ds_config
+from zo2_ds.job.env import set_process_env
+from zo2_ds.job.evaluation import BestKeeper, Evaluator, prefixed, run_figures
+from zo2_ds.job.records import RunRecorder
+
+__all__ = [
+    "BEST_TAG",
+    "DEFAULT_DS_CONFIG",
+    "DEFAULT_EVAL_EVERY",
+    "DEFAULT_LOG_EVERY",
+    "DEFAULT_MAX_STEPS",
+    "BestKeeper",
+    "Evaluator",
+    "RunCheckpoints",
+    "RunRecorder",
+    "ShardedBatches",
+    "apply_adapter",
+    "build_model",
+    "build_parser",
+    "build_task_data",
+    "build_tokenizer",
+    "check_args",
+    "prefixed",
+    "read_ds_config",
+    "resolve_ds_config",
+    "run_figures",
+    "save_hf_copy",
+    "set_process_env",
+    "task_of",
+]

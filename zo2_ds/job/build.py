@@ -1,0 +1,93 @@
+"""Building a job from its checked arguments (``cli.check_args``): the tokenizer, the task's data, the
+model (with its adapter), and the HF-format copy a run leaves next to its checkpoints.
+
+The order is the launcher's: tokenizer, then data (its errors name files and rows), then the model,
+the one expensive step, last.
+"""
+
+from __future__ import annotations
+
+import os
+from argparse import Namespace
+from typing import Any
+
+from torch import nn
+
+from zo2_ds.tasks import (
+    MEZO_NUM_TEST,
+    Task,
+    TaskData,
+    apply_lora,
+    apply_prefix_tuning,
+    build_tiny_opt,
+    build_word_tokenizer,
+    load_causal_lm,
+    load_task_data,
+    load_tokenizer,
+    parse_data_files,
+    save_adapter,
+)
+
+__all__ = ["build_tokenizer", "build_task_data", "build_model", "apply_adapter", "save_hf_copy"]
+
+
+def build_tokenizer(args: Namespace, task: Task):
+    """The model's tokenizer, or without ``--model_name_or_path`` a word tokenizer of the generated task."""
+    if args.model_name_or_path is None:
+        return build_word_tokenizer(task.vocabulary)
+    return load_tokenizer(args.model_name_or_path)
+
+
+def build_task_data(args: Namespace, task: Task, tokenizer) -> TaskData:
+    """The task's sampled, tokenized splits from the source the flags name (else the task's own)."""
+    data_dir = args.data_dir
+    if args.dataset is not None and os.path.isdir(args.dataset):
+        data_dir = args.dataset  # a save_to_disk folder or a folder of split files
+    return load_task_data(
+        task,
+        tokenizer,
+        data_dir=data_dir,
+        data_files=parse_data_files(args.data_files) if args.data_files else None,
+        num_train=args.num_train,
+        num_dev=args.num_dev,
+        num_test=MEZO_NUM_TEST if args.num_test is None else args.num_test,
+        seed=args.seed,
+        max_length=args.max_length,
+    )
+
+
+def build_model(args: Namespace, tokenizer) -> nn.Module:
+    """The causal LM (a tiny random OPT without ``--model_name_or_path``), wrapped in its adapter with
+    ``--peft`` (then only the adapter has ``requires_grad``, and that is all the ZO engine perturbs)."""
+    if args.model_name_or_path is None:
+        model = build_tiny_opt(len(tokenizer), seed=args.seed)
+    else:
+        model = load_causal_lm(args.model_name_or_path, dtype=args.dtype)
+    return apply_adapter(model, args) if args.peft else model
+
+
+def apply_adapter(model: nn.Module, args: Namespace) -> nn.Module:
+    """``model`` in a LoRA (``--lora_r``, ``--lora_alpha``) or prefix (``--prefix_tokens``) adapter."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ValueError(f"--peft {args.peft} needs peft: pip install 'zo2_ds[peft]'") from None
+    model.eval()  # no dropout (MeZO); the engine switches it off in the perturbed passes anyway
+    if args.peft == "lora":
+        return apply_lora(model, r=args.lora_r, alpha=args.lora_alpha)
+    return apply_prefix_tuning(model, num_virtual_tokens=args.prefix_tokens, seed=args.seed)
+
+
+def save_hf_copy(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = None) -> str:
+    """The weights in Hugging Face format next to a DeepSpeed checkpoint, for use without zo2_ds:
+    ``<folder>/adapter`` (PEFT format, ``PeftModel.from_pretrained(base, path)``) for a peft model,
+    else ``<folder>/model`` (``save_pretrained``, with the tokenizer when there is one). Returns the path."""
+    if hasattr(model, "peft_config"):
+        path = os.path.join(folder, "adapter")
+        save_adapter(model, path)
+        return path
+    path = os.path.join(folder, "model")
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path

@@ -56,15 +56,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+_OVERLAID = ("bench", "dtypes.py")  # this checkout's, in both trees
+
+
 def overlay(tree: Path, staging: Path) -> Path:
-    """A folder whose ``zo2_ds`` is ``tree``'s, with this checkout's ``zo2_ds/bench`` in it (links only)."""
+    """A folder whose ``zo2_ds`` is ``tree``'s, with this checkout's ``zo2_ds/bench`` and the one module it
+    imports from outside itself, ``zo2_ds/dtypes.py``, in it (links only)."""
     package = staging / "zo2_ds"
     shutil.rmtree(package, ignore_errors=True)  # removes the links, never what they point to
     package.mkdir(parents=True)
     for entry in (tree / "zo2_ds").resolve().iterdir():
-        if entry.name not in ("bench", "__pycache__"):
+        if entry.name not in _OVERLAID + ("__pycache__",):
             (package / entry.name).symlink_to(entry)
-    (package / "bench").symlink_to(REPO / "zo2_ds" / "bench")
+    for name in _OVERLAID:
+        (package / name).symlink_to(REPO / "zo2_ds" / name)
     return staging
 
 

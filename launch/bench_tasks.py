@@ -45,19 +45,17 @@ def prepare(work: Path, model_name: str) -> None:
     import torch
 
     from zo2_ds.bench import SHAPES, build_model
-    from zo2_ds.data import build_word_tokenizer, load_default_task
-    from zo2_ds.data.sentiment import default_task_words
+    from zo2_ds.tasks import SENTIMENT, build_word_tokenizer
 
-    tokenizer = build_word_tokenizer(default_task_words())
+    tokenizer = build_word_tokenizer(SENTIMENT.vocabulary)
     if len(tokenizer) > SHAPES[model_name].vocab_size:
         raise ValueError(f"--model: {model_name}'s vocabulary is smaller than the tokenizer's {len(tokenizer)}")
     cuda = torch.cuda.is_available()
     model = build_model(model_name, "cuda" if cuda else "cpu", torch.float16 if cuda else torch.float32)
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
-    data, _ = load_default_task(seed=0)
-    for split, examples in (("train", data.train[:1000]), ("validation", data.dev[:200])):
-        rows = [{"sentence": ex["text"].removesuffix(" It was"), "label": ex["label"]} for ex in examples]
+    generated = SENTIMENT.generate(0)  # {"train", "dev", "test"}: rows of {"sentence", "label"}
+    for split, rows in (("train", generated["train"][:1000]), ("validation", generated["dev"][:200])):
         path = work / "data" / "sst2" / f"{split}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModelShape", "SHAPES", "DTYPES", "build_model", "make_batch", "block_list", "parameter_bytes"]
+from zo2_ds.dtypes import DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+__all__ = ["ModelShape", "SHAPES", "DTYPES", "build_model", "make_batch", "block_list", "parameter_bytes"]
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from zo2_ds.dtypes import DTYPES
 from zo2_ds.models import BlockList, find_blocks
 
 __all__ = ["ALIGN_BYTES", "BlockStore", "Narrow", "build_store", "block_nbytes", "parse_bytes", "available_host_bytes"]
@@ -309,14 +310,11 @@ def _unregister(acc, pointers: list[int]) -> None:
             pass
 
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def _transfer_dtype(cfg, layouts) -> torch.dtype | None:
     """The dtype wider block parameters cross the link in, or None (they cross in their own dtype)."""
     if cfg.transfer_dtype == "auto":
         return None
-    wanted = _DTYPES[cfg.transfer_dtype]
+    wanted = DTYPES[cfg.transfer_dtype]
     dtypes = {p.dtype for layout, _ in layouts for p, _, _ in layout}
     if dtypes == {wanted}:
         return None

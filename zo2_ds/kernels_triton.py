@@ -20,8 +20,9 @@ __all__ = ["ROW", "PHILOX_ROUNDS", "NUM_WARPS", "INTERPRET", "FAST_MATH", "trito
 
 ROW = 1024  # part of z's definition (see zo2_ds.kernels): changing it changes every z
 # Philox4x32-7: seven rounds pass TestU01's BigCrush (Salmon et al., SC'11, "Random123"); cuRAND and torch
-# use ten as a safety margin. Measured on an H200 (launch/benchmarks/): 10 rounds made the fp16 perturbation
-# compute-bound (1.25x a copy of the same bytes), 7 rounds run at copy speed (1.04x).
+# use ten as a safety margin. Measured on an H200 (2026-11-26; launch/benchmarks/NOTES.md in git history at
+# ed57633): 10 rounds made the fp16 perturbation compute-bound (1.25x a copy of the same bytes), 7 rounds run
+# at copy speed (1.04x).
 PHILOX_ROUNDS = 7
 NUM_WARPS = 4  # 1024 lanes / 128 threads = 8 elements a thread per quarter: 16-byte fp16 loads
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's own switch: its CPU interpreter

@@ -1,0 +1,123 @@
+"""The offloader's exact device budget and host memory, computed on the meta device (no memory, no copies).
+
+The model is built on the meta device and in the training dtype (as DeepSpeed's fp16 / bf16 block casts
+it); :func:`meta_store` lays its blocks out with the offloader's own layout rules
+(:mod:`zo2_ds.offload.store`), with meta tensors where the store would pin host memory, and
+:func:`offloader_parts` builds the real :class:`~zo2_ds.offload.OffloadRunner` on that store: its slot ring,
+perturbation scratch and staging buffers are then meta tensors of exactly the sizes a training run
+allocates, and :func:`zo2_ds.offload.trace.device_bytes` counts them as the runner does.
+
+Private rules imported from ``zo2_ds.offload.store`` (the estimator must not keep a second copy of them):
+``_layout``, ``_num_resident``, ``_transfer_dtype``, ``_narrow_layout``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zo2_ds.config import ZO2Config
+from zo2_ds.models import find_blocks
+from zo2_ds.offload import pending as rules
+from zo2_ds.offload.runner import OffloadRunner
+from zo2_ds.offload.store import BlockStore, Entry, Narrow, _layout, _narrow_layout, _num_resident, _transfer_dtype
+from zo2_ds.offload.trace import device_bytes
+from zo2_ds.ops import Ops
+from zo2_ds.perturb import ResidentRunner, trainable_params
+
+__all__ = ["META", "OffloadLayout", "meta_store", "offloader_parts", "in_gpu_scratch_bytes"]
+
+META = torch.device("meta")
+
+
+def meta_store(model: nn.Module, offload) -> BlockStore:
+    """The :class:`BlockStore` that ``build_store(model, offload, ...)`` would make, with every home a meta
+    tensor (nothing allocated, nothing copied, no host-memory check). ``offload``: the ``zo2.offload`` config."""
+    blocks = find_blocks(model, offload.blocks_attr)
+    layouts = [_layout(b) for b in blocks.blocks]
+    sizes = [size for _, size in layouts]
+    transfer = _transfer_dtype(offload, layouts)
+    entries = [[Entry(p, off, n, p.dtype, p.shape) for p, off, n in layout] for layout, _ in layouts]
+    store = BlockStore(blocks, META, entries, sizes, _num_resident(offload, sizes))
+    if transfer is not None:
+        narrow = [_narrow_layout(block_entries, size, transfer) for block_entries, size in zip(entries, sizes)]
+        homes = [None if not store.is_streamed(b) else _meta_bytes(n[1]) for b, n in enumerate(narrow)]
+        store.narrow = Narrow([n[0] for n in narrow], [n[1] for n in narrow], transfer, homes, [n[2] for n in narrow])
+    for index, block_entries in enumerate(entries):
+        home = _meta_bytes(sizes[index])
+        store.homes.append(home)
+        store.host_pinned.append(store.is_streamed(index))
+        store.home_views.append([e.view(home) for e in block_entries])
+    return store
+
+
+def _meta_bytes(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=META)
+
+
+@dataclass(frozen=True)
+class OffloadLayout:
+    """What the offloader would hold, in bytes: on the device by part (``device_bytes``, the keys of
+    ``OffloadRunner.device_bytes()``) and on the host (``host_pinned_bytes``: the pinned masters of the
+    streamed blocks plus their ``transfer_dtype`` copies); and what one step moves."""
+
+    device_bytes: dict[str, int]
+    host_pinned_bytes: int
+    host_masters_bytes: int  # the pinned masters alone
+    host_narrow_bytes: int  # their transfer_dtype copies
+    num_blocks: int
+    num_resident: int
+    num_slots: int
+    block_bytes: int  # the largest block's flat buffer
+    streamed_exact_bytes: int  # one upload of every streamed block as its master
+    streamed_narrow_bytes: int  # ... as its transfer_dtype copy (= exact without one)
+    write_back_interval: int
+
+
+def offloader_parts(model: nn.Module, config: ZO2Config, on_cuda: bool) -> OffloadLayout:
+    """The offloader's parts for ``model`` (built on the meta device) under the ``zo2`` ``config``.
+
+    ``on_cuda``: count the budget as a CUDA run does (the fused multi-tensor kernels perturb the tied
+    embedding / head into the block scratch, and ``write_back_interval`` "auto" is 4), else as a CPU run.
+    """
+    store = meta_store(model, config.offload)
+    runner = OffloadRunner(model, trainable_params(model), store, config, ops=Ops("torch"))
+    try:
+        # As OffloadRunner.device_bytes(), with the streams / kernels of the target instead of this machine's.
+        shares = on_cuda and config.kernels in ("auto", "multi_tensor") and bool(runner.resident.params)
+        resident = sum(store.sizes[b] for b in store.resident)
+        parts = device_bytes(model, store.param_ids, META, runner.device_buffers(), resident, shares)
+        num_slots = runner.num_slots
+    finally:
+        runner.close()
+    streamed = store.streamed
+    masters = sum(store.sizes[b] for b in streamed)
+    narrow = sum(store.narrow.sizes[b] for b in streamed) if store.narrow is not None else 0
+    return OffloadLayout(
+        device_bytes=parts,
+        host_pinned_bytes=masters + narrow,
+        host_masters_bytes=masters,
+        host_narrow_bytes=narrow,
+        num_blocks=store.num_blocks,
+        num_resident=store.num_resident,
+        num_slots=num_slots,
+        block_bytes=max(store.sizes),
+        streamed_exact_bytes=masters,
+        streamed_narrow_bytes=narrow or masters,
+        write_back_interval=rules.resolve_interval(config.offload.write_back_interval, on_cuda),
+    )
+
+
+def in_gpu_scratch_bytes(model: nn.Module, config: ZO2Config) -> int:
+    """The in-GPU engine's perturbation scratch: the largest unit's trainable tensors in the multi-tensor
+    layout (each at a 64-element boundary), the largest block's tensors in practice."""
+    runner = ResidentRunner(model, trainable_params(model), config, Ops("torch"))
+    try:
+        return max(
+            (sum(-(-tp.param.numel() // 64) * 64 * tp.param.element_size() for tp in u.tensors) for u in runner.units),
+            default=0,
+        )
+    finally:
+        runner.close()

@@ -1,0 +1,102 @@
+"""The estimate against a real run (``python -m zo2_ds.estimate --check MODEL``), on a CUDA machine.
+
+    python -m zo2_ds.estimate --check opt-13b --batch 1x2048
+    python -m zo2_ds.estimate --check opt-175b --num_layers 6 --batch 1x2048
+
+Measures the CUDA context first (nothing else has touched the GPU), builds the random-init model of the
+named ``zo2_ds.bench`` shape on the device and the engine on it (as ``launch/bench_offload.py`` does),
+runs ``steps`` training steps, and prints the estimate beside ``torch.cuda.max_memory_allocated``, NVML
+and ``engine.zo_runner.device_bytes()``, with their ratios. On a CPU it runs the same steps on the CPU
+and compares the exact parts only (there is no NVML there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+from zo2_ds.estimate import estimate
+
+__all__ = ["check", "format_check"]
+
+_GIB = 1024**3
+
+
+def check(model: str, *, steps: int = 3, num_layers: int | None = None, **options: Any) -> dict[str, Any]:
+    """Estimate, then measure one engine of ``model`` (a ``zo2_ds.bench`` shape) with the same options."""
+    from zo2_ds.bench import driver, measure
+    from zo2_ds.bench.models import DTYPES, SHAPES, build_model, make_batch
+
+    if model not in SHAPES:
+        raise ValueError(f"--check: model {model!r} must be a zo2_ds.bench shape, one of {', '.join(sorted(SHAPES))}")
+    if steps < 1:
+        raise ValueError(f"--steps: {steps!r} must be at least 1")
+    on_cuda = torch.cuda.is_available()
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the benchmarks run
+    context = measure.cuda_context_bytes() if on_cuda else None
+    est = estimate(model, num_layers=num_layers, device="cuda" if on_cuda else "cpu", **options)
+    name = model
+    if num_layers is not None:  # a truncated copy of the shape, registered for build_model / make_batch
+        name = f"{model}-{num_layers}-blocks"
+        SHAPES[name] = dataclasses.replace(SHAPES[model], name=name, num_layers=num_layers)
+    try:
+        device = driver.select_device()
+        net = build_model(name, device, DTYPES[est.dtype])
+        offload = None
+        if est.offload:
+            offload = {
+                k: options[k] for k in ("prefetch_depth", "transfer_dtype", "write_back_interval") if k in options
+            }
+            offload.update({k: options[k] for k in ("num_resident_blocks", "max_gpu_memory") if options.get(k)})
+            offload["enabled"] = True
+        config = driver.engine_config(est.batch_size, est.dtype, offload=offload)
+        config["zo2"]["num_perturbations"] = est.num_perturbations
+        engine = driver.build_engine(net, config)
+        batch = make_batch(name, est.batch_size, est.seq_len, device)
+        measure.reset_peak_memory()
+        step = driver.zo_step(engine, batch)
+        for _ in range(steps):
+            step()
+        measure.sync()
+        measured = dict(measure.device_memory())
+        budget = getattr(engine.zo_runner, "device_bytes", None)
+        measured["device_parts"] = dict(budget()) if callable(budget) else None
+        driver.finish(engine)
+    finally:
+        SHAPES.pop(f"{model}-{num_layers}-blocks", None)
+    return _compare(est.as_dict(), measured, context)
+
+
+def _compare(est: dict[str, Any], measured: dict[str, Any], context: int | None) -> dict[str, Any]:
+    ratios = {}
+    for key, measured_key in (("peak_allocated_bytes", "peak_allocated_bytes"), ("nvml_bytes", "nvml_used_bytes")):
+        if measured.get(measured_key):
+            ratios[key] = est[key] / measured[measured_key]
+    exact_match = None
+    if measured.get("device_parts") is not None and est["offload"]:
+        exact_match = measured["device_parts"] == est["device_parts"]
+    return {
+        "estimate": est,
+        "measured": {**measured, "cuda_context_bytes": context},
+        "ratios": ratios,
+        "exact_parts_match": exact_match,
+    }
+
+
+def format_check(result: dict[str, Any]) -> str:
+    est, measured = result["estimate"], result["measured"]
+    lines = [f"{est['model']} {est['batch_size']}x{est['seq_len']} {est['dtype']}: estimate / measured"]
+    for key, measured_key in (("peak_allocated_bytes", "peak_allocated_bytes"), ("nvml_bytes", "nvml_used_bytes")):
+        value = measured.get(measured_key)
+        shown = f"{value / _GIB:.3f} GiB" if value else "n/a"
+        ratio = result["ratios"].get(key)
+        lines.append(
+            f"  {key:<22}{est[key] / _GIB:8.3f} GiB / {shown:>12}" + (f"   ratio {ratio:.3f}" if ratio else "")
+        )
+    if measured.get("cuda_context_bytes"):
+        lines.append(f"  CUDA context measured {measured['cuda_context_bytes'] / _GIB:.3f} GiB")
+    lines.append(f"  exact parts equal engine.zo_runner.device_bytes(): {result['exact_parts_match']}")
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""The command line of the estimator: parse, estimate, print a table by part (or ``--json``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from zo2_ds.estimate import DEFAULT_BANDWIDTH_GBS, DEFAULT_TFLOPS, Estimate, estimate
+
+__all__ = ["main", "format_estimate", "parse_args"]
+
+_GIB = 1024**3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m zo2_ds.estimate",
+        description="GPU / host memory and the step's floors of a zo2_ds run, computed on the meta device.",
+    )
+    p.add_argument("model", help="a zo2_ds.bench shape (opt-1.3b ... opt-175b), a config.json or a model directory")
+    p.add_argument("--num_layers", type=int, default=None, help="keep only this many blocks (a truncated shape)")
+    p.add_argument("--batch", default="1x2048", help="BATCHxSEQ per GPU (default 1x2048)")
+    p.add_argument("--dtype", default="fp16", help="fp32, fp16 or bf16 (default fp16)")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True, help="zo2.offload (default on)")
+    p.add_argument("--prefetch_depth", type=int, default=1)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--num_resident_blocks", type=int, default=None)
+    budget.add_argument("--max_gpu_memory", default=None, help='bytes the resident blocks may use, e.g. "8GB"')
+    p.add_argument("--transfer_dtype", default="auto", help="auto, fp32, fp16 or bf16")
+    p.add_argument("--write_back_interval", default="auto")
+    p.add_argument("--num_perturbations", type=int, default=1)
+    p.add_argument("--num_gpus", type=int, default=1, help="data-parallel ranks on the host (each its own copy)")
+    p.add_argument("--bandwidth_gbs", type=float, default=DEFAULT_BANDWIDTH_GBS, help="pinned host->GPU GB/s")
+    p.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS, help="effective forward TFLOP/s")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--check", action="store_true", help="on a CUDA machine: build the engine, run steps, compare with NVML"
+    )
+    p.add_argument("--steps", type=int, default=3, help="--check: timed training steps")
+    return p.parse_args(argv)
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    interval = args.write_back_interval
+    return {
+        "batch": args.batch,
+        "num_layers": args.num_layers,
+        "dtype": args.dtype,
+        "offload": args.offload,
+        "prefetch_depth": args.prefetch_depth,
+        "num_resident_blocks": args.num_resident_blocks,
+        "max_gpu_memory": args.max_gpu_memory,
+        "transfer_dtype": args.transfer_dtype,
+        "write_back_interval": int(interval) if str(interval).isdigit() else interval,
+        "num_perturbations": args.num_perturbations,
+        "num_gpus": args.num_gpus,
+        "bandwidth_gbs": args.bandwidth_gbs,
+        "tflops": args.tflops,
+    }
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / _GIB:9.3f} GiB"
+
+
+def format_estimate(est: Estimate) -> str:
+    """The estimate as a table by part, then the totals, the host memory and the floors."""
+    mode = "offloaded" if est.offload else "in GPU"
+    lines = [
+        f"{est.model}, {est.batch_size}x{est.seq_len}, {est.dtype}, {mode}, q={est.num_perturbations}, "
+        f"{est.num_params / 1e9:.2f}B parameters"
+        + (f", {est.num_gpus} GPUs (figures per GPU)" if est.num_gpus > 1 else ""),
+    ]
+    if est.offload_facts:
+        lines.append("  " + ", ".join(f"{k} {v}" for k, v in est.offload_facts.items()))
+    lines.append("GPU memory (exact: what the engine allocates for the run)")
+    lines += [f"  {part:<24}{_gib(n)}" for part, n in est.device_parts.items()]
+    lines.append("GPU memory (estimated, on top)")
+    for name, n in (
+        ("activations (one block)", est.activation_bytes),
+        ("logits", est.logits_bytes),
+        ("loss chunk", est.loss_chunk_bytes),
+    ):
+        lines.append(f"  {name:<24}{_gib(n)}")
+    lines.append(f"  {'= peak allocated':<24}{_gib(est.peak_allocated_bytes)}")
+    lines.append(f"  {'CUDA context':<24}{_gib(est.context_bytes)}")
+    lines.append(f"  {'allocator slack':<24}{_gib(est.slack_bytes)}")
+    lines.append(f"  {'= NVML':<24}{_gib(est.nvml_bytes)}  ({est.nvml_bytes / 1e9:.2f} GB)")
+    lines.append("Host memory (per rank)")
+    lines += [f"  {part:<24}{_gib(n)}" for part, n in est.host_parts.items()]
+    if est.num_gpus > 1:
+        lines.append(f"  {'pinned, all ranks':<24}{_gib(est.host_bytes)}")
+    lines.append("Step floors")
+    lines.append(
+        f"  transfer  {est.streamed_bytes_per_step / 1e9:8.2f} GB / {est.bandwidth_gbs:g} GB/s = "
+        f"{est.transfer_floor_ms:9.1f} ms"
+    )
+    lines.append(
+        f"  compute   {est.flops_per_step / 1e12:8.2f} TFLOP / {est.tflops:g} TFLOP/s = {est.compute_floor_ms:9.1f} ms"
+    )
+    lines.append(f"  bound: {est.bound} ({max(est.transfer_floor_ms, est.compute_floor_ms):.1f} ms per step)")
+    return "\n".join(lines)
+
+
+def _logs_to_stderr() -> None:
+    """DeepSpeed's logger writes to stdout (its accelerator warning on a CPU machine): keep stdout for the
+    table / JSON, so ``--json`` output parses."""
+    from deepspeed.utils import logger
+
+    for handler in logger.handlers:
+        if getattr(handler, "stream", None) is sys.stdout:
+            handler.setStream(sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _logs_to_stderr()
+    try:
+        if args.check:
+            from zo2_ds.estimate.check import check, format_check
+
+            result = check(args.model, steps=args.steps, **_options(args))
+            print(json.dumps(result, indent=1) if args.json else format_check(result))
+            return 0
+        est = estimate(args.model, **_options(args))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(est.as_dict(), indent=1) if args.json else format_estimate(est))
+    return 0

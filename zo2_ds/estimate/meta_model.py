@@ -17,9 +17,9 @@ __all__ = ["meta_model", "model_dims"]
 
 
 def meta_model(model: str, dtype: torch.dtype, num_layers: int | None = None) -> nn.Module:
-    """``model`` on the meta device, every floating tensor in ``dtype`` (as DeepSpeed's fp16 / bf16 block
-    casts it); ``num_layers``: keep only that many blocks (GPU memory does not depend on the number of
-    streamed blocks). Raises ValueError naming ``model`` / ``num_layers`` and what is allowed."""
+    """``model`` on the meta device, built in ``dtype``, its floating parameters cast to it (as DeepSpeed's
+    fp16 / bf16 block casts them); ``num_layers``: keep only that many blocks (GPU memory does not depend on
+    the number of streamed blocks). Raises ValueError naming ``model`` / ``num_layers`` and what is allowed."""
     if num_layers is not None and (not isinstance(num_layers, int) or num_layers < 1):
         raise ValueError(f"--num_layers: {num_layers!r} must be a positive integer")
     if model in SHAPES:
@@ -51,7 +51,11 @@ def meta_model(model: str, dtype: torch.dtype, num_layers: int | None = None) ->
             built = AutoModelForCausalLM.from_config(config)
     if tied:
         built.tie_weights()
-    return built.to(dtype)
+    # As DeepSpeed's fp16 / bf16 block: parameters cast, buffers kept as built (e.g. rotary inv_freq in fp32).
+    for p in built.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return built
 
 
 def _config_from_file(path: Path) -> Any:

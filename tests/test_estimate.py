@@ -167,14 +167,17 @@ def test_check_compares_exact_parts_with_a_real_engine():
     assert "exact parts equal" in format_check(result)
     if not CUDA:
         assert result["ratios"] == {}
+        with pytest.raises(ValueError, match="--check: opt-13b would be built on this machine's CPU"):
+            check("opt-13b", steps=1)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_estimate_within_ten_percent_of_a_measured_run_on_cuda():
-    from zo2_ds.estimate.check import check
-
-    result = check("opt-1.3b", batch="1x2048", steps=3)
+    """In a fresh process, as the lead's check command runs it (the CUDA context is measured first)."""
+    cmd = [sys.executable, "-m", "zo2_ds.estimate", "--check", "opt-1.3b", "--batch", "1x2048", "--json"]
+    result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout)
     assert result["exact_parts_match"] is True
+    assert set(result["ratios"]) == {"peak_allocated_bytes", "nvml_bytes"}
     for key, ratio in result["ratios"].items():
         assert 0.9 <= ratio <= 1.1, (key, ratio)

@@ -69,7 +69,9 @@ class Estimate:
     loss_chunk_bytes: int
     context_bytes: int
     slack_bytes: int
-    host_parts: dict[str, int]  # per rank: pinned_masters, narrow_copies, outside_blocks (until moved)
+    # Per rank: pinned_masters and narrow_copies for the whole run; outside_blocks (embeddings, head, norms)
+    # only while the model is built on the host, until the engine moves them to the GPU.
+    host_parts: dict[str, int]
     streamed_bytes_per_step: float
     bandwidth_gbs: float
     flops_per_step: float
@@ -182,28 +184,11 @@ def estimate(
     num_params = sum(p.numel() for p in net.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     model_bytes += sum(b.numel() * b.element_size() for b in net.buffers())
-    facts: dict[str, int] = {}
     if offload:
-        layout = offloader_parts(net, config, on_cuda=device == "cuda")
-        parts = dict(layout.device_bytes)
-        host = {
-            "pinned_masters": layout.host_masters_bytes,
-            "narrow_copies": layout.host_narrow_bytes,
-            "outside_blocks": parts["outside_blocks"],
-        }
-        k = layout.write_back_interval
-        streamed = (layout.streamed_exact_bytes + (k - 1) * layout.streamed_narrow_bytes) / k
-        facts = {
-            "num_blocks": layout.num_blocks,
-            "num_resident": layout.num_resident,
-            "num_slots": layout.num_slots,
-            "block_bytes": layout.block_bytes,
-            "write_back_interval": k,
-        }
+        parts, host, streamed, facts = _offloaded(net, config, device == "cuda")
     else:
         parts = {"model": model_bytes, "perturbation_scratch": in_gpu_scratch_bytes(net, config)}
-        host = {"pinned_masters": 0, "narrow_copies": 0, "outside_blocks": 0}
-        streamed = 0.0
+        host, streamed, facts = {"pinned_masters": 0, "narrow_copies": 0, "outside_blocks": 0}, 0.0, {}
     mlp_tensors = 3 if _gated_mlp(net) else 2
     return Estimate(
         model=model,
@@ -227,6 +212,30 @@ def estimate(
         tflops=float(tflops),
         offload_facts=facts,
     )
+
+
+def _offloaded(
+    net: torch.nn.Module, config: ZO2Config, on_cuda: bool
+) -> tuple[dict[str, int], dict[str, int], float, dict[str, int]]:
+    """The offloader's device parts, the host parts, the bytes one step uploads (the average over
+    ``write_back_interval`` steps with a narrower ``transfer_dtype``) and the ring's facts."""
+    layout = offloader_parts(net, config, on_cuda)
+    parts = dict(layout.device_bytes)
+    host = {
+        "pinned_masters": layout.host_masters_bytes,
+        "narrow_copies": layout.host_narrow_bytes,
+        "outside_blocks": parts["outside_blocks"],
+    }
+    k = layout.write_back_interval
+    streamed = (layout.streamed_exact_bytes + (k - 1) * layout.streamed_narrow_bytes) / k
+    facts = {
+        "num_blocks": layout.num_blocks,
+        "num_resident": layout.num_resident,
+        "num_slots": layout.num_slots,
+        "block_bytes": layout.block_bytes,
+        "write_back_interval": k,
+    }
+    return parts, host, streamed, facts
 
 
 def _loss_chunk_bytes(tokens: int, vocab: int) -> int:

@@ -23,6 +23,7 @@ from zo2_ds.estimate import estimate
 __all__ = ["check", "format_check"]
 
 _GIB = 1024**3
+_CPU_CHECK_LIMIT_BYTES = 2 * _GIB  # without CUDA the model is built and trained on the CPU: keep it small
 
 
 def check(model: str, *, steps: int = 3, num_layers: int | None = None, **options: Any) -> dict[str, Any]:
@@ -38,6 +39,11 @@ def check(model: str, *, steps: int = 3, num_layers: int | None = None, **option
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the benchmarks run
     context = measure.cuda_context_bytes() if on_cuda else None
     est = estimate(model, num_layers=num_layers, device="cuda" if on_cuda else "cpu", **options)
+    if not on_cuda and est.exact_bytes + est.host_bytes > _CPU_CHECK_LIMIT_BYTES:
+        raise ValueError(
+            f"--check: {model} would be built on this machine's CPU ({est.num_params / 1e9:.1f}B parameters); "
+            "run --check on a CUDA machine, or pick a small shape here (tiny, tiny-llama, opt-125m)"
+        )
     name = model
     if num_layers is not None:  # a truncated copy of the shape, registered for build_model / make_batch
         name = f"{model}-{num_layers}-blocks"

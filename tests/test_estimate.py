@@ -44,6 +44,8 @@ CASES = [
     ("llama", False, "bf16", {"prefetch_depth": 1, "max_gpu_memory": 40000}),
     ("qwen2", False, "fp32", {"prefetch_depth": 2, "transfer_dtype": "fp16", "num_resident_blocks": 1}),
     ("qwen2", True, "fp16", {"prefetch_depth": 0, "num_resident_blocks": 5}),
+    ("gpt2", True, "bf16", {"prefetch_depth": 1}),
+    ("mistral", False, "fp32", {"prefetch_depth": 1, "transfer_dtype": "bf16"}),
 ]
 
 

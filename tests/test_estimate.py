@@ -149,6 +149,21 @@ def test_cli_runs_for_a_shape_a_config_and_a_model_dir(tmp_path, capsys):
     assert main([str(tmp_path), "--json", "--prefetch_depth", "0"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["offload_facts"]["num_slots"] == 2 and result["nvml_bytes"] > 0
+    check_argv = [
+        "tiny",
+        "--check",
+        "--json",
+        "--batch",
+        "1x32",
+        "--steps",
+        "1",
+        "--dtype",
+        "fp32",
+        "--num_layers",
+        "2",
+    ]
+    assert main(check_argv) == 0
+    assert json.loads(capsys.readouterr().out)["exact_parts_match"] is True
     assert main(["nope"]) == 2
     assert "model: 'nope' is neither" in capsys.readouterr().err
 

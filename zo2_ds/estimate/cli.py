@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any
@@ -118,15 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _logs_to_stderr()
     try:
-        if args.check:
-            from zo2_ds.estimate.check import check, format_check
+        # Whatever the libraries print while the engine is built (--check) goes to stderr: stdout is the result.
+        with contextlib.redirect_stdout(sys.stderr):
+            if args.check:
+                from zo2_ds.estimate.check import check, format_check
 
-            result = check(args.model, steps=args.steps, **_options(args))
-            print(json.dumps(result, indent=1) if args.json else format_check(result))
-            return 0
-        est = estimate(args.model, **_options(args))
+                result = check(args.model, steps=args.steps, **_options(args))
+                text = json.dumps(result, indent=1) if args.json else format_check(result)
+            else:
+                est = estimate(args.model, **_options(args))
+                text = json.dumps(est.as_dict(), indent=1) if args.json else format_estimate(est)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(est.as_dict(), indent=1) if args.json else format_estimate(est))
+    print(text)
     return 0

@@ -12,11 +12,17 @@ allocated there):
 
 - activations of one block's forward: its MLP's ``t x ffn`` tensors (two, three for a gated MLP), ``t``
   the tokens of the micro-batch;
-- the logits of one pass (``t x vocab`` in the model dtype; the last pass's are returned to the caller,
-  who holds them into the next step) and the lean loss's fp32 chunk with its log-softmax;
+- the logits of one pass (``t x vocab`` in the model dtype) and the lean loss's fp32 chunk with its
+  log-softmax (:mod:`zo2_ds.loss`). The measured peaks are the sum of these and the activations (the last
+  pass's logits are returned to the caller, and may live on while the next step's blocks run);
 - the CUDA context with a cuBLAS handle (:data:`CUDA_CONTEXT_BYTES`, measured) and the allocator's slack
   (:data:`ALLOCATOR_SLACK_BYTES`, measured in fresh processes with ``expandable_segments``): NVML shows
-  the peak allocated plus both.
+  the peak allocated plus both. A process that used the GPU for something else first (the benchmark's
+  in-GPU baseline) shows 0.4-0.5 GiB more in NVML: the allocator keeps part of that cache.
+
+Private names imported (to keep one copy of each rule): ``zo2_ds.offload.store._layout``,
+``_num_resident``, ``_transfer_dtype``, ``_narrow_layout``; ``zo2_ds.loss._CHUNK_BYTES``;
+``zo2_ds.bench.models._hf_config``.
 
 Floors: the transfer floor is the bytes one step uploads (every streamed block once; with a narrower
 ``transfer_dtype`` the average over ``write_back_interval`` steps) over the host link's bandwidth; the

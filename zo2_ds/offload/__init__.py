@@ -4,6 +4,10 @@ Which file owns what (see README.md in this folder):
 
 - :mod:`~zo2_ds.offload.store`: where each block's parameters live (one flat buffer per block, pinned or
   resident), built inside ``ZOEngine._configure_distributed_model``;
+- :mod:`~zo2_ds.offload.hostmem`: page-locked host buffers of an exact size, and the host memory available;
+- :mod:`~zo2_ds.offload.materialize`: a model built block by block straight into its pinned homes (from a
+  config or a safetensors checkpoint, read by :mod:`~zo2_ds.offload.checkpoint_reader`), which the store
+  adopts;
 - :mod:`~zo2_ds.offload.streams`: the upload / write-back streams and events (no-op twin on CPU);
 - :mod:`~zo2_ds.offload.ring`: the GPU slot ring, its uploads and write-backs, and the prefetch order;
 - :mod:`~zo2_ds.offload.pending`: the pending-update log, the write-back and exact-copy rules (pure);
@@ -21,10 +25,11 @@ from typing import Any
 
 import torch
 
+from zo2_ds.offload.materialize import materialize
 from zo2_ds.offload.runner import OffloadRunner
 from zo2_ds.offload.store import BlockStore, build_store
 
-__all__ = ["OffloadRunner", "BlockStore", "build_store", "broadcast_store"]
+__all__ = ["OffloadRunner", "BlockStore", "build_store", "broadcast_store", "materialize"]
 
 
 def broadcast_store(module: torch.nn.Module, store: BlockStore, *, src: int, group: Any) -> None:

@@ -9,15 +9,16 @@ anything is moved to the device), by :func:`build_store`:
 - ``Parameter.data`` is re-pointed at its slice ("home"), block by block, so the original storage is
   freed as we go: host memory peaks at the model plus one block, never two copies of it. state_dict,
   checkpoints and load_state_dict then read and write the host masters directly;
-- streamed blocks' homes are pinned host memory from DeepSpeed's accelerator (``pin_empty``); the first
-  ``num_resident`` blocks (the budget, ``zo2.offload.max_gpu_memory`` / ``num_resident_blocks``) live on
-  the device for good;
+- streamed blocks' homes are page-locked host memory (:func:`pinned_host_buffer`); the
+  ``num_resident`` blocks of the budget (``zo2.offload.max_gpu_memory`` / ``num_resident_blocks``) live
+  on the device for good;
+- a streamed block whose parameters already live in one page-locked buffer of exactly this layout (what
+  :func:`zo2_ds.offload.materialize.materialize` builds) is adopted as it is: no second buffer, no copy;
 - everything that is not a block parameter (embeddings, final norm, head, all buffers) moves to the device.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,18 @@ from torch import nn
 
 from zo2_ds.dtypes import DTYPES
 from zo2_ds.models import BlockList, find_blocks
+from zo2_ds.offload.hostmem import available_host_bytes, pinned_host_buffer
 
-__all__ = ["ALIGN_BYTES", "BlockStore", "Narrow", "build_store", "block_nbytes", "parse_bytes", "available_host_bytes"]
+__all__ = [
+    "ALIGN_BYTES",
+    "BlockStore",
+    "Narrow",
+    "build_store",
+    "block_layout",
+    "block_nbytes",
+    "parse_bytes",
+    "available_host_bytes",
+]
 
 ALIGN_BYTES = 256
 _GIB = 1024**3
@@ -142,26 +153,15 @@ def parse_bytes(value: int | str) -> int:
         ) from None
 
 
-def available_host_bytes() -> int:
-    """MemAvailable from /proc/meminfo (psutil where that is missing)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import psutil
-
-    return psutil.virtual_memory().available
-
-
 def block_nbytes(block: nn.Module) -> int:
     """Bytes of ``block``'s flat home buffer (each distinct parameter at an ALIGN_BYTES boundary)."""
-    return _layout(block)[1]
+    return block_layout(block)[1]
 
 
-def _layout(block: nn.Module) -> tuple[list[tuple[nn.Parameter, int, int]], int]:
+def block_layout(block: nn.Module) -> tuple[list[tuple[nn.Parameter, int, int]], int]:
+    """``block``'s flat home buffer: ``(parameter, byte offset, bytes)`` for each distinct parameter, in
+    ``parameters()`` order, each at an ALIGN_BYTES boundary, and the buffer's size in bytes. Only shapes
+    and dtypes are read, so it also lays out a block on the meta device."""
     out, offset = [], 0
     seen: set[int] = set()
     for p in block.parameters():
@@ -199,7 +199,7 @@ def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = T
     from deepspeed.accelerator import get_accelerator
 
     blocks = find_blocks(model, cfg.blocks_attr)
-    layouts = [_layout(b) for b in blocks.blocks]
+    layouts = [block_layout(b) for b in blocks.blocks]
     sizes = [size for _, size in layouts]
     num_resident = _num_resident(cfg, sizes)
     transfer = _transfer_dtype(cfg, layouts)
@@ -215,27 +215,20 @@ def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = T
             [flat for _, _, flat in layouts_n],
         )
 
-    _check_host_memory(store)
+    # Adopted before the memory check: an adopted block needs no new host memory. Resident blocks never
+    # are (their home is on the device); their pinned buffer is freed, and unpinned, once they are copied.
+    adopted = [
+        _adoptable_home(layout, size, device) if store.is_streamed(b) else None
+        for b, (layout, size) in enumerate(layouts)
+    ]
+    _check_host_memory(store, {b for b, home in enumerate(adopted) if home is not None})
 
     acc = get_accelerator()
-    registered: list[int] = []
-    weakref.finalize(store, _unregister, acc, registered)
     was_on_device = any(e.param.device.type != "cpu" for block_entries in entries for e in block_entries)
     for index, block_entries in enumerate(entries):
-        if store.is_streamed(index):
-            home = _pinned_host_buffer(acc, sizes[index], registered)
-            store.host_pinned.append(bool(registered) and registered[-1] == home.data_ptr() or home.is_pinned())
-        else:
-            home = torch.empty(sizes[index], dtype=torch.uint8, device=device)
-            store.host_pinned.append(False)
-        views = [e.view(home) for e in block_entries]
-        for e, v in zip(block_entries, views):
-            v.copy_(e.param.data)
-            e.param.data = v  # the old storage is released here (unless someone else holds it)
-        store.homes.append(home)
-        store.home_views.append(views)
+        home = _move_home(store, index, adopted[index], acc)
         if store.narrow is not None and store.is_streamed(index):
-            shadow = store.narrow.homes[index] = _pinned_host_buffer(acc, store.narrow.sizes[index], registered)
+            shadow = store.narrow.homes[index] = pinned_host_buffer(acc, store.narrow.sizes[index])[0]
             store.narrow_from_master(index)  # round to the transfer dtype on the host, once
             for e, n in zip(block_entries, store.narrow.entries[index]):
                 narrowed = n.view(shadow)
@@ -262,16 +255,70 @@ def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = T
     return store
 
 
-def _check_host_memory(store: BlockStore) -> None:
+def _move_home(store: BlockStore, index: int, adopted: torch.Tensor | None, acc) -> torch.Tensor:
+    """Point block ``index``'s parameters at their slices of its home (``adopted``, or a new pinned host or
+    device buffer they are copied into) and record it; returns the home."""
+    home = adopted
+    if home is not None:
+        store.host_pinned.append(home.is_pinned())
+    elif store.is_streamed(index):
+        home, pinned = pinned_host_buffer(acc, store.sizes[index])
+        store.host_pinned.append(pinned)
+    else:
+        home = torch.empty(store.sizes[index], dtype=torch.uint8, device=store.device)
+        store.host_pinned.append(False)
+    views = [e.view(home) for e in store.entries[index]]
+    for e, v in zip(store.entries[index], views):
+        if adopted is None:
+            v.copy_(e.param.data)
+        e.param.data = v  # the old storage is released here (unless someone else holds it)
+    store.homes.append(home)
+    store.home_views.append(views)
+    return home
+
+
+def _adoptable_home(
+    layout: list[tuple[nn.Parameter, int, int]], size: int, device: torch.device
+) -> torch.Tensor | None:
+    """The flat ``size``-byte host buffer a block's parameters already live in, at exactly the offsets of
+    ``layout`` (as :mod:`zo2_ds.offload.materialize` leaves them), or None. On an accelerator the buffer must
+    also be page-locked (a pageable one is copied into a pinned home as usual).
+
+    Such a model reaches this point untouched by DeepSpeed 0.19's ``_configure_distributed_model``: its
+    fp16 / bf16 cast sets ``p.data`` only for a parameter whose dtype differs from the config's (none,
+    when the model was materialized in that dtype; a mismatch casts into new pageable tensors, which are
+    then copied as usual), it casts buffers only with ``buffer_dtype`` set, and with offload on it does not
+    move the module (``dont_change_device``, :mod:`zo2_ds.ds_compat`). The fp32 path only checks dtypes."""
+    first = layout[0][0].data
+    if first.device.type != "cpu":
+        return None
+    storage = first.untyped_storage()
+    for p, offset, _ in layout:
+        data = p.data
+        if data.device.type != "cpu" or not data.is_contiguous() or data.data_ptr() != first.data_ptr() + offset:
+            return None
+        if data.untyped_storage().data_ptr() != storage.data_ptr():
+            return None
+    start = first.data_ptr() - storage.data_ptr()
+    if start + size > storage.nbytes():
+        return None
+    home = torch.empty(0, dtype=torch.uint8).set_(storage, start, (size,))
+    if device.type != "cpu" and not home.is_pinned():
+        return None
+    return home
+
+
+def _check_host_memory(store: BlockStore, adopted: set[int]) -> None:
     """Raise ValueError, with the numbers, when the pinned masters (and narrow copies) cannot fit the host's
-    MemAvailable; checked before anything is allocated."""
+    MemAvailable; checked before anything is allocated. ``adopted`` blocks keep the buffer they are in."""
     streamed = store.streamed
-    pinned_bytes = sum(store.sizes[b] for b in streamed)
+    copied = [b for b in streamed if b not in adopted]
+    pinned_bytes = sum(store.sizes[b] for b in copied)
     if store.narrow is not None:
         pinned_bytes += sum(store.narrow.sizes[b] for b in streamed)
     # Host bytes freed as each block's original storage is replaced (only what is on the CPU now).
-    freed = sum(e.nbytes for b in streamed for e in store.entries[b] if e.param.device.type == "cpu")
-    needed = pinned_bytes - freed + (max(store.sizes[b] for b in streamed) if streamed else 0)
+    freed = sum(e.nbytes for b in copied for e in store.entries[b] if e.param.device.type == "cpu")
+    needed = pinned_bytes - freed + (max(store.sizes[b] for b in copied) if copied else 0)
     available = available_host_bytes()
     if needed > available:
         raise ValueError(
@@ -282,32 +329,6 @@ def _check_host_memory(store: BlockStore) -> None:
             "is available (MemAvailable). Free host memory, keep more blocks on the GPU "
             "(zo2.offload.max_gpu_memory / num_resident_blocks), or use more nodes."
         )
-
-
-def _pinned_host_buffer(acc, nbytes: int, registered: list[int]) -> torch.Tensor:
-    """``nbytes`` of page-locked host memory, exactly.
-
-    ``acc.pin_empty`` goes through torch's caching host allocator, which rounds every request up to a
-    power of two (a 629 MB OPT-13B block takes 1 GiB: +60% host memory). Where the accelerator can
-    register host memory (CUDA: cudaHostRegister), page-lock a plain allocation of the exact size instead;
-    elsewhere fall back to ``pin_empty`` (a plain tensor on CPU).
-    """
-    page = 4096
-    raw = torch.empty(nbytes + page, dtype=torch.uint8)
-    buf = raw[(-raw.data_ptr()) % page :][:nbytes]
-    if acc.register_host_memory(buf.data_ptr(), nbytes):
-        registered.append(buf.data_ptr())
-        return buf
-    del raw, buf
-    return acc.pin_empty(nbytes, dtype=torch.uint8)
-
-
-def _unregister(acc, pointers: list[int]) -> None:
-    for ptr in pointers:
-        try:
-            acc.unregister_host_memory(ptr)
-        except Exception:  # interpreter shutdown: the driver may already be gone
-            pass
 
 
 def _transfer_dtype(cfg, layouts) -> torch.dtype | None:

@@ -1,0 +1,59 @@
+"""Peak host RSS of one materialization, in a fresh process (see tests/test_materialize.py).
+
+    python tests/workers/materialize_rss_worker.py --save DIR   # write the ~350 MB fp32 test model to DIR
+    python tests/workers/materialize_rss_worker.py config fp32  # materialize it from its config
+    python tests/workers/materialize_rss_worker.py DIR fp32     # ... from the checkpoint in DIR
+
+Prints one JSON line: the RSS after the imports (baseline), the peak RSS (VmHWM) after materializing, and
+the bytes of the model's parameters. The peak is reset after the imports where the kernel allows it.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+
+from zo2_ds.offload.materialize import materialize  # noqa: E402
+
+# OPT with 12 blocks of 28 MB (fp32): about 350 MB in all, the blocks 97% of it.
+SHAPE = {"hidden_size": 768, "ffn_dim": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+
+
+def config():
+    return transformers.OPTConfig(**SHAPE, vocab_size=2000, max_position_embeddings=256, word_embed_proj_dim=768)
+
+
+def status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def main():
+    if sys.argv[1] == "--save":
+        torch.manual_seed(0)
+        materialize(config(), device="cpu", progress=False).save_pretrained(sys.argv[2], max_shard_size="10GB")
+        return
+    source = config() if sys.argv[1] == "config" else sys.argv[1]
+    get_accelerator()
+    transformers.OPTForCausalLM  # noqa: B018  (the lazy import of the model's module, before the baseline)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        pass
+    baseline = status("VmRSS")
+    model = materialize(source, dtype=sys.argv[2], device="cpu", progress=False)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(json.dumps({"baseline_bytes": baseline, "peak_bytes": status("VmHWM"), "model_bytes": model_bytes}))
+
+
+if __name__ == "__main__":
+    main()

@@ -38,7 +38,7 @@ def pinned_host_buffer(acc, nbytes: int) -> tuple[torch.Tensor, bool]:
     store) and is never freed while still registered. Elsewhere fall back to ``pin_empty`` (a plain
     tensor on CPU, reported as not page-locked).
     """
-    pages = _LockedPages(-1, max(nbytes, 1))
+    pages = _LockedPages(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE)  # private, as malloc's: copied on fork
     buf = torch.frombuffer(pages, dtype=torch.uint8)[:nbytes]  # holds the mapping until its last view dies
     if acc.register_host_memory(buf.data_ptr(), nbytes):
         pages.unlock = (acc, buf.data_ptr())
@@ -48,7 +48,8 @@ def pinned_host_buffer(acc, nbytes: int) -> tuple[torch.Tensor, bool]:
 
 
 class _LockedPages(mmap.mmap):
-    """An anonymous, page-aligned mapping that unregisters itself from the accelerator when it is freed."""
+    """An anonymous, page-aligned mapping that unregisters itself from the accelerator when it is freed
+    (``__del__`` runs when the last tensor viewing it is gone: torch.frombuffer keeps the mapping alive)."""
 
     unlock: tuple | None = None  # (accelerator, address) once registered
 

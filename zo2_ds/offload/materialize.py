@@ -84,16 +84,16 @@ def materialize(
     from deepspeed.accelerator import get_accelerator
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(blocks), desc="materializing blocks", unit="block", disable=not progress)
-    builder = _Builder(model, {id(b): i for i, b in enumerate(blocks)}, layouts, device, get_accelerator())
-    builder.checkpoint, builder.on_block_done = checkpoint, lambda: bar.update(1)
     if checkpoint is not None:
         checkpoint.base_prefix = getattr(model, "base_model_prefix", "")
+    bar = tqdm(total=len(blocks), desc="materializing blocks", unit="block", disable=not progress)
+    builder = _Builder(model, blocks, layouts, device, get_accelerator(), checkpoint, lambda: bar.update(1))
     try:
         with _init_guard():
             _walk(model, model._initialize_weights, builder)
     finally:
         bar.close()
+    assert not any(p.is_meta for p in model.parameters()), "every module was visited"
     if checkpoint is not None:
         _load_buffers(model, checkpoint, device)
         model.eval()  # as from_pretrained leaves a loaded model
@@ -187,8 +187,11 @@ def _walk(module: nn.Module, init: Callable, builder: _Builder) -> None:
 class _Builder:
     """Gives the parameters storage and values as :func:`_walk` enters and leaves each module."""
 
-    def __init__(self, model, block_index, layouts, device, acc):
-        self.block_index, self.layouts, self.device, self.acc = block_index, layouts, device, acc
+    def __init__(self, model, blocks, layouts, device, acc, checkpoint, on_block_done):
+        self.block_index = {id(b): i for i, b in enumerate(blocks)}
+        self.layouts, self.device, self.acc = layouts, device, acc
+        self.checkpoint: SafetensorsCheckpoint | None = checkpoint
+        self.on_block_done: Callable[[], None] = on_block_done
         self.names: dict[int, list[str]] = {}  # id(meta parameter) -> every name it has (tied: several)
         self.metas: list[nn.Parameter] = []  # kept alive, so no id in ``names`` / ``made`` is reused
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -197,8 +200,6 @@ class _Builder:
             self.names.setdefault(id(p), []).append(name)
         self.made: dict[int, nn.Parameter] = {}  # id(meta parameter) -> its materialized parameter
         self.initialized: set[int] = set()  # ids of materialized parameters whose module's init has run
-        self.checkpoint: SafetensorsCheckpoint | None = None
-        self.on_block_done: Callable[[], None] = lambda: None
         self._block: tuple[int, torch.Tensor, torch.Tensor | None] | None = None  # index, home, device staging
 
     def enter(self, module: nn.Module) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from zo2_ds.offload.store import block_layout
 from zo2_ds.testing import ds_config, require_cuda, tiny_causal_lm
 
 VOCAB = 96
+CUDA = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
 WORKER = Path(__file__).parent / "workers" / "materialize_rss_worker.py"
 
 
@@ -143,12 +145,13 @@ def train(model, config, num_steps=3):
     engine.train()
     losses = []
     for ids in batches(num_steps):
+        ids = ids.to(engine.device)
         out = engine(input_ids=ids, labels=ids)
         losses.append(out.loss.item())
         engine.backward(out.loss)
         engine.step()
     engine.zo_runner.flush()
-    return engine, losses, {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    return engine, losses, {n: p.detach().to("cpu", copy=True) for n, p in engine.module.named_parameters()}
 
 
 @pytest.mark.parametrize(
@@ -255,6 +258,7 @@ def test_peak_host_rss_stays_near_the_model_bytes(tmp_path):
 
 @require_cuda
 def test_config_path_on_the_gpu_pins_the_homes_and_the_engine_adopts_them():
+    assert CUDA, "run with DS_ACCELERATOR=cuda"
     config = tiny_causal_lm("llama", tied=False, layers=3).config
     expected = transformers_init(config, torch.float32, seed=5, device="cuda")
     torch.manual_seed(5)
@@ -268,3 +272,24 @@ def test_config_path_on_the_gpu_pins_the_homes_and_the_engine_adopts_them():
     engine, *_ = zo2_ds.initialize(model=got, config=ds_config(zo2={"offload": {"enabled": True}}))
     store = engine.zo_offload_store
     assert [h.data_ptr() for h in store.homes] == homes and all(store.host_pinned)
+
+
+@require_cuda
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_checkpoint_on_the_gpu_trains_as_a_loaded_model_from_adopted_pinned_homes(tmp_path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    assert CUDA, "run with DS_ACCELERATOR=cuda"
+    tiny_causal_lm("llama", tied=False, layers=4).save_pretrained(tmp_path, max_shard_size="20KB")
+    config = ds_config(lr=2e-3, dtype=dtype, zo2={"eps": 1e-3, "seed": 3, "offload": {"enabled": True}})
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    model = materialize(tmp_path, dtype=torch_dtype, progress=False)  # the rest on the GPU by default
+    assert model.lm_head.weight.is_cuda
+    homes = [next(block.parameters()).data_ptr() for block in blocks_of(model)]
+    engine, losses, params = train(model, config)
+    store = engine.zo_offload_store
+    assert [h.data_ptr() for h in store.homes] == homes and all(store.host_pinned)
+    _, losses_ref, params_ref = train(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch_dtype), config)
+    assert losses == losses_ref
+    for name in params:
+        assert torch.equal(params[name], params_ref[name]), name

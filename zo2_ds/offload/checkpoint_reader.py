@@ -37,17 +37,19 @@ class SafetensorsCheckpoint:
         if os.path.isfile(index_path):
             with open(index_path) as f:
                 weight_map = json.load(f)["weight_map"]
-            self.shard_of = {key: os.path.join(self.folder, shard) for key, shard in weight_map.items()}
+            shards = sorted({os.path.join(self.folder, shard) for shard in weight_map.values()})
         elif os.path.isfile(single):
-            self.shard_of = {key: single for key in _header(single)}
+            shards = [single]
         else:
             raise ValueError(
                 f"materialize: {self.folder!r} has neither {_SINGLE} nor {_INDEX}; save the model with "
                 "save_pretrained (safe_serialization, the default) or pass a transformers config for random init"
             )
-        self.nbytes = {}
-        for shard in sorted(set(self.shard_of.values())):
+        self.shard_of: dict[str, str] = {}
+        self.nbytes: dict[str, int] = {}
+        for shard in shards:
             for key, (dtype, shape) in _header(shard).items():
+                self.shard_of[key] = shard
                 self.nbytes[key] = _ITEMSIZE.get(dtype, 8) * int(torch.Size(shape).numel())
 
     def config(self) -> Any:

@@ -174,6 +174,9 @@ def block_layout(block: nn.Module) -> tuple[list[tuple[nn.Parameter, int, int]],
     return out, max(offset, ALIGN_BYTES)
 
 
+_layout = block_layout  # the former private name, which zo2_ds.estimate imports
+
+
 def _num_resident(cfg, sizes: list[int]) -> int:
     if cfg.max_gpu_memory is not None and cfg.num_resident_blocks is not None:
         raise ValueError("zo2.offload: set max_gpu_memory or num_resident_blocks, not both")

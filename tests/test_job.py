@@ -1,5 +1,5 @@
 """zo2_ds.job, the launcher's support: tasks defined from the command line over local data, batching,
-run records, the DeepSpeed config, the checkpoint seam and the HF copy. (Bad input: test_job_errors.py.)"""
+run records, the DeepSpeed config, the run's checkpoint settings and the HF copy. (Bad input: test_job_errors.py.)"""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from zo2_ds import job
+from zo2_ds.job.checkpoints import publish_hf_folder
 from zo2_ds.tasks import MEZO_ADAPTER_DEFAULTS, SENTIMENT, build_tiny_opt, build_word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,13 +185,35 @@ def test_ds_config_for_adapters_and_monitors(tmp_path):
 
 
 # -- checkpoints and the HF copy ---------------------------------------------------------------------------
-def test_checkpoint_lookup_and_hf_copy(tmp_path):
-    checkpoints = job.RunCheckpoints(tmp_path, run_info={"max_steps": 10, "scheduler": None})
-    assert not checkpoints.has() and not checkpoints.has(job.BEST_TAG)
-    (tmp_path / "latest").write_text("global_step1")
-    (tmp_path / job.BEST_TAG).mkdir()
-    assert checkpoints.has() and checkpoints.has("best")
+def test_hf_copy_published_atomically_as_links(tmp_path):
     tokenizer = build_word_tokenizer(SENTIMENT.vocabulary)
-    path = job.save_hf_copy(build_tiny_opt(len(tokenizer)), tmp_path / "best", tokenizer)
-    assert path.endswith("model") and (tmp_path / "best" / "model" / "config.json").is_file()
-    assert (tmp_path / "best" / "model" / "tokenizer.json").is_file()
+    path = job.save_hf_copy(build_tiny_opt(len(tokenizer)), tmp_path / "checkpoint-5", tokenizer)
+    assert path.endswith("model") and (tmp_path / "checkpoint-5" / "model" / "config.json").is_file()
+    assert (tmp_path / "checkpoint-5" / "model" / "tokenizer.json").is_file()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "stale.bin").write_text("from an older step")
+    publish_hf_folder(tmp_path / "checkpoint-5" / "model", tmp_path / "model")
+    names = sorted(p.name for p in (tmp_path / "model").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "checkpoint-5" / "model").iterdir())  # stale.bin gone
+    config = tmp_path / "model" / "config.json"
+    assert config.stat().st_ino == (tmp_path / "checkpoint-5" / "model" / "config.json").stat().st_ino
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_run_info_holds_max_steps_only_when_the_schedule_depends_on_it():
+    decay = job.resolve_ds_config(None, max_steps=40)
+    assert job.run_info_of(40, decay) == {"scheduler": decay["scheduler"], "max_steps": 40}
+    explicit = {"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 50}}}
+    assert job.run_info_of(40, explicit) == explicit
+    assert job.run_info_of(40, {}) == {"scheduler": None}
+
+
+def test_loss_window_mean_and_checkpointed_state():
+    window = job.LossWindow(world_size=1)
+    window.add(0.5)
+    window.add(0.25)
+    assert window.state() == [0.75, 2.0]
+    resumed = job.LossWindow(world_size=1, saved=window.state())
+    resumed.add(1.0)
+    assert resumed.take() == pytest.approx(1.75 / 3) and resumed.state() == [0.0, 0.0]
+    assert job.LossWindow(world_size=2, saved=[1.0, 1.0], rank=1).sums.tolist() == [0.0, 0.0]  # rank 0 carries it

@@ -51,8 +51,6 @@ def build(args):
     """``(task, task_data, model, engine, checkpoints)``: the cheap checks first (task, DeepSpeed config, the
     output directory and, with --resume, the checkpoint's schedule), then the tokenizer and the data (their
     errors name files and rows), the model last."""
-    import deepspeed
-
     import zo2_ds
     from zo2_ds import job
 
@@ -67,15 +65,8 @@ def build(args):
     model = job.build_model(args, tokenizer)  # with --peft: the peft model, only the adapter trainable
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = zo2_ds.initialize(model=task_data.wrap_model(model), model_parameters=trainable, config=ds_config)
-    checkpoints = job.RunCheckpoints(
-        engine,
-        run_dir,
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        run_info={} if args.eval_only else run_info,
-        hf_save=None if args.no_hf_save else (lambda folder: job.save_hf_copy(model, folder, tokenizer)),
-        rank=deepspeed.comm.get_rank(),
-    )
+    hf_save = None if args.no_hf_save else (lambda folder: job.save_hf_copy(model, folder, tokenizer))
+    checkpoints = job.RunCheckpoints(engine, run_dir, args, run_info=run_info, hf_save=hf_save)
     return task, task_data, model, engine, checkpoints
 
 
@@ -158,16 +149,12 @@ def train(args) -> dict:
                 summary["train_loss_last"] = record["train_loss"]
             stopping = stop.should_stop()
             if improved or stopping or checkpoints.due(step):
-                checkpoints.save({"run_summary": summary, "loss_window": window.state()}, best=improved)
-            if stopping:
+                checkpoints.save(summary, window, best=improved)
+            if stopping:  # saved: say how to resume, and exit (130 after Ctrl-C, else 0)
                 progress.close()
                 engine.destroy()
                 checkpoints.close()
-                raise SystemExit(
-                    job.stop_exit_code(
-                        stop, rank=rank, world_size=world_size, deepspeed_launcher=args.local_rank is not None
-                    )
-                )
+                raise SystemExit(job.stop_exit_code(stop, args, world_size=world_size))
     progress.close()
     train_seconds = time.perf_counter() - train_started
     peak_bytes = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
@@ -176,7 +163,7 @@ def train(args) -> dict:
     summary.update(job.prefixed("eval_", evaluate(task_data.test), "_after"))
     final_dev = dev if args.eval_every > 0 and engine.global_steps > start_step else evaluate(task_data.dev)
     summary.update(job.prefixed("dev_", final_dev, "_after"))
-    checkpoints.save({"run_summary": summary, "loss_window": window.state()})  # the final one: 'latest'
+    checkpoints.save(summary, window)  # the final checkpoint: 'latest'
     figures = dict(started=started, train_seconds=train_seconds, model=model, peak_bytes=peak_bytes)
     summary.update(task=task.name, peft=args.peft)
     summary.update(job.run_figures(engine, steps_this_run=engine.global_steps - start_step, **figures))

@@ -303,6 +303,7 @@ def assert_same_run(out: Path, reference: Path) -> None:
         assert metrics[key] == expected[key], key
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_says_how_to_resume_then_resume_is_bit_exact(tmp_path, uninterrupted):
     out = tmp_path / "run"
     proc = run_signalled(17, "SIGINT", "--output_dir", str(out), *SHORT)
@@ -318,6 +319,7 @@ def test_ctrl_c_saves_and_says_how_to_resume_then_resume_is_bit_exact(tmp_path, 
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]  # the best too
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_is_bit_exact(tmp_path, uninterrupted):
     out = tmp_path / "run"
     proc = run_signalled(24, "SIGKILL", "--output_dir", str(out), *SHORT)
@@ -327,6 +329,7 @@ def test_kill_9_mid_run_then_resume_is_bit_exact(tmp_path, uninterrupted):
     assert_same_run(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_used_output_dir_is_refused_and_overwrite_replaces_it(tmp_path):
     out = tmp_path / "run"
     check(run_train("--output_dir", str(out), "--max_steps", "4", "--eval_every", "0"))
@@ -363,6 +366,7 @@ def test_damaged_latest_checkpoint_is_named(tmp_path, uninterrupted):
     assert "Other checkpoints there: checkpoint-20 (--checkpoint_tag)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_second_job_into_a_directory_in_use_is_refused_and_sigterm_stops_gracefully(tmp_path):
     out = tmp_path / "run"
     args = ("--output_dir", str(out), "--max_steps", "100000", "--eval_every", "0", "--log_every", "1")

@@ -24,6 +24,7 @@ from typing import Any
 
 from zo2_ds.checkpoint import Checkpointer, GracefulStop, RunDirectory, resume_command, truncate_jsonl
 from zo2_ds.checkpoint.atomic import TMP_PREFIX, fsync_dir, fsync_tree, remove_tree
+from zo2_ds.job.records import LossWindow
 
 __all__ = [
     "RUN_FILES",
@@ -96,28 +97,26 @@ class RunCheckpoints:
     """One run's checkpoints: a :class:`~zo2_ds.checkpoint.Checkpointer` over the opened ``run_dir``, and
     what launch/train.py does around it. Every rank calls every method; rank 0 does the file work.
 
-    ``client_state`` of each save: ``{"run_summary": summary, "loss_window": [sum, count]}``.
+    Each checkpoint's ``client_state``: ``{"run_summary": summary, "loss_window": [loss sum, steps]}``.
     """
 
     def __init__(
         self,
         engine: Any,
         run_dir: RunDirectory,
+        args: Any,
         *,
-        save_steps: int,
-        save_total_limit: int,
         run_info: dict[str, Any],
         hf_save: Callable[[str], Any] | None,
-        rank: int,
     ) -> None:
-        self.engine, self.run_dir, self.rank = engine, run_dir, rank
+        self.engine, self.run_dir, self.rank = engine, run_dir, engine.global_rank
         self.checkpointer = Checkpointer(
             engine,
             run_dir,
-            save_steps=save_steps or None,  # 0: no periodic checkpoints
-            save_total_limit=save_total_limit or None,  # 0: keep all
+            save_steps=args.save_steps or None,  # 0: no periodic checkpoints
+            save_total_limit=args.save_total_limit or None,  # 0: keep all
             hf_save=hf_save,
-            run_info=run_info,
+            run_info={} if args.eval_only else run_info,  # to evaluate, any schedule will do
         )
 
     def due(self, step: int) -> bool:
@@ -131,8 +130,9 @@ class RunCheckpoints:
             truncate_jsonl(self.run_dir.path / "log.jsonl", state.step)
         return state.client_state
 
-    def save(self, client_state: dict[str, Any], *, best: bool = False) -> str:
-        return self.checkpointer.save(client_state, best=best)
+    def save(self, summary: dict[str, Any], window: LossWindow, *, best: bool = False) -> str:
+        """Save this step's checkpoint (every rank): ``latest`` names it, and ``best`` with ``best``."""
+        return self.checkpointer.save({"run_summary": summary, "loss_window": window.state()}, best=best)
 
     def has_best(self) -> bool:
         return self.run_dir.read_pointer("best") is not None
@@ -155,16 +155,16 @@ class RunCheckpoints:
         self.run_dir.close()
 
 
-def stop_exit_code(stop: GracefulStop, *, rank: int, world_size: int, deepspeed_launcher: bool) -> int:
+def stop_exit_code(stop: GracefulStop, args: Any, *, world_size: int) -> int:
     """After the stop's checkpoint: rank 0 prints the one line with the command that resumes; the exit code is
     130 after a Ctrl-C (SIGINT, the shell's convention: ``train && next`` does not go on), else 0 (SIGTERM: a
     scheduler's preemption, saved and done)."""
-    if rank == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         command = resume_command()  # "python launch/train.py ... --resume"
         if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun
             launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world_size)}"
             command = launcher + command.removeprefix("python")
-        elif deepspeed_launcher:
+        elif args.local_rank is not None:  # the deepspeed launcher passes --local_rank
             command = f"deepspeed --num_gpus {world_size}" + command.removeprefix("python")
         print(stop.message(command), flush=True)
     return 130 if stop.reason == "SIGINT" else 0

@@ -409,3 +409,17 @@ def test_no_shm_leak_and_no_startup_noise_under_the_launchers_environment(tmp_pa
     output = proc.stdout + proc.stderr
     for noise in ("shm_comm_op built successfully", "before it has started", "`loss_type=None`"):
         assert noise not in output, noise
+
+
+def test_a_run_that_only_skips_non_finite_steps_stops_without_saving(tmp_path):
+    """An lr of 1e12 blows the weights up at the first step; every later loss is inf / NaN and skipped."""
+    config = json.loads((REPO / "ds_configs" / "zo2.json").read_text())
+    config["optimizer"]["params"]["lr"] = config["scheduler"]["params"]["warmup_max_lr"] = 1e12
+    config["scheduler"]["params"]["warmup_num_steps"] = 1
+    config_path = tmp_path / "ds.json"
+    config_path.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    proc = run_train("--deepspeed_config", str(config_path), "--output_dir", str(out), "--max_steps", "60")
+    assert proc.returncode != 0 and "NonFiniteError: the last 20 steps" in proc.stderr
+    assert "Stopping without saving" in proc.stderr
+    assert not list(out.glob("checkpoint-*")) and not (out / "metrics.json").exists()

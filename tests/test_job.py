@@ -4,6 +4,8 @@ run records, the DeepSpeed config, the run's checkpoint settings and the HF copy
 from __future__ import annotations
 
 import json
+import sys
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -217,3 +219,34 @@ def test_loss_window_mean_and_checkpointed_state():
     resumed.add(1.0)
     assert resumed.take() == pytest.approx(1.75 / 3) and resumed.state() == [0.0, 0.0]
     assert job.LossWindow(world_size=2, saved=[1.0, 1.0], rank=1).sums.tolist() == [0.0, 0.0]  # rank 0 carries it
+
+
+class _Stopped:
+    """What stop_exit_code reads of a GracefulStop that received a Ctrl-C."""
+
+    reason = "SIGINT"
+
+    def message(self, command: str) -> str:
+        return f"stopped; to resume: {command}"
+
+
+def test_stop_line_resumes_through_the_same_launcher(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(sys, "argv", ["launch/train.py", "--local_rank=1", "--output_dir", "o"])
+    assert job.stop_exit_code(_Stopped(), Namespace(local_rank=1), world_size=2) == 130
+    assert (
+        capsys.readouterr().out
+        == "stopped; to resume: deepspeed --num_gpus 2 launch/train.py --output_dir o --resume\n"
+    )
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    job.stop_exit_code(_Stopped(), Namespace(local_rank=None), world_size=2)
+    assert capsys.readouterr().out.startswith("stopped; to resume: torchrun --nproc_per_node 2 launch/train.py")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setattr(_Stopped, "reason", "SIGTERM")
+    assert job.stop_exit_code(_Stopped(), Namespace(local_rank=None), world_size=1) == 0
+    assert capsys.readouterr().out.startswith("stopped; to resume: python launch/train.py --output_dir o --resume")
+    monkeypatch.setenv("RANK", "1")
+    job.stop_exit_code(_Stopped(), Namespace(local_rank=None), world_size=2)
+    assert capsys.readouterr().out == ""  # rank 0 says it

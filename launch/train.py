@@ -13,9 +13,10 @@
 
 The default job (no model, task or data argument): a tiny randomly initialised OPT learning the
 generated synthetic_sentiment task, evaluated on held-out sentences before and after (accuracy ~0.5 ->
-~1.0 in 6000 steps). CPU or GPU is chosen automatically. Results land in --output_dir: a DeepSpeed
-checkpoint and its HF copy (model/ or the PEFT adapter/), metrics.json, log.jsonl; with --eval_every,
-best/ holds the best-dev checkpoint. launch/README.md has the task, adapter, evaluation and plotting recipes.
+~1.0 in 6000 steps). CPU or GPU is chosen automatically. Results land in --output_dir (a used one is refused
+without --resume or --overwrite_output_dir): checkpoint-N/ every --save_steps (the newest --save_total_limit
+plus the best), latest and best naming them, model/ (or adapter/) and best_model/ in HF format,
+metrics.json, log.jsonl. Ctrl-C saves and prints the command that resumes. launch/README.md has the rest.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    from zo2_ds import job
+    from zo2_ds import hygiene, job
 
     args = job.check_args(job.build_parser(__doc__.split("\n\n")[0]).parse_args(argv))
     job.set_process_env(args.local_rank)
-    deepspeed.init_distributed()
+    hygiene.silence_startup_noise()
+    hygiene.init_distributed()  # deepspeed.init_distributed() without its /dev/shm leak and start-up noise
     try:
         return train(args)
     finally:
@@ -46,9 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def build(args):
-    """``(task, task_data, model, engine, checkpoints)``: the cheap checks first (task, DeepSpeed config,
-    a checkpoint to resume), then the tokenizer and the data (their errors name files and rows), the
-    model last."""
+    """``(task, task_data, model, engine, checkpoints)``: the cheap checks first (task, DeepSpeed config, the
+    output directory and, with --resume, the checkpoint's schedule), then the tokenizer and the data (their
+    errors name files and rows), the model last."""
     import zo2_ds
     from zo2_ds import job
 
@@ -56,36 +58,35 @@ def build(args):
     ds_config = job.resolve_ds_config(
         args.deepspeed_config, max_steps=args.max_steps, peft=args.peft, output_dir=args.output_dir
     )
-    checkpoints = job.RunCheckpoints(
-        args.output_dir, run_info={"max_steps": args.max_steps, "scheduler": ds_config.get("scheduler")}
-    )
-    if args.resume:
-        checkpoints.require(args.checkpoint_tag)
+    run_info = job.run_info_of(args.max_steps, ds_config)
+    run_dir = job.open_run_dir(args, run_info)  # locked; a used one refused; with --resume, the same schedule
     tokenizer = job.build_tokenizer(args, task)
     task_data = job.build_task_data(args, task, tokenizer)
     model = job.build_model(args, tokenizer)  # with --peft: the peft model, only the adapter trainable
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = zo2_ds.initialize(model=task_data.wrap_model(model), model_parameters=trainable, config=ds_config)
-    if not args.no_hf_save:
-        checkpoints.hf_save = lambda folder: job.save_hf_copy(model, folder, tokenizer)
+    hf_save = None if args.no_hf_save else (lambda folder: job.save_hf_copy(model, folder, tokenizer))
+    checkpoints = job.RunCheckpoints(engine, run_dir, args, run_info=run_info, hf_save=hf_save)
     return task, task_data, model, engine, checkpoints
 
 
 def train(args) -> dict:
-    """Build, evaluate, train (keeping the best-dev checkpoint), evaluate, save. Returns the summary also
-    written to metrics.json."""
+    """Build, evaluate, train (checkpoints every --save_steps and at the best dev metric; Ctrl-C saves and
+    stops), evaluate, save. Returns the summary also written to metrics.json."""
     import deepspeed
     import torch
     from tqdm import tqdm
 
     from zo2_ds import job
+    from zo2_ds.checkpoint import GracefulStop, NonFiniteGuard
 
     started = time.perf_counter()
     task, task_data, model, engine, checkpoints = build(args)
     rank, world_size = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
     recorder = job.RunRecorder(args.output_dir, enabled=rank == 0, resume=args.resume)
     evaluate = job.Evaluator(engine, model, task_data, batch_size=args.eval_batch_size)
-    summary = checkpoints.resume(engine, args.checkpoint_tag, train=not args.eval_only) if args.resume else {}
+    state = checkpoints.resume(args.checkpoint_tag, truncate_log=not args.eval_only) if args.resume else {}
+    summary = dict(state.get("run_summary", {}))
     metric = task.metric  # the headline: "accuracy" (classification; the default job) or "f1"
 
     if args.eval_only:
@@ -93,11 +94,12 @@ def train(args) -> dict:
         summary.update(job.prefixed("dev_", evaluate(task_data.dev)))
         recorder.write_metrics({"eval_only": True, "steps": engine.global_steps, **summary})
         engine.destroy()
+        checkpoints.close()
         return summary
     # The held-out metric before training (kept from the first run when resuming), on the test split.
     if f"eval_{metric}_before" not in summary:
         summary.update(job.prefixed("eval_", evaluate(task_data.test), "_before"))
-    best = job.BestKeeper(checkpoints, summary, metric=metric, enabled=args.save_best)
+    best = job.BestKeeper(summary, metric=metric, enabled=args.save_best)
 
     # -- train ------------------------------------------------------------------------------------
     grad_accum = engine.gradient_accumulation_steps()
@@ -111,39 +113,48 @@ def train(args) -> dict:
     progress = tqdm(
         total=args.max_steps, initial=engine.global_steps, desc="zo2", disable=rank != 0 or args.no_progress
     )
-    window = torch.zeros(2, dtype=torch.float64)  # (sum of step losses, number of steps) since the last log
+    window = job.LossWindow(world_size=world_size, saved=state.get("loss_window"), rank=rank)
+    guard = NonFiniteGuard(max_consecutive=20)  # a run that only skips non-finite steps stops, saving nothing
     start_step, dev = engine.global_steps, {}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     train_started = time.perf_counter()
     engine.train()
-    while engine.global_steps < args.max_steps:
-        step_loss = 0.0
-        for _ in range(grad_accum):
-            batch = task_data.collate([task_data.train[i] for i in next(batches)])
-            loss = engine(**{k: v.to(engine.device) for k, v in batch.items()})  # L(theta +- eps z), averaged
-            engine.backward(loss)  # no autograd: g was measured in the forward
-            engine.step()  # at the accumulation boundary: theta <- theta - lr g z; lr scheduler steps
-            step_loss += float(loss) / grad_accum
-        step, lr = engine.global_steps, engine.get_lr()[0]
-        window += torch.tensor([step_loss, 1.0], dtype=torch.float64)
-        progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-        # Dev evaluation every eval_every steps and at the last one (the final model may be the best).
-        evaluated = args.eval_every > 0 and (step % args.eval_every == 0 or step == args.max_steps)
-        if step % args.log_every == 0 or evaluated or step == args.max_steps:
-            if world_size > 1:
-                deepspeed.comm.all_reduce(window)  # the loss over all ranks' shards
-            record = {"train_loss": float(window[0] / window[1]), "lr": lr}
-            window.zero_()
-            if evaluated:
-                dev = evaluate(task_data.dev)
-                record.update(job.prefixed("eval_", dev))
-                evaluate.report(dev)
-                best.update(engine, step, dev)
-            recorder.log(step, **record)
-            summary.setdefault("train_loss_first", record["train_loss"])
-            summary["train_loss_last"] = record["train_loss"]
+    with GracefulStop() as stop:  # Ctrl-C / SIGTERM: finish the step, save, stop
+        while engine.global_steps < args.max_steps:
+            step_loss = 0.0
+            for _ in range(grad_accum):
+                batch = task_data.collate([task_data.train[i] for i in next(batches)])
+                loss = engine(**{k: v.to(engine.device) for k, v in batch.items()})  # L(theta +- eps z), averaged
+                engine.backward(loss)  # no autograd: g was measured in the forward
+                engine.step()  # at the accumulation boundary: theta <- theta - lr g z; lr scheduler steps
+                step_loss += float(loss) / grad_accum
+            guard.check(engine)
+            step, lr = engine.global_steps, engine.get_lr()[0]
+            window.add(step_loss)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            # Dev evaluation every eval_every steps and at the last one (the final model may be the best).
+            evaluated = args.eval_every > 0 and (step % args.eval_every == 0 or step == args.max_steps)
+            improved = False
+            if step % args.log_every == 0 or evaluated or step == args.max_steps:
+                record = {"train_loss": window.take(), "lr": lr}
+                if evaluated:
+                    dev = evaluate(task_data.dev)
+                    record.update(job.prefixed("eval_", dev))
+                    evaluate.report(dev)
+                    improved = best.update(step, dev)
+                recorder.log(step, **record)
+                summary.setdefault("train_loss_first", record["train_loss"])
+                summary["train_loss_last"] = record["train_loss"]
+            stopping = stop.should_stop()
+            if improved or stopping or checkpoints.due(step):
+                checkpoints.save(summary, window, best=improved)
+            if stopping:  # saved: say how to resume, and exit (130 after Ctrl-C, else 0)
+                progress.close()
+                engine.destroy()
+                checkpoints.close()
+                raise SystemExit(job.stop_exit_code(stop, args, world_size=world_size))
     progress.close()
     train_seconds = time.perf_counter() - train_started
     peak_bytes = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
@@ -152,18 +163,20 @@ def train(args) -> dict:
     summary.update(job.prefixed("eval_", evaluate(task_data.test), "_after"))
     final_dev = dev if args.eval_every > 0 and engine.global_steps > start_step else evaluate(task_data.dev)
     summary.update(job.prefixed("dev_", final_dev, "_after"))
-    checkpoints.save(engine, summary)
+    checkpoints.save(summary, window)  # the final checkpoint: 'latest'
     figures = dict(started=started, train_seconds=train_seconds, model=model, peak_bytes=peak_bytes)
     summary.update(task=task.name, peft=args.peft)
     summary.update(job.run_figures(engine, steps_this_run=engine.global_steps - start_step, **figures))
-    best.score_best(engine, evaluate, task_data.test)  # MeZO reports the test metric of the best-dev model
-    recorder.write_metrics(summary)
+    best.score_best(engine, evaluate, task_data.test, checkpoints)  # MeZO reports the best-dev model's test metric
+    checkpoints.publish_hf_copies()  # model/ (adapter/) and best_model/ from the checkpoints, atomically
+    recorder.write_metrics(summary)  # last: a metrics.json marks a finished run
     engine.destroy()
+    checkpoints.close()
     if rank == 0:
         before, after = summary[f"eval_{metric}_before"], summary[f"eval_{metric}_after"]
         print(
             f"held-out {metric} {before:.3f} -> {after:.3f} after {summary['steps']} steps ({train_seconds:.1f} s "
-            f"of training); checkpoint, metrics.json and log.jsonl in {args.output_dir}"
+            f"of training); checkpoints, model, metrics.json and log.jsonl in {args.output_dir}"
         )
     return summary
 

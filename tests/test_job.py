@@ -1,15 +1,18 @@
 """zo2_ds.job, the launcher's support: tasks defined from the command line over local data, batching,
-run records, the DeepSpeed config, the checkpoint seam and the HF copy. (Bad input: test_job_errors.py.)"""
+run records, the DeepSpeed config, the run's checkpoint settings and the HF copy. (Bad input: test_job_errors.py.)"""
 
 from __future__ import annotations
 
 import json
+import sys
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
 
 from zo2_ds import job
+from zo2_ds.job.checkpoints import publish_hf_folder
 from zo2_ds.tasks import MEZO_ADAPTER_DEFAULTS, SENTIMENT, build_tiny_opt, build_word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,13 +187,66 @@ def test_ds_config_for_adapters_and_monitors(tmp_path):
 
 
 # -- checkpoints and the HF copy ---------------------------------------------------------------------------
-def test_checkpoint_lookup_and_hf_copy(tmp_path):
-    checkpoints = job.RunCheckpoints(tmp_path, run_info={"max_steps": 10, "scheduler": None})
-    assert not checkpoints.has() and not checkpoints.has(job.BEST_TAG)
-    (tmp_path / "latest").write_text("global_step1")
-    (tmp_path / job.BEST_TAG).mkdir()
-    assert checkpoints.has() and checkpoints.has("best")
+def test_hf_copy_published_atomically_as_links(tmp_path):
     tokenizer = build_word_tokenizer(SENTIMENT.vocabulary)
-    path = job.save_hf_copy(build_tiny_opt(len(tokenizer)), tmp_path / "best", tokenizer)
-    assert path.endswith("model") and (tmp_path / "best" / "model" / "config.json").is_file()
-    assert (tmp_path / "best" / "model" / "tokenizer.json").is_file()
+    path = job.save_hf_copy(build_tiny_opt(len(tokenizer)), tmp_path / "checkpoint-5", tokenizer)
+    assert path.endswith("model") and (tmp_path / "checkpoint-5" / "model" / "config.json").is_file()
+    assert (tmp_path / "checkpoint-5" / "model" / "tokenizer.json").is_file()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "stale.bin").write_text("from an older step")
+    publish_hf_folder(tmp_path / "checkpoint-5" / "model", tmp_path / "model")
+    names = sorted(p.name for p in (tmp_path / "model").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "checkpoint-5" / "model").iterdir())  # stale.bin gone
+    config = tmp_path / "model" / "config.json"
+    assert config.stat().st_ino == (tmp_path / "checkpoint-5" / "model" / "config.json").stat().st_ino
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_run_info_holds_max_steps_only_when_the_schedule_depends_on_it():
+    decay = job.resolve_ds_config(None, max_steps=40)
+    assert job.run_info_of(40, decay) == {"scheduler": decay["scheduler"], "max_steps": 40}
+    explicit = {"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 50}}}
+    assert job.run_info_of(40, explicit) == explicit
+    assert job.run_info_of(40, {}) == {"scheduler": None}
+
+
+def test_loss_window_mean_and_checkpointed_state():
+    window = job.LossWindow(world_size=1)
+    window.add(0.5)
+    window.add(0.25)
+    assert window.state() == [0.75, 2.0]
+    resumed = job.LossWindow(world_size=1, saved=window.state())
+    resumed.add(1.0)
+    assert resumed.take() == pytest.approx(1.75 / 3) and resumed.state() == [0.0, 0.0]
+    assert job.LossWindow(world_size=2, saved=[1.0, 1.0], rank=1).sums.tolist() == [0.0, 0.0]  # rank 0 carries it
+
+
+class _Stopped:
+    """What stop_exit_code reads of a GracefulStop that received a Ctrl-C."""
+
+    reason = "SIGINT"
+
+    def message(self, command: str) -> str:
+        return f"stopped; to resume: {command}"
+
+
+def test_stop_line_resumes_through_the_same_launcher(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(sys, "argv", ["launch/train.py", "--local_rank=1", "--output_dir", "o"])
+    assert job.stop_exit_code(_Stopped(), Namespace(local_rank=1), world_size=2) == 130
+    assert (
+        capsys.readouterr().out
+        == "stopped; to resume: deepspeed --num_gpus 2 launch/train.py --output_dir o --resume\n"
+    )
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    job.stop_exit_code(_Stopped(), Namespace(local_rank=None), world_size=2)
+    assert capsys.readouterr().out.startswith("stopped; to resume: torchrun --nproc_per_node 2 launch/train.py")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setattr(_Stopped, "reason", "SIGTERM")
+    assert job.stop_exit_code(_Stopped(), Namespace(local_rank=None), world_size=1) == 0
+    assert capsys.readouterr().out.startswith("stopped; to resume: python launch/train.py --output_dir o --resume")
+    monkeypatch.setenv("RANK", "1")
+    job.stop_exit_code(_Stopped(), Namespace(local_rank=None), world_size=2)
+    assert capsys.readouterr().out == ""  # rank 0 says it

@@ -123,38 +123,6 @@ def test_validation_labels_matching_no_label_word_are_an_error(tmp_path):
         load()
 
 
-class _SavedRun:
-    """An engine whose checkpoint was saved by a run with ``run_info``."""
-
-    def __init__(self, run_info: dict) -> None:
-        self.run_info = run_info
-
-    def load_checkpoint(self, folder, tag=None):
-        return folder, {"run_summary": {"eval_accuracy_before": 0.5}, "run_info": self.run_info}
-
-
-def test_changed_max_steps_on_resume_is_refused_with_a_way_forward(tmp_path):
-    decay = {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 1e-3, "total_num_steps": 40}}
-    saved = _SavedRun({"max_steps": 40, "scheduler": decay})
-    longer = {"max_steps": 50, "scheduler": {**decay, "params": {**decay["params"], "total_num_steps": 50}}}
-    with pytest.raises(ValueError, match=r"toward --max_steps 40.*Resume with --max_steps 40; or.*total_num_steps"):
-        job.RunCheckpoints(tmp_path, run_info=longer).resume(saved)
-    # The schedule does not depend on max_steps (its length is explicit, or no scheduler): resuming is fine.
-    assert job.RunCheckpoints(tmp_path, run_info={**saved.run_info, "max_steps": 50}).resume(saved)
-    constant = _SavedRun({"max_steps": 40, "scheduler": None})
-    assert job.RunCheckpoints(tmp_path, run_info={"max_steps": 50, "scheduler": None}).resume(constant)
-
-
-def test_resume_without_checkpoint_mentions_the_best_one(tmp_path):
-    checkpoints = job.RunCheckpoints(tmp_path, run_info={})
-    with pytest.raises(ValueError, match=r"--resume: no checkpoint in --output_dir .*'latest' file\)$"):
-        checkpoints.require()
-    (tmp_path / "best").mkdir()
-    with pytest.raises(ValueError, match=r"add --checkpoint_tag best to resume from that one"):
-        checkpoints.require()
-    checkpoints.require("best")
-
-
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -167,6 +135,9 @@ def test_resume_without_checkpoint_mentions_the_best_one(tmp_path):
         (["--max_steps", "0"], "--max_steps must be >= 1"),
         (["--text_column", "review"], r"--text_column was removed: .*--template '\{review\} It was'"),
         (["--checkpoint_tag", "best"], "add --resume"),
+        (["--resume", "--overwrite_output_dir"], "--resume and --overwrite_output_dir exclude each other"),
+        (["--save_steps", "-1"], "--save_steps must be >= 0"),
+        (["--save_total_limit", "-2"], "--save_total_limit must be >= 0"),
         (["--task", "synthetic_sentiment", "--template", "{sentence} was"], "'synthetic_sentiment' needs --model_na"),
         (["--task", "sst2", "--model_name_or_path", "m", "--label_words", "neg= bad", "pos= good"], "here neg:bad"),
     ],

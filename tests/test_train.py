@@ -6,13 +6,18 @@ and its tokenizer saved with save_pretrained, and jsonl files, loaded as a user'
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from zo2_ds.testing import free_port
 
@@ -64,15 +69,16 @@ def test_default_job_short_run_then_refused_resume_and_eval_only(tmp_path):
         assert key in metrics, key
     assert metrics["steps"] == 40 and metrics["task"] == "synthetic_sentiment"
     assert 0.3 < metrics["eval_accuracy_before"] < 0.7  # chance: the model starts untrained
-    assert (out / "latest").read_text().strip() == "global_step40"
-    assert (out / "global_step40").is_dir()
+    assert (out / "latest").read_text().strip() == "checkpoint-40"
+    assert (out / "checkpoint-40" / "manifest.json").is_file()
+    assert (out / "model" / "config.json").is_file() and (out / "best_model" / "config.json").is_file()
     log = read_log(out)
     assert [r["step"] for r in log] == [10, 20, 30, 40]
     assert all({"train_loss", "lr"} <= set(r) for r in log) and "eval_accuracy" in log[1]
 
     # The default schedule decays to 0 at --max_steps: a longer run from the checkpoint is refused...
     proc = run_train("--output_dir", str(out), "--max_steps", "50", "--resume")
-    assert proc.returncode != 0 and "Resume with --max_steps 40" in proc.stderr
+    assert proc.returncode != 0 and "max_steps=40 (now 50)" in proc.stderr
     # ... and --eval_only --resume scores the checkpoint without training.
     check(run_train("--output_dir", str(out), "--eval_only", "--resume"))
     final = json.loads((out / "metrics.json").read_text())
@@ -151,6 +157,7 @@ def test_real_model_and_local_jsonl(tmp_path, local_model_and_data):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 20 and metrics["task"] == "custom"
     assert (out / "latest").is_file() and [r["step"] for r in read_log(out)] == [10, 20]
+    assert (out / "model" / "tokenizer.json").is_file()
 
 
 def test_task_from_the_suite_on_local_files(tmp_path, local_model_and_data):
@@ -236,3 +243,183 @@ def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path):
     assert [r["step"] for r in logs[2]] == [r["step"] for r in logs[1]] == [10, 20, 30]
     for two, one in zip(logs[2], logs[1]):
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+
+
+# -- runs that lose nothing (zo2_ds.checkpoint through the launcher) ------------------------------------------
+# launch/train.py with a signal sent to itself right after optimizer step K: a stop at an exact step, so an
+# interrupted run and its resumption can be compared bit for bit with an uninterrupted one.
+_SIGNAL_AT_STEP = """
+import os, runpy, signal, sys
+import torch
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+from zo2_ds.engine import ZOEngine
+step_k, sig = int(sys.argv[1]), getattr(signal, sys.argv[2])
+original = ZOEngine.step
+def step(self, *args, **kwargs):
+    original(self, *args, **kwargs)
+    if self.global_steps == step_k and self.is_gradient_accumulation_boundary():
+        os.kill(os.getpid(), sig)
+ZOEngine.step = step
+sys.argv = [sys.argv[3], *sys.argv[4:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+SHORT = ("--max_steps", "30", "--log_every", "5", "--eval_every", "10", "--save_steps", "10")
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.update(extra)
+    return env
+
+
+def run_signalled(step: int, signal_name: str, *args: str) -> subprocess.CompletedProcess:
+    """launch/train.py ARGS, sent ``signal_name`` (SIGINT, SIGKILL, ...) by itself right after step ``step``."""
+    argv = [sys.executable, "-c", _SIGNAL_AT_STEP, str(step), signal_name, str(TRAIN), "--no_progress", *args]
+    return subprocess.run(argv, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+
+
+def weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    check(run_train("--output_dir", str(out), *SHORT))
+    return out
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    assert (out / "log.jsonl").read_text() == (reference / "log.jsonl").read_text()
+    mine, theirs = weights(out), weights(reference)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    metrics, expected = (json.loads((p / "metrics.json").read_text()) for p in (out, reference))
+    for key in ("eval_accuracy_before", "eval_accuracy_after", "eval_accuracy_best", "best_step", "train_loss_last"):
+        assert metrics[key] == expected[key], key
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_says_how_to_resume_then_resume_is_bit_exact(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = run_signalled(17, "SIGINT", "--output_dir", str(out), *SHORT)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
+    line = [x for x in proc.stdout.splitlines() if x.startswith("stopped by SIGINT")]
+    assert len(line) == 1 and line[0].endswith(f"--output_dir {out} {' '.join(SHORT)} --resume"), proc.stdout
+    assert (out / "latest").read_text().strip() == "checkpoint-17" and not (out / "metrics.json").exists()
+    resumed = run_train("--output_dir", str(out), *SHORT, "--resume")
+    check(resumed)
+    assert resumed.stderr.count("resuming from") == 1 and "checkpoint-17" in resumed.stderr
+    assert_same_run(out, uninterrupted)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]  # the best too
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_is_bit_exact(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = run_signalled(24, "SIGKILL", "--output_dir", str(out), *SHORT)
+    assert proc.returncode == -9
+    assert [r["step"] for r in read_log(out)] == [5, 10, 15, 20]  # step 25 was never logged
+    check(run_train("--output_dir", str(out), *SHORT, "--resume"))  # from checkpoint-20
+    assert_same_run(out, uninterrupted)
+
+
+@pytest.mark.slow
+def test_used_output_dir_is_refused_and_overwrite_replaces_it(tmp_path):
+    out = tmp_path / "run"
+    check(run_train("--output_dir", str(out), "--max_steps", "4", "--eval_every", "0"))
+    proc = run_train("--output_dir", str(out), "--max_steps", "2", "--eval_every", "0")
+    assert proc.returncode != 0 and "holds a previous run (checkpoint-4" in proc.stderr
+    assert "pass --resume to continue it, or --overwrite_output_dir to replace it" in proc.stderr
+    check(run_train("--output_dir", str(out), "--max_steps", "2", "--eval_every", "0", "--overwrite_output_dir"))
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_changed_max_steps_on_resume_is_refused_before_the_model_loads(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out, ignore=shutil.ignore_patterns(".lock"))
+    code = "import sys, runpy, zo2_ds.job as job\n"
+    code += "job.build_model = lambda *a: sys.exit('the model was loaded')\n"
+    code += "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    argv = [sys.executable, "-c", code, str(TRAIN), "--output_dir", str(out), *SHORT, "--max_steps", "40", "--resume"]
+    proc = subprocess.run(argv, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "the model was loaded" not in proc.stderr
+    assert "checkpoint-30 was saved by a run with" in proc.stderr and "max_steps=30 (now 40)" in proc.stderr
+    assert "resume with the saved values, or start a new run" in proc.stderr
+
+
+def test_damaged_latest_checkpoint_is_named(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out, ignore=shutil.ignore_patterns(".lock"))
+    states = out / "checkpoint-30" / "mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    states.write_bytes(bytes(data))
+    proc = run_train("--output_dir", str(out), *SHORT, "--resume")
+    assert proc.returncode != 0 and str(states) in proc.stderr and "sha256" in proc.stderr
+    assert "Other checkpoints there: checkpoint-20 (--checkpoint_tag)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_second_job_into_a_directory_in_use_is_refused_and_sigterm_stops_gracefully(tmp_path):
+    out = tmp_path / "run"
+    args = ("--output_dir", str(out), "--max_steps", "100000", "--eval_every", "0", "--log_every", "1")
+    first = subprocess.Popen(
+        [sys.executable, str(TRAIN), "--no_progress", *args],
+        cwd=REPO,
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 100
+        while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.2)
+        second = run_train(*args)
+        assert (
+            second.returncode != 0 and f"--output_dir {out} is in use by another job (pid {first.pid}" in second.stderr
+        )
+        first.send_signal(signal.SIGTERM)
+        stdout, stderr = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 0 and "Traceback" not in stderr
+    assert "stopped by SIGTERM" in stdout and stdout.strip().endswith("--resume")
+    step = int((out / "latest").read_text().strip().removeprefix("checkpoint-"))
+    assert read_log(out)[-1]["step"] == step  # logged every step: the checkpoint is at the last step logged
+
+
+def test_no_shm_leak_and_no_startup_noise_under_the_launchers_environment(tmp_path):
+    """The deepspeed launcher sets LOCAL_SIZE (= the world size), which makes DeepSpeed create its shm buffer."""
+    port = free_port()
+    env = run_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
+    env["MASTER_PORT"] = str(port)
+    argv = [sys.executable, str(TRAIN), "--no_progress", "--output_dir", str(tmp_path / "run"), "--max_steps", "3"]
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    check(proc)
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*")
+    output = proc.stdout + proc.stderr
+    for noise in ("shm_comm_op built successfully", "before it has started", "`loss_type=None`"):
+        assert noise not in output, noise
+
+
+def test_a_run_that_only_skips_non_finite_steps_stops_without_saving(tmp_path):
+    """An lr of 1e12 blows the weights up at the first step; every later loss is inf / NaN and skipped."""
+    config = json.loads((REPO / "ds_configs" / "zo2.json").read_text())
+    config["optimizer"]["params"]["lr"] = config["scheduler"]["params"]["warmup_max_lr"] = 1e12
+    config["scheduler"]["params"]["warmup_num_steps"] = 1
+    config_path = tmp_path / "ds.json"
+    config_path.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    proc = run_train("--deepspeed_config", str(config_path), "--output_dir", str(out), "--max_steps", "60")
+    assert proc.returncode != 0 and "NonFiniteError: the last 20 steps" in proc.stderr
+    assert "Stopping without saving" in proc.stderr
+    assert not list(out.glob("checkpoint-*")) and not (out / "metrics.json").exists()

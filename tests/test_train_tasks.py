@@ -117,8 +117,9 @@ def test_lora_run_keeps_base_identical_saves_best_and_reloads(tmp_path, local):
     # The adapter in PEFT format, at the end and with the best checkpoint; it reloads onto the base.
     from transformers import AutoModelForCausalLM
 
-    assert (out / "best" / "mp_rank_00_model_states.pt").is_file()
-    assert (out / "best" / "adapter" / "adapter_config.json").is_file()
+    best = out / (out / "best").read_text().strip()  # 'best' names the best-dev checkpoint folder
+    assert (best / "mp_rank_00_model_states.pt").is_file() and (best / "adapter" / "adapter_config.json").is_file()
+    assert (out / "best_adapter" / "adapter_config.json").is_file()
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
     reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(local["model"]), out / "adapter")
     lora = {k: v for k, v in reloaded.state_dict().items() if "lora_" in k}
@@ -168,7 +169,7 @@ def test_generation_task_reports_em_and_f1_in_training_and_eval_only(tmp_path, l
     assert metrics["task"] == "squad"
     assert {"eval_f1_before", "eval_em_after", "eval_f1_after", "best_dev_f1", "eval_f1_best"} <= set(metrics)
     assert all({"eval_em", "eval_f1"} <= set(r) for r in read_log(out))
-    assert not (out / "model").exists() and not (out / "best" / "model").exists()
+    assert not (out / "model").exists() and not (out / "best_model").exists()
     check(run_train(*_task_args(local, out, "squad", "--eval_only", "--resume")))
     evaluated = json.loads((out / "metrics.json").read_text())
     assert evaluated["eval_only"] and evaluated["steps"] == 2

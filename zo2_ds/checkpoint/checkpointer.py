@@ -213,7 +213,8 @@ class Checkpointer:
             )
         self._resumed_step = info.step
         why = f" ({info.note})" if info.note else ""
-        logger.warning(f"resuming from {info.path} (step {info.step}, saved {info.manifest['saved_at']}){why}")
+        if _dist.rank() == 0:  # said once, not by every rank
+            logger.warning(f"resuming from {info.path} (step {info.step}, saved {info.manifest['saved_at']}){why}")
         return ResumeState(checkpoint=info, client_state=dict(client_state or {}))
 
     def _verified(self, tag: str | int | None, fingerprint: dict) -> CheckpointInfo:

@@ -104,6 +104,11 @@ class GracefulStop:
         """Whether this process received a stop signal (its own view; see :meth:`should_stop`)."""
         return self._requested is not None
 
+    @property
+    def reason(self) -> str | None:
+        """What this process received: ``"SIGINT"``, ``"SIGTERM"``, ``"request"``, or None."""
+        return self._requested
+
     def request(self) -> None:
         """Ask for a stop as a signal would (e.g. a time limit reached)."""
         self._requested = self._requested or "request"

@@ -86,8 +86,16 @@ def save_hf_copy(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = N
         path = os.path.join(folder, "adapter")
         save_adapter(model, path)
         return path
+    from transformers.utils import logging as hf_logging
+
     path = os.path.join(folder, "model")
-    model.save_pretrained(path)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar at every checkpoint is noise
+    try:
+        model.save_pretrained(path)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path

@@ -1,97 +1,170 @@
-"""Where launch/train.py saves and loads its checkpoints: the one seam for checkpointing.
+"""launch/train.py's use of zo2_ds.checkpoint: the run directory, periodic / best / final checkpoints, resume,
+the graceful stop's last line, and the user-visible HF copies. A thin adapter: every mechanism (locking,
+atomic and verified saves, rotation, the checks on resume) is the library's.
 
-Today: DeepSpeed's own ``save_checkpoint`` / ``load_checkpoint`` into ``output_dir`` (the final
-checkpoint, named by DeepSpeed's ``latest`` file) and the tag ``best`` (the best-dev checkpoint, which
-leaves ``latest`` alone), each with its HF copy. The run's settings that shape the lr (``run_info``:
-``max_steps`` and the scheduler block) travel in the checkpoint, and a resume that would change the
-lr schedule is refused. Periodic, atomic and verified saves (zo2_ds.checkpoint) replace the insides of this class;
-the launcher calls only its methods.
+The output directory (``zo2_ds.checkpoint.rundir`` has the details)::
+
+    output_dir/
+      .lock                  held by the running job (released by the kernel if it dies)
+      checkpoint-500/ ...    the newest --save_total_limit checkpoints plus the best: DeepSpeed's files, the HF
+                             copy (model/ or adapter/), manifest.json (sizes and sha256 of every file)
+      latest, best           the name of the newest / best-dev checkpoint folder
+      model/ (adapter/)      the final weights in HF format, for use without zo2_ds
+      best_model/ (best_adapter/)  the best-dev checkpoint's HF copy
+      metrics.json, log.jsonl
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["BEST_TAG", "RunCheckpoints"]
+from zo2_ds.checkpoint import Checkpointer, GracefulStop, RunDirectory, resume_command, truncate_jsonl
+from zo2_ds.checkpoint.atomic import TMP_PREFIX, fsync_dir, fsync_tree, remove_tree
+from zo2_ds.job.records import LossWindow
 
-BEST_TAG = "best"  # <output_dir>/best: a DeepSpeed tag folder, with its HF copy inside
+__all__ = [
+    "RUN_FILES",
+    "HF_KINDS",
+    "RunCheckpoints",
+    "run_info_of",
+    "open_run_dir",
+    "publish_hf_folder",
+    "stop_exit_code",
+]
+
+HF_KINDS = ("model", "adapter")  # save_hf_copy's folder: a full model, or a PEFT adapter
+RUN_FILES = ("log.jsonl", "metrics.json", "monitor", *HF_KINDS, *(f"best_{k}" for k in HF_KINDS))
+"""What a run writes into output_dir besides its checkpoints: a previous run's mark, deleted by
+--overwrite_output_dir."""
+
+
+def run_info_of(max_steps: int, ds_config: dict[str, Any]) -> dict[str, Any]:
+    """What a resumed run must share with the saved one: the lr schedule, and ``max_steps`` when the schedule's
+    length was taken from it (a constant lr, or a schedule of explicit length, lets ``--max_steps`` change)."""
+    scheduler = ds_config.get("scheduler")
+    info: dict[str, Any] = {"scheduler": scheduler}
+    if ((scheduler or {}).get("params") or {}).get("total_num_steps") == max_steps:
+        info["max_steps"] = max_steps
+    return info
+
+
+def open_run_dir(args: Any, run_info: dict[str, Any]) -> RunDirectory:
+    """Lock ``--output_dir``, refuse a used one (without --resume / --overwrite_output_dir), clean up after an
+    interrupted save; with --resume (to train on), refuse a changed schedule. Cheap: before the model loads."""
+    run_dir = RunDirectory(
+        args.output_dir, resume=args.resume, overwrite=args.overwrite_output_dir, run_files=RUN_FILES
+    )
+    if args.resume and not args.eval_only:
+        try:
+            run_dir.find_checkpoint(args.checkpoint_tag).require_same_run(run_info)
+        except BaseException:
+            run_dir.close()
+            raise
+    return run_dir
+
+
+def publish_hf_folder(source: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Make ``dest`` a copy of the HF folder ``source`` (a checkpoint's ``model/``), replacing it atomically.
+
+    The files are hard links to the checkpoint's (no second copy on disk; checkpoint files are never
+    rewritten in place), or copies where the file system has no hard links. A kill leaves the old ``dest``
+    or the new, plus ``.tmp-`` names the next start removes.
+    """
+    source, dest = Path(source), Path(dest)
+    staging = dest.with_name(f"{TMP_PREFIX}{dest.name}.{os.getpid()}")
+    if staging.exists():
+        remove_tree(staging)
+    shutil.copytree(source, staging, copy_function=_link_or_copy)
+    fsync_tree(staging)
+    if dest.exists():
+        remove_tree(dest)  # renamed away first: a kill from here leaves the checkpoint's copy only
+    os.replace(staging, dest)
+    fsync_dir(dest.parent)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 class RunCheckpoints:
-    """Save / resume for one run in ``output_dir``.
+    """One run's checkpoints: a :class:`~zo2_ds.checkpoint.Checkpointer` over the opened ``run_dir``, and
+    what launch/train.py does around it. Every rank calls every method; rank 0 does the file work.
 
-    ``hf_save(folder)`` writes the HF-format copy next to a checkpoint (or None for none);
-    ``run_info`` is what a resumed run must share with the saved one (JSON-like values).
+    Each checkpoint's ``client_state``: ``{"run_summary": summary, "loss_window": [loss sum, steps]}``.
     """
 
     def __init__(
         self,
-        output_dir: str | os.PathLike,
+        engine: Any,
+        run_dir: RunDirectory,
+        args: Any,
         *,
         run_info: dict[str, Any],
-        hf_save: Callable[[str], None] | None = None,
+        hf_save: Callable[[str], Any] | None,
     ) -> None:
-        self.output_dir = os.fspath(output_dir)
-        self.run_info = run_info
-        self.hf_save = hf_save
-
-    def has(self, tag: str | None = None) -> bool:
-        """Whether there is a checkpoint to load: DeepSpeed's ``latest`` file, or ``tag``'s folder."""
-        if tag is not None:
-            return os.path.isdir(os.path.join(self.output_dir, tag))
-        return os.path.isfile(os.path.join(self.output_dir, "latest"))
-
-    def require(self, tag: str | None = None) -> None:
-        """Raise a ValueError for ``--resume`` with nothing to resume (checked before the model loads)."""
-        if self.has(tag):
-            return
-        what = f"tag {tag!r}" if tag else "'latest' file"
-        hint = ""
-        if tag is None and self.has(BEST_TAG):
-            hint = f"; it has a best-dev checkpoint: add --checkpoint_tag {BEST_TAG} to resume from that one"
-        raise ValueError(f"--resume: no checkpoint in --output_dir {self.output_dir!r} (no {what}){hint}")
-
-    def resume(self, engine, tag: str | None = None, *, train: bool = True) -> dict[str, Any]:
-        """Load the checkpoint (``latest``, or ``tag``) into ``engine``; returns its run summary. To
-        ``train`` on, refuses one whose lr schedule differs from this run's (a silent lr jump otherwise)."""
-        _, client_state = engine.load_checkpoint(self.output_dir, tag=tag)
-        client_state = client_state or {}
-        if train:
-            self._check_same_run(client_state.get("run_info"))
-        return dict(client_state.get("run_summary", {}))
-
-    def save(self, engine, summary: dict[str, Any], *, best: bool = False) -> None:
-        """The final checkpoint (``latest``), or with ``best`` the best-dev one; then the HF copy."""
-        client_state = {"run_summary": summary, "run_info": self.run_info}
-        tag = BEST_TAG if best else None
-        engine.save_checkpoint(self.output_dir, tag=tag, client_state=client_state, save_latest=not best)
-        if self.hf_save is not None and engine.global_rank == 0:
-            self.hf_save(os.path.join(self.output_dir, BEST_TAG) if best else self.output_dir)
-
-    def load_best(self, engine) -> None:
-        engine.load_checkpoint(self.output_dir, tag=BEST_TAG)
-
-    def _check_same_run(self, saved: dict[str, Any] | None) -> None:
-        """The lr schedule must be the one the checkpoint was trained with; ``max_steps`` alone may change
-        (a constant lr, or a schedule of explicit length, does not depend on it)."""
-        if saved is None or saved.get("scheduler") == self.run_info.get("scheduler"):
-            return  # also a checkpoint from before run_info was saved: nothing to compare
-        saved_steps, steps = saved.get("max_steps"), self.run_info.get("max_steps")
-        if _schedule_length(saved) == saved_steps and saved_steps != steps:
-            raise ValueError(
-                f"--resume: the checkpoint in {self.output_dir!r} was trained toward --max_steps {saved_steps}, "
-                f"the length of its lr schedule; resuming with --max_steps {steps} would change the lr mid-run. "
-                f"Resume with --max_steps {saved_steps}; or, to train longer, start a new --output_dir, or give "
-                "the schedule an explicit length (scheduler.params.total_num_steps in the DeepSpeed config)"
-            )
-        raise ValueError(
-            f"--resume: the checkpoint in {self.output_dir!r} was trained with the lr schedule "
-            f"{saved.get('scheduler')}; this run's is {self.run_info.get('scheduler')}. Resume with the "
-            "saved run's DeepSpeed config and --max_steps, or start a new --output_dir"
+        self.engine, self.run_dir, self.rank = engine, run_dir, engine.global_rank
+        self.checkpointer = Checkpointer(
+            engine,
+            run_dir,
+            save_steps=args.save_steps or None,  # 0: no periodic checkpoints
+            save_total_limit=args.save_total_limit or None,  # 0: keep all
+            hf_save=hf_save,
+            run_info={} if args.eval_only else run_info,  # to evaluate, any schedule will do
         )
 
+    def due(self, step: int) -> bool:
+        return self.checkpointer.due(step)
 
-def _schedule_length(run_info: dict[str, Any]) -> int | None:
-    return ((run_info.get("scheduler") or {}).get("params") or {}).get("total_num_steps")
+    def resume(self, tag: str | None, *, truncate_log: bool = True) -> dict[str, Any]:
+        """Load the checkpoint (verified; the library logs which one); returns its client_state. The run's
+        log.jsonl loses what the stopped run logged after that checkpoint (logged again from here)."""
+        state = self.checkpointer.resume(tag)
+        if truncate_log and self.rank == 0:
+            truncate_jsonl(self.run_dir.path / "log.jsonl", state.step)
+        return state.client_state
+
+    def save(self, summary: dict[str, Any], window: LossWindow, *, best: bool = False) -> str:
+        """Save this step's checkpoint (every rank): ``latest`` names it, and ``best`` with ``best``."""
+        return self.checkpointer.save({"run_summary": summary, "loss_window": window.state()}, best=best)
+
+    def has_best(self) -> bool:
+        return self.run_dir.read_pointer("best") is not None
+
+    def load_best(self) -> None:
+        """Load the best-dev checkpoint into the engine (to score it; after the last save)."""
+        self.engine.load_checkpoint(str(self.run_dir.path), tag=self.run_dir.read_pointer("best"))
+
+    def publish_hf_copies(self) -> None:
+        """``model/`` (or ``adapter/``) from the latest checkpoint, ``best_model/`` from the best (rank 0)."""
+        if self.rank != 0:
+            return
+        for pointer, prefix in (("latest", ""), ("best", "best_")):
+            name = self.run_dir.read_pointer(pointer)
+            for kind in HF_KINDS if name else ():
+                if (self.run_dir.path / name / kind).is_dir():
+                    publish_hf_folder(self.run_dir.path / name / kind, self.run_dir.path / f"{prefix}{kind}")
+
+    def close(self) -> None:
+        self.run_dir.close()
+
+
+def stop_exit_code(stop: GracefulStop, args: Any, *, world_size: int) -> int:
+    """After the stop's checkpoint: rank 0 prints the one line with the command that resumes; the exit code is
+    130 after a Ctrl-C (SIGINT, the shell's convention: ``train && next`` does not go on), else 0 (SIGTERM: a
+    scheduler's preemption, saved and done)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        command = resume_command()  # "python launch/train.py ... --resume"
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun
+            launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world_size)}"
+            command = launcher + command.removeprefix("python")
+        elif args.local_rank is not None:  # the deepspeed launcher passes --local_rank
+            command = f"deepspeed --num_gpus {world_size}" + command.removeprefix("python")
+        print(stop.message(command), flush=True)
+    return 130 if stop.reason == "SIGINT" else 0

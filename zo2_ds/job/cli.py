@@ -19,12 +19,24 @@ from dataclasses import replace
 from zo2_ds.dtypes import DTYPES
 from zo2_ds.tasks import SENTIMENT, Task, get_task, list_tasks, make_task, resolve_task
 
-__all__ = ["DEFAULT_MAX_STEPS", "DEFAULT_EVAL_EVERY", "DEFAULT_LOG_EVERY", "build_parser", "check_args", "task_of"]
+__all__ = [
+    "DEFAULT_MAX_STEPS",
+    "DEFAULT_EVAL_EVERY",
+    "DEFAULT_LOG_EVERY",
+    "DEFAULT_SAVE_STEPS",
+    "DEFAULT_SAVE_TOTAL_LIMIT",
+    "build_parser",
+    "check_args",
+    "task_of",
+]
 
 # Tuned for the default job (tiny OPT, generated sentiment): held-out accuracy 0.5 -> ~1.0 in 6000 steps.
 DEFAULT_MAX_STEPS = 6000
 DEFAULT_EVAL_EVERY = 500
 DEFAULT_LOG_EVERY = 50
+# A checkpoint every 500 steps (a few minutes of the default job on a CPU); the newest 2 are kept, plus the best.
+DEFAULT_SAVE_STEPS = 500
+DEFAULT_SAVE_TOTAL_LIMIT = 2
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -67,8 +79,22 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     r.add_argument("--log_every", type=int, default=None, help=f"steps per log.jsonl record ({DEFAULT_LOG_EVERY})")
     r.add_argument("--eval_batch_size", type=int, default=64)
     r.add_argument("--seed", type=int, default=0, help="data order, model init and the generated task")
+    r.add_argument(
+        "--overwrite_output_dir", action="store_true", help="replace the previous run in --output_dir (else refused)"
+    )
+    r.add_argument(
+        "--save_steps", type=int, default=DEFAULT_SAVE_STEPS, help="steps between checkpoints (0: only at the end)"
+    )
+    r.add_argument(
+        "--save_total_limit",
+        type=int,
+        default=DEFAULT_SAVE_TOTAL_LIMIT,
+        help="keep the newest this many checkpoints, plus the best (0: keep all)",
+    )
     r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
-    r.add_argument("--checkpoint_tag", default=None, help="with --resume: load this tag instead of the latest (best)")
+    r.add_argument(
+        "--checkpoint_tag", default=None, help="with --resume: load this one instead (best, checkpoint-500, 500)"
+    )
     r.add_argument("--eval_only", action="store_true", help="evaluate (the checkpoint with --resume) and exit")
     r.add_argument(
         "--save_best",
@@ -94,7 +120,10 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"give one data source, not {' and '.join(sources)}")
     if args.dataset_config is not None and args.dataset is None:
         raise ValueError("--dataset_config names a configuration of a hub --dataset; add --dataset")
-    for flag, minimum in (("max_steps", 1), ("eval_every", 0), ("log_every", 1), ("eval_batch_size", 1)):
+    if args.resume and args.overwrite_output_dir:
+        raise ValueError("--resume and --overwrite_output_dir exclude each other: continue the run, or replace it")
+    bounds = (("max_steps", 1), ("eval_every", 0), ("log_every", 1), ("eval_batch_size", 1))
+    for flag, minimum in (*bounds, ("save_steps", 0), ("save_total_limit", 0)):
         value = getattr(args, flag)
         if value is not None and value < minimum:
             raise ValueError(f"--{flag} must be >= {minimum}, got {value}")

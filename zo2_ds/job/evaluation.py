@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from zo2_ds.job.checkpoints import BEST_TAG, RunCheckpoints
+from zo2_ds.job.checkpoints import RunCheckpoints
 from zo2_ds.tasks import TaskData
 
 __all__ = ["Evaluator", "BestKeeper", "prefixed", "run_figures"]
@@ -45,31 +45,32 @@ class Evaluator:
 
 
 class BestKeeper:
-    """Keeps the checkpoint with the best dev ``metric`` so far (in ``summary``: best_dev_<metric>,
-    best_step), and at the end scores it on the test split, the number MeZO reports."""
+    """Tracks the best dev ``metric`` so far (in ``summary``: best_dev_<metric>, best_step; the launcher saves
+    the checkpoint as ``best``), and at the end scores the best checkpoint on the test split, the number MeZO
+    reports."""
 
-    def __init__(self, checkpoints: RunCheckpoints, summary: dict[str, Any], *, metric: str, enabled: bool) -> None:
-        self.checkpoints, self.summary, self.metric, self.enabled = checkpoints, summary, metric, enabled
+    def __init__(self, summary: dict[str, Any], *, metric: str, enabled: bool) -> None:
+        self.summary, self.metric, self.enabled = summary, metric, enabled
 
-    def update(self, engine, step: int, dev: dict[str, float]) -> bool:
-        """Save the best checkpoint if ``dev`` beats the best so far; returns whether it did."""
+    def update(self, step: int, dev: dict[str, float]) -> bool:
+        """Whether ``dev`` beats the best so far (then it is recorded as the best)."""
         if not self.enabled or dev[self.metric] <= self.summary.get(f"best_dev_{self.metric}", float("-inf")):
             return False
         self.summary.update({f"best_dev_{self.metric}": dev[self.metric], "best_step": step})
-        self.checkpoints.save(engine, self.summary, best=True)
         return True
 
-    def score_best(self, engine, evaluate: Evaluator, test: Sequence[dict]) -> None:
-        """``eval_<m>_best``: the best checkpoint's test metrics (the final model's when it is the best)."""
+    def score_best(self, engine, evaluate: Evaluator, test: Sequence[dict], checkpoints: RunCheckpoints) -> None:
+        """``eval_<m>_best``: the best checkpoint's test metrics (the final model's when it is the best).
+        Call it after the last save: it loads the best checkpoint into the engine."""
         best_step = self.summary.get("best_step")
         if best_step is None:
             return
-        if best_step != engine.global_steps and self.checkpoints.has(BEST_TAG):
-            self.checkpoints.load_best(engine)
-            self.summary.update(prefixed("eval_", evaluate(test), "_best"))
-        else:
+        if best_step == engine.global_steps:
             after = {k: v for k, v in self.summary.items() if k.startswith("eval_") and k.endswith("_after")}
             self.summary.update({f"{k.removesuffix('_after')}_best": v for k, v in after.items()})
+        elif checkpoints.has_best():
+            checkpoints.load_best()
+            self.summary.update(prefixed("eval_", evaluate(test), "_best"))
 
 
 def run_figures(

@@ -10,7 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunRecorder"]
+import torch
+
+from zo2_ds.checkpoint import write_json_atomic
+
+__all__ = ["RunRecorder", "LossWindow"]
 
 
 def _clean(value: Any) -> Any:
@@ -46,6 +50,36 @@ class RunRecorder:
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        tmp = self.metrics_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({k: _clean(v) for k, v in metrics.items()}, indent=2) + "\n")
-        tmp.replace(self.metrics_path)
+        write_json_atomic(self.metrics_path, {k: _clean(v) for k, v in metrics.items()})
+
+
+class LossWindow:
+    """The train loss summed since the last ``log.jsonl`` record, over all ranks' shards. It travels in every
+    checkpoint, so a run resumed between two records logs what an uninterrupted one logs."""
+
+    def __init__(self, *, world_size: int, saved: list[float] | None = None, rank: int = 0) -> None:
+        self.world_size = world_size
+        self.sums = torch.zeros(2, dtype=torch.float64)  # (sum of step losses, number of steps)
+        if saved is not None and rank == 0:  # saved summed over the ranks: rank 0 carries it on
+            self.sums += torch.tensor(saved, dtype=torch.float64)
+
+    def add(self, step_loss: float) -> None:
+        self.sums += torch.tensor([step_loss, 1.0], dtype=torch.float64)
+
+    def _reduced(self) -> torch.Tensor:
+        sums = self.sums.clone()
+        if self.world_size > 1:
+            import deepspeed
+
+            deepspeed.comm.all_reduce(sums)  # the loss over all ranks' shards
+        return sums
+
+    def take(self) -> float:
+        """The mean loss of the window (every rank calls it), which then starts again."""
+        sums = self._reduced()
+        self.sums.zero_()
+        return float(sums[0] / sums[1])
+
+    def state(self) -> list[float]:
+        """For a checkpoint (every rank calls it): the window summed over the ranks."""
+        return self._reduced().tolist()

@@ -57,12 +57,14 @@ def batch(step: int, rank: int, world: int, global_batch: int = 4) -> dict[str, 
 
 def fault_hook(args: argparse.Namespace, engine) -> callable:
     def hook(stage: str) -> None:
-        if stage != args.kill_stage or engine.global_steps != args.kill_step:
+        if engine.global_steps != args.kill_step:
             return
-        if stage == "deepspeed":  # land somewhere inside DeepSpeed's own writes
+        if stage == args.kill_stage == "deepspeed":  # land somewhere inside DeepSpeed's own writes
             delay = random.Random(args.kill_seed).uniform(0.0, 0.03)
             threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
-        else:
+        elif stage == "done" and args.kill_stage == "deepspeed":
+            time.sleep(1.0)  # a save faster than the delay: the timer still fires inside it, at its end
+        elif stage == args.kill_stage:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook

@@ -23,7 +23,7 @@ def _cases(device: str, dtypes: tuple[torch.dtype, ...]):
 
 @pytest.mark.parametrize("num_items", [None, 17])
 def test_lean_loss_is_bit_identical_on_cpu(monkeypatch, num_items):
-    monkeypatch.setattr(lean, "_CHUNK_BYTES", 4 * 1003 * 7)  # 7 rows a chunk: many chunks, a ragged last one
+    monkeypatch.setattr(lean, "CHUNK_BYTES", 4 * 1003 * 7)  # 7 rows a chunk: many chunks, a ragged last one
     for logits, labels, vocab in _cases("cpu", (torch.float32, torch.bfloat16, torch.float16)):
         nib = None if num_items is None else torch.tensor(num_items)
         expected = ForCausalLMLoss(logits, labels, vocab, num_items_in_batch=nib)
@@ -72,7 +72,7 @@ def test_install_replaces_only_the_stock_loss():
 @pytest.mark.cuda
 @pytest.mark.parametrize("num_items", [None, 17])
 def test_lean_loss_is_bit_identical_on_cuda(monkeypatch, num_items):
-    monkeypatch.setattr(lean, "_CHUNK_BYTES", 4 * 1003 * 7)
+    monkeypatch.setattr(lean, "CHUNK_BYTES", 4 * 1003 * 7)
     for logits, labels, vocab in _cases("cuda", (torch.float32, torch.bfloat16, torch.float16)):
         nib = None if num_items is None else torch.tensor(num_items)
         expected = ForCausalLMLoss(logits, labels, vocab, num_items_in_batch=nib)

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["lean_causal_lm_loss", "install_lean_loss", "uninstall_lean_loss"]
+__all__ = ["CHUNK_BYTES", "lean_causal_lm_loss", "install_lean_loss", "uninstall_lean_loss"]
 
 # fp32 bytes of one chunk of log-softmax rows (OPT's 50272-word vocabulary: 166 rows).
-_CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 32 << 20
 
 
 def lean_causal_lm_loss(
@@ -56,7 +56,7 @@ def lean_causal_lm_loss(
     col = 0 if ignore_index != 0 else 1
     picked = torch.zeros(rows, col + 1, dtype=torch.float32, device=logits.device)
     safe = target.masked_fill(ignored, 0).unsqueeze(1)
-    step = max(1, _CHUNK_BYTES // (4 * max(vocab_size, 1)))
+    step = max(1, CHUNK_BYTES // (4 * max(vocab_size, 1)))
     for start in range(0, rows, step):
         end = min(start + step, rows)
         logp = torch.log_softmax(logits[start:end].float(), dim=1)

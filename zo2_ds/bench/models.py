@@ -16,7 +16,7 @@ import torch
 
 from zo2_ds.dtypes import DTYPES
 
-__all__ = ["ModelShape", "SHAPES", "DTYPES", "build_model", "make_batch", "block_list", "parameter_bytes"]
+__all__ = ["ModelShape", "SHAPES", "DTYPES", "build_model", "hf_config", "make_batch", "block_list", "parameter_bytes"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ SHAPES = {
 }
 
 
-def _hf_config(shape: ModelShape, use_cache: bool) -> tuple[Any, type]:
+def hf_config(shape: ModelShape, use_cache: bool) -> tuple[Any, type]:
     import transformers as tf
 
     sizes = {"hidden_size": shape.hidden_size, "num_hidden_layers": shape.num_layers, "vocab_size": shape.vocab_size}
@@ -86,7 +86,7 @@ def build_model(
     if name not in SHAPES:
         raise ValueError(f"model: {name!r} is not one of {sorted(SHAPES)}")
     shape = SHAPES[name]
-    config, cls = _hf_config(shape, use_cache)
+    config, cls = hf_config(shape, use_cache)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -20,9 +20,8 @@ allocated there):
   the peak allocated plus both. A process that used the GPU for something else first (the benchmark's
   in-GPU baseline) shows 0.4-0.5 GiB more in NVML: the allocator keeps part of that cache.
 
-Private names imported (to keep one copy of each rule): ``zo2_ds.offload.store._layout``,
-``_num_resident``, ``_transfer_dtype``, ``_narrow_layout``; ``zo2_ds.loss._CHUNK_BYTES``;
-``zo2_ds.bench.models._hf_config``.
+The rules come from where they live: ``zo2_ds.offload.store.plan_store`` (the layout),
+``zo2_ds.loss.CHUNK_BYTES`` (the lean loss's chunk), ``zo2_ds.bench.models.hf_config`` (the shapes).
 
 Floors: the transfer floor is the bytes one step uploads (every streamed block once; with a narrower
 ``transfer_dtype`` the average over ``write_back_interval`` steps) over the host link's bandwidth; the
@@ -43,7 +42,7 @@ from zo2_ds.config import ZO2Config, parse_zo2_config
 from zo2_ds.dtypes import DTYPES
 from zo2_ds.estimate.budget import in_gpu_scratch_bytes, offloader_parts
 from zo2_ds.estimate.meta_model import meta_model, model_dims
-from zo2_ds.loss import _CHUNK_BYTES
+from zo2_ds.loss import CHUNK_BYTES
 
 __all__ = ["Estimate", "estimate", "parse_batch", "CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK_BYTES"]
 
@@ -246,7 +245,7 @@ def _offloaded(
 
 def _loss_chunk_bytes(tokens: int, vocab: int) -> int:
     """zo2_ds.loss's largest transient: one chunk of rows in fp32 and its log-softmax."""
-    rows = min(tokens, max(1, _CHUNK_BYTES // (4 * vocab)))
+    rows = min(tokens, max(1, CHUNK_BYTES // (4 * vocab)))
     return 2 * rows * vocab * 4
 
 

@@ -7,8 +7,8 @@ it); :func:`meta_store` lays its blocks out with the offloader's own layout rule
 perturbation scratch and staging buffers are then meta tensors of exactly the sizes a training run
 allocates, and :func:`zo2_ds.offload.trace.device_bytes` counts them as the runner does.
 
-Private rules imported from ``zo2_ds.offload.store`` (the estimator must not keep a second copy of them):
-``_layout``, ``_num_resident``, ``_transfer_dtype``, ``_narrow_layout``.
+The plan itself is :func:`zo2_ds.offload.store.plan_store`, the same function ``build_store`` starts with:
+the estimator keeps no second copy of the layout rules.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import torch
 from torch import nn
 
 from zo2_ds.config import ZO2Config
-from zo2_ds.models import find_blocks
 from zo2_ds.offload import pending as rules
 from zo2_ds.offload.runner import OffloadRunner
-from zo2_ds.offload.store import BlockStore, Entry, Narrow, _layout, _narrow_layout, _num_resident, _transfer_dtype
+from zo2_ds.offload.store import BlockStore, plan_store
 from zo2_ds.offload.trace import device_bytes
 from zo2_ds.ops import Ops
 from zo2_ds.perturb import ResidentRunner, trainable_params
@@ -35,16 +34,12 @@ META = torch.device("meta")
 def meta_store(model: nn.Module, offload) -> BlockStore:
     """The :class:`BlockStore` that ``build_store(model, offload, ...)`` would make, with every home a meta
     tensor (nothing allocated, nothing copied, no host-memory check). ``offload``: the ``zo2.offload`` config."""
-    blocks = find_blocks(model, offload.blocks_attr)
-    layouts = [_layout(b) for b in blocks.blocks]
-    sizes = [size for _, size in layouts]
-    transfer = _transfer_dtype(offload, layouts)
-    entries = [[Entry(p, off, n, p.dtype, p.shape) for p, off, n in layout] for layout, _ in layouts]
-    store = BlockStore(blocks, META, entries, sizes, _num_resident(offload, sizes))
-    if transfer is not None:
-        narrow = [_narrow_layout(block_entries, size, transfer) for block_entries, size in zip(entries, sizes)]
-        homes = [None if not store.is_streamed(b) else _meta_bytes(n[1]) for b, n in enumerate(narrow)]
-        store.narrow = Narrow([n[0] for n in narrow], [n[1] for n in narrow], transfer, homes, [n[2] for n in narrow])
+    store, _ = plan_store(model, offload, META)
+    entries, sizes = store.entries, store.sizes
+    if store.narrow is not None:
+        store.narrow.homes[:] = [
+            _meta_bytes(size) if store.is_streamed(b) else None for b, size in enumerate(store.narrow.sizes)
+        ]
     for index, block_entries in enumerate(entries):
         home = _meta_bytes(sizes[index])
         store.homes.append(home)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zo2_ds.bench.models import SHAPES, _hf_config
+from zo2_ds.bench.models import SHAPES, hf_config
 
 __all__ = ["meta_model", "model_dims"]
 
@@ -26,7 +26,7 @@ def meta_model(model: str, dtype: torch.dtype, num_layers: int | None = None) ->
         shape = SHAPES[model]
         if num_layers is not None:
             shape = dataclasses.replace(shape, num_layers=num_layers)
-        config, cls = _hf_config(shape, use_cache=False)
+        config, cls = hf_config(shape, use_cache=False)
         tied = shape.tied
     else:
         path = Path(model)

@@ -34,6 +34,7 @@ __all__ = [
     "Narrow",
     "build_store",
     "block_layout",
+    "plan_store",
     "block_nbytes",
     "parse_bytes",
     "available_host_bytes",
@@ -174,9 +175,6 @@ def block_layout(block: nn.Module) -> tuple[list[tuple[nn.Parameter, int, int]],
     return out, max(offset, ALIGN_BYTES)
 
 
-_layout = block_layout  # the former private name, which zo2_ds.estimate imports
-
-
 def _num_resident(cfg, sizes: list[int]) -> int:
     if cfg.max_gpu_memory is not None and cfg.num_resident_blocks is not None:
         raise ValueError("zo2.offload: set max_gpu_memory or num_resident_blocks, not both")
@@ -193,14 +191,11 @@ def _num_resident(cfg, sizes: list[int]) -> int:
     return min(budget // max(sizes), len(sizes))  # resident blocks are spread out: count the largest
 
 
-def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = True) -> BlockStore:
-    """Find the blocks, give every block parameter its home slice, move the rest of the model to ``device``.
-
-    ``cfg`` is the ``zo2.offload`` config. Raises ValueError for a model without a block list, a budget
-    smaller than one block, or not enough host memory for the pinned masters (checked before allocating).
-    """
-    from deepspeed.accelerator import get_accelerator
-
+def plan_store(model: nn.Module, cfg, device: torch.device) -> tuple[BlockStore, list]:
+    """The :class:`BlockStore` ``build_store`` makes for ``model``, planned but not filled: the blocks, each
+    parameter's slice of its block's home, which blocks stay resident, the ``transfer_dtype`` layout; no
+    home allocated, nothing moved, no memory checked. Also returns each block's :func:`block_layout`.
+    ``zo2_ds.estimate`` plans with it on the meta device, so its figures follow the offloader's rules."""
     blocks = find_blocks(model, cfg.blocks_attr)
     layouts = [block_layout(b) for b in blocks.blocks]
     sizes = [size for _, size in layouts]
@@ -217,6 +212,19 @@ def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = T
             [None] * len(sizes),
             [flat for _, _, flat in layouts_n],
         )
+    return store, layouts
+
+
+def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = True) -> BlockStore:
+    """Find the blocks, give every block parameter its home slice, move the rest of the model to ``device``.
+
+    ``cfg`` is the ``zo2.offload`` config. Raises ValueError for a model without a block list, a budget
+    smaller than one block, or not enough host memory for the pinned masters (checked before allocating).
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    store, layouts = plan_store(model, cfg, device)
+    entries = store.entries
 
     # Adopted before the memory check: an adopted block needs no new host memory. Resident blocks never
     # are (their home is on the device); their pinned buffer is freed, and unpinned, once they are copied.

@@ -62,7 +62,8 @@ def build(args):
     run_dir = job.open_run_dir(args, run_info)  # locked; a used one refused; with --resume, the same schedule
     tokenizer = job.build_tokenizer(args, task)
     task_data = job.build_task_data(args, task, tokenizer)
-    model = job.build_model(args, tokenizer)  # with --peft: the peft model, only the adapter trainable
+    offload = ds_config.get("zo2", {}).get("offload", {})  # enabled: blocks read straight into pinned memory
+    model = job.build_model(args, tokenizer, offload=offload if offload.get("enabled") else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = zo2_ds.initialize(model=task_data.wrap_model(model), model_parameters=trainable, config=ds_config)
     hf_save = None if args.no_hf_save else (lambda folder: job.save_hf_copy(model, folder, tokenizer))

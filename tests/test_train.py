@@ -423,3 +423,42 @@ def test_a_run_that_only_skips_non_finite_steps_stops_without_saving(tmp_path):
     assert proc.returncode != 0 and "NonFiniteError: the last 20 steps" in proc.stderr
     assert "Stopping without saving" in proc.stderr
     assert not list(out.glob("checkpoint-*")) and not (out / "metrics.json").exists()
+
+
+def test_offload_reads_a_safetensors_folder_straight_into_pinned_homes(tmp_path, local_model_and_data):
+    """With zo2.offload on, --model_name_or_path of a safetensors folder goes through
+    zo2_ds.offload.materialize; the run equals one from the same weights loaded the ordinary way
+    (a pytorch_model.bin copy, which materialize does not read), log and final weights bit for bit."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from zo2_ds.job import DEFAULT_DS_CONFIG
+
+    model_dir, train, validation = local_model_and_data
+    bin_dir = tmp_path / "bin_model"  # the same folder with its weights as pytorch_model.bin
+    bin_dir.mkdir()
+    for path in model_dir.iterdir():
+        if path.name != "model.safetensors":
+            (bin_dir / path.name).write_bytes(path.read_bytes())
+    state = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    torch.save({k: v.clone() for k, v in state.items()}, bin_dir / "pytorch_model.bin")
+    config = copy.deepcopy(DEFAULT_DS_CONFIG)
+    config["zo2"]["offload"] = {"enabled": True}
+    config_path = tmp_path / "offload.json"
+    config_path.write_text(json.dumps(config))
+    outs = {}
+    for label, source in (("materialized", model_dir), ("ordinary", bin_dir)):
+        outs[label] = out = tmp_path / label
+        args = ["--model_name_or_path", str(source), "--deepspeed_config", str(config_path)]
+        args += ["--data_files", f"train={train}", f"validation={validation}", "--template", "{review} It was"]
+        args += ["--label_words", "terrible", "great", "--max_eval_examples", "32", "--output_dir", str(out)]
+        proc = run_train(*args, "--max_steps", "12", "--eval_every", "0", "--log_every", "4", "--dtype", "fp32")
+        check(proc)
+        assert ("block by block into pinned host memory" in proc.stdout) == (label == "materialized"), proc.stdout
+    assert read_log(outs["materialized"]) == read_log(outs["ordinary"])
+    final = {k: AutoModelForCausalLM.from_pretrained(v / "model").state_dict() for k, v in outs.items()}
+    assert final["materialized"].keys() == final["ordinary"].keys()
+    for name, value in final["materialized"].items():
+        assert torch.equal(value, final["ordinary"][name]), name

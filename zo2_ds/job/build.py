@@ -28,7 +28,7 @@ from zo2_ds.tasks import (
     save_adapter,
 )
 
-__all__ = ["build_tokenizer", "build_task_data", "build_model", "apply_adapter", "save_hf_copy"]
+__all__ = ["build_tokenizer", "build_task_data", "build_model", "has_safetensors", "apply_adapter", "save_hf_copy"]
 
 
 def build_tokenizer(args: Namespace, task: Task):
@@ -56,14 +56,38 @@ def build_task_data(args: Namespace, task: Task, tokenizer) -> TaskData:
     )
 
 
-def build_model(args: Namespace, tokenizer) -> nn.Module:
+def build_model(args: Namespace, tokenizer, *, offload: dict | None = None) -> nn.Module:
     """The causal LM (a tiny random OPT without ``--model_name_or_path``), wrapped in its adapter with
-    ``--peft`` (then only the adapter has ``requires_grad``, and that is all the ZO engine perturbs)."""
+    ``--peft`` (then only the adapter has ``requires_grad``, and that is all the ZO engine perturbs).
+
+    With ``offload`` (the config's ``zo2.offload`` block, when enabled) and a local folder of safetensors
+    weights, the blocks are read one tensor at a time straight into their pinned host homes
+    (:func:`zo2_ds.offload.materialize`): the model never exists whole in pageable memory, and the engine
+    adopts those homes without a copy."""
     if args.model_name_or_path is None:
         model = build_tiny_opt(len(tokenizer), seed=args.seed)
+    elif offload and has_safetensors(args.model_name_or_path):
+        from deepspeed.accelerator import get_accelerator
+
+        from zo2_ds.offload import materialize
+
+        if get_accelerator().device_name() != "cpu":  # the parts outside the blocks go to this rank's device
+            get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        rank0 = os.environ.get("RANK", "0") == "0"
+        if rank0:
+            print(f"zo2: reading {args.model_name_or_path} block by block into pinned host memory", flush=True)
+        show = rank0 and not args.no_progress
+        blocks_attr = offload.get("blocks_attr")
+        model = materialize(args.model_name_or_path, dtype=args.dtype, blocks_attr=blocks_attr, progress=show)
     else:
         model = load_causal_lm(args.model_name_or_path, dtype=args.dtype)
     return apply_adapter(model, args) if args.peft else model
+
+
+def has_safetensors(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a local folder with safetensors weights (what ``materialize`` reads)."""
+    names = ("model.safetensors", "model.safetensors.index.json")
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in names)
 
 
 def apply_adapter(model: nn.Module, args: Namespace) -> nn.Module:

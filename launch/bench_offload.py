@@ -4,6 +4,7 @@
     python launch/bench_offload.py --models opt-13b --no-in-gpu --cuda-graphs --out $OUT/offload_13b.json
     python launch/bench_offload.py --models opt-6.7b --resident 16 --timeline $OUT/timeline.png
     python launch/bench_offload.py --models opt-6.7b --dtype fp32 --transfer-dtypes auto,bf16
+    python launch/bench_offload.py --models opt-175b@6,opt-175b@12 --batches 1x2048 --no-in-gpu --granularities block,layer
     python launch/bench_offload.py --tiny                                                   # CPU, seconds
     torchrun --nproc_per_node 2 launch/bench_offload.py --models opt-6.7b --batches 1x2048 --no-in-gpu  # data parallel
 
@@ -34,6 +35,7 @@ from zo2_ds.bench import driver, measure, offload, report  # noqa: E402
 COLUMNS = "model batch mode median_ms:.1f tokens_per_s:.0f ratio_to_two_forwards:.2f ratio_to_in_gpu:.2f "
 COLUMNS += "ratio_to_floor:.2f peak_allocated_bytes:gib nvml_used_bytes:gib host_rss_over_model:.2f"
 TRANSFER_DTYPES = ("auto", "fp32", "fp16", "bf16")
+GRANULARITIES = ("auto", "block", "layer")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--transfer-dtypes", default="auto", help=f"zo2.offload.transfer_dtype per mode, of {TRANSFER_DTYPES}"
     )
+    p.add_argument(
+        "--granularities",
+        default="auto",
+        help="zo2.offload.granularity per mode, of auto,block,layer (e.g. block,layer)",
+    )
     p.add_argument("--cuda-graphs", action="store_true", help="also the offload_graphs mode")
     p.add_argument("--resident", type=int, default=None, help="also offload_resident<N>: N blocks kept resident")
     p.add_argument("--kernels", default="auto", choices=driver.KERNEL_CHOICES, help="zo2.kernels")
@@ -55,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = report.run_args(p, p.parse_args(argv))
     try:
         args.transfer_dtypes = tuple(report.parse_names(args.transfer_dtypes, TRANSFER_DTYPES, "--transfer-dtypes"))
+        args.granularities = tuple(report.parse_names(args.granularities, GRANULARITIES, "--granularities"))
     except ValueError as exc:
         p.error(str(exc))
     return args
@@ -91,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants = [] if args.only_in_gpu else offload.offload_variants(
         prefetch_depth=args.prefetch_depth, write_back_interval=args.write_back_interval,
         transfer_dtypes=args.transfer_dtypes, cuda_graphs=args.cuda_graphs, resident_blocks=args.resident,
+        granularities=args.granularities,
     )  # fmt: skip
     for i, name in enumerate(args.models):
         records = offload.offload_records(

@@ -398,10 +398,14 @@ def _mezo_update(theta, step, g, lr, wd, z):
     return theta - lr * (direction + wd * theta)
 
 
-def reference_narrow_transfer(model, data, *, blocks, exact_blocks, eps, seed, q, lr, wd, interval, narrow):
+def reference_narrow_transfer(
+    model, data, *, blocks, exact_blocks, eps, seed, q, lr, wd, interval, narrow, unit_of=None
+):
     """Plain MeZO where block b's forwards at step s see its exact weights when (s + b) % interval == 0,
     and otherwise its weights as of that step, rounded to ``narrow`` and widened, plus the updates since
-    (in order, in fp32): the documented semantics of a narrower zo2.offload.transfer_dtype.
+    (in order, in fp32): the documented semantics of a narrower zo2.offload.transfer_dtype. ``unit_of``
+    (parameter name -> streamed unit, at granularity "layer") replaces the block of each name; a name
+    not in it is exact at every step.
 
     Independent of the runner: weights are written in place, the updates applied eagerly. Returns the
     reported losses, the g of every step and the final exact weights.
@@ -409,7 +413,7 @@ def reference_narrow_transfer(model, data, *, blocks, exact_blocks, eps, seed, q
     model.eval()
     named = dict(model.named_parameters())  # distinct tensors
     block_of = {n: int(n[len(blocks) + 1 :].split(".")[0]) for n in named if n.startswith(blocks + ".")}
-    block_of = {n: b for n, b in block_of.items() if b not in exact_blocks}
+    block_of = {n: b for n, b in block_of.items() if b not in exact_blocks} if unit_of is None else dict(unit_of)
     exact = {n: p.detach().clone() for n, p in named.items()}
     snap = {n: exact[n].to(narrow).float() for n in block_of}
     since = {b: [] for b in set(block_of.values())}
@@ -871,20 +875,20 @@ def _delay_everything(engine, cycles):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("delay", [0, 2_000_000])
-@pytest.mark.parametrize("depth", [1, 0])
-def test_cuda_offload_equals_in_gpu_bit_exactly(dtype, delay, depth):
+@pytest.mark.parametrize("depth,granularity", [(1, "block"), (0, "block"), (1, "layer"), (0, "layer")])
+def test_cuda_offload_equals_in_gpu_bit_exactly(dtype, delay, depth, granularity):
     assert CUDA, "run with DS_ACCELERATOR=cuda"
     base = tiny_causal_lm("llama", tied=False, vocab_size=VOCAB, hidden=64, layers=5)
     data = batches(4, 2, seq=32)
     kw = dict(q=2, grad_accum=2, schedule=SCHEDULE, weight_decay=0.1, dtype=dtype)
     off = trajectory(copy.deepcopy(base), {"enabled": False}, data, device="cuda", **kw)
-    engine, *_ = zo2_ds.initialize(
-        model=copy.deepcopy(base), config=make_config({"enabled": True, "prefetch_depth": depth}, **kw)
-    )
+    offload = {"enabled": True, "prefetch_depth": depth, "granularity": granularity}
+    engine, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=make_config(offload, **kw))
     store = engine.zo_offload_store
+    assert store.granularity == granularity
     # Page-locked (cudaHostRegister'ed exactly, which torch's is_pinned() does not report) and host-resident.
     assert all(store.host_pinned) and all(home.device.type == "cpu" for home in store.homes)
-    assert all(p.device.type == "cpu" for b in store.blocks.blocks for p in b.parameters())
+    assert all(p.device.type == "cpu" for u in store.units for p in u.parameters())
     assert engine.module.get_input_embeddings().weight.device.type == "cuda"
     if delay:
         _delay_everything(engine, delay)

@@ -81,6 +81,14 @@ class OffloadConfig(DeepSpeedConfigModel):
     free, so the link keeps working through the step boundary (the host's work between steps). False
     uploads each step's blocks only once it starts (benchmarks compare the two)."""
 
+    granularity: Literal["auto", "block", "layer"] = "auto"
+    """What streams as one unit: "block" (a whole transformer block: one upload, one slot, one perturbation
+    scratch of the block), or "layer" (each of a block's large sub-modules, e.g. OPT's attention, fc1 and
+    fc2: slots and scratch the size of the largest sub-module; a block's small modules, its layer norms,
+    stay on the GPU). Same uploads per step and the same bits either way; "layer" cuts the offloader's GPU
+    memory about threefold for more turns between the passes. "auto": "layer" when the largest block is at
+    least 256 MiB (OPT-6.7B and up) and ``cuda_graphs`` is off, else "block". See zo2_ds/offload/units.py."""
+
     blocks_attr: str | None = None
     """Dotted path from the model to its nn.ModuleList of repeated blocks (e.g. "model.decoder.layers"),
     for models where automatic discovery fails."""

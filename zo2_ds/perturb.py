@@ -113,9 +113,20 @@ class ResidentRunner:
             the tensors outside its streamed blocks).
         config: the ``zo2`` config (eps, seed, num_perturbations are read from it).
         ops: the kernel dispatch (default: the one ``config.kernels`` names).
+        group_blocks: one unit per block (else one per owning module, as outside the blocks). The offloader
+            passes False: the tensors it leaves to this runner inside a block (layer norms, at granularity
+            "layer") are used between its own units, while the passes take turns within the block.
     """
 
-    def __init__(self, module: nn.Module, params: Sequence[TrainableParam], config: ZO2Config, ops: Ops | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        params: Sequence[TrainableParam],
+        config: ZO2Config,
+        ops: Ops | None = None,
+        *,
+        group_blocks: bool = True,
+    ):
         self.config = config
         self.ops = ops if ops is not None else Ops(config.kernels)
         self.params = list(params)
@@ -131,15 +142,15 @@ class ResidentRunner:
         # offloader's lock-step), so each counts its own.
         self._units_done: dict[tuple[int, int, float], int] = {}
         self._update_tables: dict[tuple[int, ...], list[tuple[list[nn.Parameter], Any]]] = {}
-        self.units = self._build_units(module)
+        self.units = self._build_units(module, group_blocks)
         self._handles = []
         for unit in self.units:
             self._handles.append(unit.module.register_forward_pre_hook(self._make_pre_hook(unit)))
             self._handles.append(unit.module.register_forward_hook(self._make_post_hook(unit), always_call=True))
 
-    def _build_units(self, module: nn.Module) -> list[_Unit]:
+    def _build_units(self, module: nn.Module, group_blocks: bool) -> list[_Unit]:
         block_of: dict[int, nn.Module] = {}
-        if self.params:
+        if self.params and group_blocks:
             for block in _block_modules(module):
                 for sub in block.modules():
                     block_of[id(sub)] = block

@@ -29,13 +29,19 @@ def offload_variants(
     transfer_dtypes: tuple[str, ...] = ("auto",),
     cuda_graphs: bool = False,
     resident_blocks: int | None = None,
+    granularities: tuple[str, ...] = ("auto",),
 ) -> list[tuple[str, dict[str, Any]]]:
-    """[(mode, zo2.offload block)]: every block streamed per transfer dtype, then the optional variants."""
+    """[(mode, zo2.offload block)]: every block streamed per transfer dtype and granularity (mode
+    ``offload``, ``offload_xfer_<dtype>``, with ``_<granularity>`` unless "auto"), then the optional variants."""
     common: dict[str, Any] = {"enabled": True, "prefetch_depth": prefetch_depth}
     if write_back_interval is not None:
         common["write_back_interval"] = write_back_interval
     variants = [
-        ("offload" if xfer == "auto" else f"offload_xfer_{xfer}", {**common, "transfer_dtype": xfer})
+        (
+            ("offload" if xfer == "auto" else f"offload_xfer_{xfer}") + ("" if unit == "auto" else f"_{unit}"),
+            {**common, "transfer_dtype": xfer, "granularity": unit},
+        )
+        for unit in granularities
         for xfer in transfer_dtypes
     ]
     if cuda_graphs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -62,6 +63,17 @@ def parse_batches(text: str) -> list[tuple[int, int]]:
     return batches
 
 
+def register_truncated(name: str) -> None:
+    """``"opt-175b@6"``: the shape of opt-175b with only its first 6 blocks, registered in ``SHAPES`` under
+    that name (GPU memory does not depend on the number of streamed blocks; the step is per block)."""
+    base, sep, count = name.partition("@")
+    if not sep or base not in SHAPES or name in SHAPES:
+        return
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"--models: {name!r}: the part after @ must be a number of blocks >= 1")
+    SHAPES[name] = dataclasses.replace(SHAPES[base], name=name, num_layers=int(count))
+
+
 def parse_names(text: str, allowed: Any, argument: str) -> list[str]:
     names = [n for n in text.split(",") if n]
     unknown = [n for n in names if n not in allowed]
@@ -110,6 +122,9 @@ def run_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
     if args.tiny:
         args.models, args.batches, args.steps, args.warmup = "tiny", args.tiny_batches, 2, 1
     try:
+        if args.models != "none":
+            for name in args.models.split(","):
+                register_truncated(name)
         args.models = [] if args.models == "none" else parse_names(args.models, SHAPES, "--models")
         args.batches = parse_batches(args.batches)
     except ValueError as exc:

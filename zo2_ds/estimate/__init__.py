@@ -81,7 +81,7 @@ class Estimate:
     bandwidth_gbs: float
     flops_per_step: float
     tflops: float
-    offload_facts: dict[str, int] = field(default_factory=dict)  # num_blocks, num_resident, num_slots, ...
+    offload_facts: dict[str, Any] = field(default_factory=dict)  # num_blocks, num_units, granularity, num_slots, ...
 
     @property
     def exact_bytes(self) -> int:
@@ -146,6 +146,7 @@ def estimate(
     dtype: str = "fp16",
     offload: bool = True,
     prefetch_depth: int = 1,
+    granularity: str = "auto",
     num_resident_blocks: int | None = None,
     max_gpu_memory: int | str | None = None,
     transfer_dtype: str = "auto",
@@ -175,6 +176,7 @@ def estimate(
             raise ValueError(f"--{name}: {value!r} must be positive")
     options = {
         "prefetch_depth": prefetch_depth,
+        "granularity": granularity,
         "num_resident_blocks": num_resident_blocks,
         "max_gpu_memory": max_gpu_memory,
         "transfer_dtype": transfer_dtype,
@@ -235,9 +237,12 @@ def _offloaded(
     streamed = (layout.streamed_exact_bytes + (k - 1) * layout.streamed_narrow_bytes) / k
     facts = {
         "num_blocks": layout.num_blocks,
+        "num_units": layout.num_units,
+        "granularity": layout.granularity,
         "num_resident": layout.num_resident,
         "num_slots": layout.num_slots,
         "block_bytes": layout.block_bytes,
+        "unit_bytes": layout.unit_bytes,
         "write_back_interval": k,
     }
     return parts, host, streamed, facts

@@ -21,7 +21,7 @@ from torch import nn
 from zo2_ds.config import ZO2Config
 from zo2_ds.offload import pending as rules
 from zo2_ds.offload.runner import OffloadRunner
-from zo2_ds.offload.store import BlockStore, plan_store
+from zo2_ds.offload.store import BlockStore, block_layout, plan_store
 from zo2_ds.offload.trace import device_bytes
 from zo2_ds.ops import Ops
 from zo2_ds.perturb import ResidentRunner, trainable_params
@@ -63,9 +63,12 @@ class OffloadLayout:
     host_masters_bytes: int  # the pinned masters alone
     host_narrow_bytes: int  # their transfer_dtype copies
     num_blocks: int
-    num_resident: int
+    num_units: int  # what streams: the blocks, or at granularity "layer" their large sub-modules
+    granularity: str  # "block" or "layer", as resolved
+    num_resident: int  # units kept on the device
     num_slots: int
     block_bytes: int  # the largest block's flat buffer
+    unit_bytes: int  # the largest unit's (a slot)
     streamed_exact_bytes: int  # one upload of every streamed block as its master
     streamed_narrow_bytes: int  # ... as its transfer_dtype copy (= exact without one)
     write_back_interval: int
@@ -95,10 +98,13 @@ def offloader_parts(model: nn.Module, config: ZO2Config, on_cuda: bool) -> Offlo
         host_pinned_bytes=masters + narrow,
         host_masters_bytes=masters,
         host_narrow_bytes=narrow,
-        num_blocks=store.num_blocks,
+        num_blocks=len(store.blocks.blocks),
+        num_units=store.num_blocks,
+        granularity=store.granularity,
         num_resident=store.num_resident,
         num_slots=num_slots,
-        block_bytes=max(store.sizes),
+        block_bytes=max(block_layout(b)[1] for b in store.blocks.blocks),
+        unit_bytes=max(store.sizes),
         streamed_exact_bytes=masters,
         streamed_narrow_bytes=narrow or masters,
         write_back_interval=rules.resolve_interval(config.offload.write_back_interval, on_cuda),

@@ -26,6 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp16", help="fp32, fp16 or bf16 (default fp16)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True, help="zo2.offload (default on)")
     p.add_argument("--prefetch_depth", type=int, default=1)
+    p.add_argument("--granularity", default="auto", choices=("auto", "block", "layer"), help="zo2.offload.granularity")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--num_resident_blocks", type=int, default=None)
     budget.add_argument("--max_gpu_memory", default=None, help='bytes the resident blocks may use, e.g. "8GB"')
@@ -51,6 +52,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "offload": args.offload,
         "prefetch_depth": args.prefetch_depth,
+        "granularity": args.granularity,
         "num_resident_blocks": args.num_resident_blocks,
         "max_gpu_memory": args.max_gpu_memory,
         "transfer_dtype": args.transfer_dtype,

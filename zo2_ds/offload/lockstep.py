@@ -51,13 +51,22 @@ class LockStep:
     ``on_turn(j)`` is called (in the thread of pass j) each time pass j gets the turn, before it runs.
     """
 
-    def __init__(self, num_passes: int, num_blocks: int, on_turn: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        num_passes: int,
+        num_blocks: int,
+        on_turn: Callable[[int], None] | None = None,
+        order: Sequence[int] | None = None,
+    ):
         self.num_passes = num_passes
         self.num_blocks = num_blocks
         self._on_turn = on_turn
+        # The units in the order the forward calls them; None: not known yet, learned from pass 0 (``sequence``).
+        self._order = None if order is None else list(order)
+        self.sequence: list[int] = []  # the units pass 0 called, in order
         self._cond = threading.Condition()
         self._turn = 0  # segment s of pass j has turn s * num_passes + j
-        self._stage = [0] * num_passes  # segment each pass is in (block k's forward is in segment k + 1)
+        self._stage = [0] * num_passes  # segment each pass is in (the k-th unit's forward is in segment k + 1)
         self._finished = [False] * num_passes
         self._error: BaseException | None = None
         self._local = threading.local()
@@ -72,21 +81,33 @@ class LockStep:
         return self._error is not None
 
     def enter_block(self, block: int) -> int:
-        """At block ``block``'s pre-hook: end the current segment, wait for this pass's turn at the block.
+        """At unit ``block``'s pre-hook: end the current segment, wait for this pass's turn at the unit.
 
-        Returns the pass index. Raises RuntimeError when blocks are not called once each, in order.
+        Returns the pass index. Raises RuntimeError when the units are not called once each, in the order
+        given (or, without one, in the order pass 0 called them).
         """
         j = self._local.index
-        if self._stage[j] != block:
+        stage = self._stage[j]
+        expected = self._expected(stage) if j or self._order is not None else block
+        if block != expected or (j == 0 and self._order is None and block in self.sequence):
+            after = f"after unit {self._expected(stage - 1)}" if stage else "first"
             raise RuntimeError(
-                f"zo2.offload: pass {j} called block {block} after block {self._stage[j] - 1}; the offloader needs "
-                "the model to call every block exactly once per forward, in list order (see zo2.offload.blocks_attr)"
+                f"zo2.offload: pass {j} called unit {block} {after}, where unit {expected} was due; the offloader "
+                'needs the model to call every streamed unit (a block, or at granularity "layer" a block\'s large '
+                "sub-module) exactly once per forward, in the same order every time (see zo2.offload.blocks_attr; "
+                'zo2.offload.granularity "block" streams whole blocks)'
             )
         with self._cond:
-            self._stage[j] = block + 1
+            if j == 0 and self._order is None:
+                self.sequence.append(block)
+            self._stage[j] = stage + 1
             self._advance()
             self._wait(j)
         return j
+
+    def _expected(self, stage: int) -> int:
+        order = self._order if self._order is not None else self.sequence
+        return order[stage] if 0 <= stage < len(order) else -1
 
     # -- driving ---------------------------------------------------------------------------------
     def run(self, forwards: Sequence[Callable[[], Any]], pool: PassPool | None = None) -> list[Any]:
@@ -123,9 +144,10 @@ class LockStep:
                 _ThreadContext.exit(stack)
             if self._stage[j] != self.num_blocks:
                 raise RuntimeError(
-                    f"zo2.offload: pass {j} called {self._stage[j]} of the {self.num_blocks} blocks; the offloader "
-                    "needs "
-                    "the model to call every block exactly once per forward (see zo2.offload.blocks_attr)"
+                    f"zo2.offload: pass {j} called {self._stage[j]} of the {self.num_blocks} streamed units; the "
+                    'offloader needs the model to call every unit (a block, or at granularity "layer" a block\'s '
+                    "large sub-module) exactly once per forward (see zo2.offload.blocks_attr; zo2.offload.granularity "
+                    '"block" streams whole blocks)'
                 )
         except Aborted:
             pass

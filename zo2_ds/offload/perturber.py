@@ -116,6 +116,11 @@ class BlockPerturber:
             if upd is not None:
                 self.ops.apply_update_(views[i], *tensor_update(upd, self._decay[b][t], key))
 
+    def forget_tables(self) -> None:
+        """The blocks' device views moved (the ring's order changed): rebuild each table at its next use."""
+        self._tables = [None if t is not False else False for t in self._tables]
+        self.views = list(self._views_torch)
+
     def tables(self) -> list[Any]:
         """Each block's TensorTable (None before its first use, False on the per-tensor path)."""
         return list(self._tables)

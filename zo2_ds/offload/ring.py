@@ -45,13 +45,10 @@ class SlotRing:
         self.num_slots = num_slots
         slot_bytes = max((store.sizes[b] for b in self.streamed), default=0)
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=store.device) for _ in range(num_slots)]
-        self.slot_of = {b: pos % num_slots for pos, b in enumerate(self.streamed)}
         num_blocks = store.num_blocks
-        # Each block's tensors on the device: in its slot, or its resident home.
-        self.dev_views = [
-            store.views(b, self.slots[self.slot_of[b]]) if store.is_streamed(b) else store.home_views[b]
-            for b in range(num_blocks)
-        ]
+        # Each block's tensors on the device: in its slot, or its resident home (see set_order).
+        self.dev_views: list[list[torch.Tensor]] = [[] for _ in range(num_blocks)]
+        self.set_order(self.streamed)
         self.owner: list[int | None] = [None] * num_slots  # the block whose copy is (being) put in each slot
         self.exact = [True] * num_blocks  # the copy in block b's slot is its exact master (not the narrow one)
         self._uploaded = [streams.marker() for _ in range(num_blocks)]
@@ -63,6 +60,19 @@ class SlotRing:
         self._cursor: int | None = None  # next position in `streamed` to upload
         self._wrap = False  # positions past the end wrap to the next step's blocks (see prefetch)
         self.released: set[int] = set()  # blocks this run is done with (the wrapped prefetch waits for them)
+
+    def set_order(self, streamed: list[int]) -> None:
+        """Upload the streamed blocks in this order (the order the forward calls them), block b in slot
+        ``slot_of[b]`` = its position modulo the ring; re-points ``dev_views`` (the list is kept, its items
+        replaced). Only between runs, with no slot holding anything."""
+        assert sorted(streamed) == self.store.streamed and all(o is None for o in getattr(self, "owner", ()))
+        self.streamed = list(streamed)
+        self.slot_of = {b: pos % self.num_slots for pos, b in enumerate(self.streamed)}
+        store = self.store
+        for b in range(store.num_blocks):
+            self.dev_views[b] = (
+                store.views(b, self.slots[self.slot_of[b]]) if store.is_streamed(b) else store.home_views[b]
+            )
 
     # -- one block ---------------------------------------------------------------------------------
     def flat(self, b: int) -> torch.Tensor:
@@ -151,8 +161,10 @@ class SlotRing:
         self.owner = [None] * self.num_slots
 
     # -- the upload schedule of a run ----------------------------------------------------------------
-    def start_run(self, training: bool) -> None:
-        self._cursor = 0
+    def start_run(self, training: bool, prefetch: bool = True) -> None:
+        """A run begins: its blocks are uploaded ahead in order (unless not ``prefetch``: each at its acquire,
+        for a run whose order is not known yet), and in training past its end into the next step's."""
+        self._cursor = 0 if prefetch else None
         self._wrap = training and self.prefetch_next_step
         self.released.clear()
 

@@ -81,7 +81,8 @@ class OffloadRunner:
         self.tracer = Tracer()
         self._module = module
         in_blocks = self._in_blocks = store.param_ids
-        self.resident = ResidentRunner(module, [tp for tp in params if id(tp.param) not in in_blocks], config, self.ops)
+        outside = [tp for tp in params if id(tp.param) not in in_blocks]
+        self.resident = ResidentRunner(module, outside, config, self.ops, group_blocks=False)
         key_of = {id(tp.param): tp.key for tp in params}
         # Trainable entries of each block: (entry index, z key); where: param id -> (block, index among them).
         trained = [
@@ -116,12 +117,16 @@ class OffloadRunner:
         self._pool = PassPool()
         self._specs: list[zo.PassSpec | None] = []
         self._spec_hashes: list[int] = []  # zo.z_pass_hash of each spec of the run, computed once per run
+        # The order the forward calls the units: list order for whole blocks; at granularity "layer" learned
+        # from the first run (sub-modules need not be called in the order they are registered), which
+        # uploads each unit at its acquire instead of ahead (see _learn_order).
+        self._order: list[int] | None = list(range(store.num_blocks)) if store.granularity == "block" else None
 
         self.graphs = None
         if offload.cuda_graphs and self.streams.enabled and store.device.type == "cuda":
             from zo2_ds.offload.graphs import BlockGraphs
 
-            self.graphs = BlockGraphs(store.blocks.blocks, lambda b: [e.param for e in store.entries[b]])
+            self.graphs = BlockGraphs(store.units, lambda b: [e.param for e in store.entries[b]])
         self._handles = _install_hooks(self, module, store)
 
     # -- the runner interface (zo2_ds.runner.ZORunner) ------------------------------------------------
@@ -250,8 +255,8 @@ class OffloadRunner:
         self._run_step = None if specs[0] is None else specs[0][0]
         seed = self.config.seed
         self._spec_hashes = [0 if s is None else zo.z_pass_hash(seed, s[0], s[1]) for s in specs]
-        self._sched = LockStep(len(specs), self.store.num_blocks, on_turn=self._on_turn)
-        self.ring.start_run(training=specs[0] is not None)
+        self._sched = sched = LockStep(len(specs), self.store.num_blocks, on_turn=self._on_turn, order=self._order)
+        self.ring.start_run(training=specs[0] is not None, prefetch=self._order is not None)
         # Every pass runs on the caller's stream (the lock-step threads enter it): looked up once per run.
         self._compute = self.streams.compute()
         ok = False
@@ -266,7 +271,20 @@ class OffloadRunner:
             self.resident.activate(None)
             if not ok:
                 self._recover()
+        if self._order is None:
+            self._learn_order(sched.sequence)
         return outs
+
+    def _learn_order(self, sequence: list[int]) -> None:
+        """After the first run at granularity "layer": upload in the order the forward called the units (the
+        ring's slots and the blocks' kernel tables follow it). Nothing is in a slot: that run uploaded each
+        unit at its acquire and released it before the next."""
+        self._order = list(sequence)
+        streamed = [b for b in sequence if self.store.is_streamed(b)]
+        if streamed != self.ring.streamed:
+            self.streams.synchronize()
+            self.ring.set_order(streamed)
+            self.perturber.forget_tables()
 
     def _on_turn(self, j: int) -> None:
         # Parameters outside the blocks follow whichever pass holds the turn.
@@ -380,15 +398,16 @@ def _install_hooks(runner: OffloadRunner, model: torch.nn.Module, store: BlockSt
     weights (a load_state_dict of the model recurses into every block once) remakes its transfer_dtype copy.
     """
     handles = []
-    for b, block in enumerate(store.blocks.blocks):
-        handles.append(block.register_forward_pre_hook(functools.partial(runner._enter_block, b)))
-        handles.append(block.register_forward_hook(functools.partial(runner._leave_block, b), always_call=True))
+    for b, unit in enumerate(store.units):
+        handles.append(unit.register_forward_pre_hook(functools.partial(runner._enter_block, b)))
+        handles.append(unit.register_forward_hook(functools.partial(runner._leave_block, b), always_call=True))
     for b in store.streamed if store.narrow is not None else ():
-        block = store.blocks.blocks[b]
-        handles.append(block.register_load_state_dict_post_hook(lambda *_, b=b: runner.masters_changed([b])))
+        unit = store.units[b]
+        handles.append(unit.register_load_state_dict_post_hook(lambda *_, b=b: runner.masters_changed([b])))
     path = store.blocks.path.split(".") if store.blocks.path else []
     holders = [model] + [model.get_submodule(".".join(path[: i + 1])) for i in range(len(path))]
     holders.extend(store.blocks.blocks)
+    holders.extend(store.units)
     for mod in {id(m): m for m in holders}.values():
         handles.append(mod.register_state_dict_pre_hook(lambda *_: runner.flush()))
         handles.append(mod.register_load_state_dict_pre_hook(lambda *_: runner.flush()))

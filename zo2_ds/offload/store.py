@@ -27,6 +27,7 @@ from torch import nn
 from zo2_ds.dtypes import DTYPES
 from zo2_ds.models import BlockList, find_blocks
 from zo2_ds.offload.hostmem import available_host_bytes, pinned_host_buffer
+from zo2_ds.offload.units import block_order, stream_units
 
 __all__ = [
     "ALIGN_BYTES",
@@ -34,6 +35,7 @@ __all__ = [
     "Narrow",
     "build_store",
     "block_layout",
+    "flat_layout",
     "plan_store",
     "block_nbytes",
     "parse_bytes",
@@ -72,12 +74,29 @@ class Narrow:
 
 
 class BlockStore:
-    """The block list, each block's flat home buffer and its parameter slices."""
+    """The streamed units (:mod:`zo2_ds.offload.units`), each unit's flat home buffer and its parameter slices.
+
+    A unit is a whole block (``granularity`` "block") or one of a block's large sub-modules ("layer"). The
+    offloader indexes everything by unit, and calls unit b "block b" throughout (they are the same thing at
+    the default granularity of all but the largest models): ``num_blocks``, ``entries[b]``, ``homes[b]``.
+    ``blocks`` is the model's block list, ``units`` the modules streamed, ``block_of[b]`` the block of unit b.
+    """
 
     def __init__(
-        self, blocks: BlockList, device: torch.device, entries: list[list[Entry]], sizes: list[int], num_resident: int
+        self,
+        blocks: BlockList,
+        device: torch.device,
+        entries: list[list[Entry]],
+        sizes: list[int],
+        num_resident: int,
+        units: tuple[nn.Module, ...] | None = None,
+        block_of: tuple[int, ...] | None = None,
+        granularity: str = "block",
     ):
         self.blocks = blocks
+        self.units = tuple(blocks.blocks) if units is None else units
+        self.block_of = tuple(range(len(self.units))) if block_of is None else block_of
+        self.granularity = granularity
         self.device = device
         self.entries = entries
         self.sizes = sizes  # flat bytes per block
@@ -94,7 +113,8 @@ class BlockStore:
 
     @property
     def num_blocks(self) -> int:
-        return len(self.blocks.blocks)
+        """The number of units (blocks, at granularity "block")."""
+        return len(self.units)
 
     def is_streamed(self, index: int) -> bool:
         return index not in self.resident
@@ -160,12 +180,18 @@ def block_nbytes(block: nn.Module) -> int:
 
 
 def block_layout(block: nn.Module) -> tuple[list[tuple[nn.Parameter, int, int]], int]:
-    """``block``'s flat home buffer: ``(parameter, byte offset, bytes)`` for each distinct parameter, in
-    ``parameters()`` order, each at an ALIGN_BYTES boundary, and the buffer's size in bytes. Only shapes
-    and dtypes are read, so it also lays out a block on the meta device."""
+    """``block``'s flat home buffer (:func:`flat_layout` of its parameters in
+    :func:`zo2_ds.offload.units.block_order`: its units' parameters first, unit by unit, so each unit is a
+    contiguous, aligned part of it). Only shapes and dtypes are read: it also lays out a meta block."""
+    return flat_layout(block_order(block))
+
+
+def flat_layout(params) -> tuple[list[tuple[nn.Parameter, int, int]], int]:
+    """A flat buffer for ``params``: ``(parameter, byte offset, bytes)`` for each distinct one, in order, each
+    at an ALIGN_BYTES boundary, and the buffer's size in bytes (a multiple of ALIGN_BYTES)."""
     out, offset = [], 0
     seen: set[int] = set()
-    for p in block.parameters():
+    for p in params:
         if id(p) in seen:
             continue
         seen.add(id(p))
@@ -175,34 +201,46 @@ def block_layout(block: nn.Module) -> tuple[list[tuple[nn.Parameter, int, int]],
     return out, max(offset, ALIGN_BYTES)
 
 
-def _num_resident(cfg, sizes: list[int]) -> int:
+def _num_resident(cfg, sizes: list[int], num_blocks: int) -> int:
+    """How many units stay on the device: ``num_resident_blocks`` blocks' worth of units, or as many of the
+    largest unit as ``max_gpu_memory`` holds."""
     if cfg.max_gpu_memory is not None and cfg.num_resident_blocks is not None:
         raise ValueError("zo2.offload: set max_gpu_memory or num_resident_blocks, not both")
     if cfg.num_resident_blocks is not None:
-        return min(cfg.num_resident_blocks, len(sizes))
+        return min(cfg.num_resident_blocks * len(sizes) // num_blocks, len(sizes))
     if cfg.max_gpu_memory is None:
         return 0
     budget = parse_bytes(cfg.max_gpu_memory)
     if budget < max(sizes):
+        what = "block" if len(sizes) == num_blocks else "streamed unit (the largest sub-module of a block)"
         raise ValueError(
-            f"zo2.offload.max_gpu_memory={cfg.max_gpu_memory!r} ({budget / _GIB:.3f} GiB) is smaller than one block "
-            f"({max(sizes) / _GIB:.3f} GiB): raise it to at least one block, or leave it unset to stream every block"
+            f"zo2.offload.max_gpu_memory={cfg.max_gpu_memory!r} ({budget / _GIB:.3f} GiB, {budget} bytes) is smaller "
+            f"than one {what}, the least it can keep resident: {max(sizes) / _GIB:.3f} GiB ({max(sizes)} bytes). "
+            "Raise it to at least that, or leave it unset to stream every block"
         )
-    return min(budget // max(sizes), len(sizes))  # resident blocks are spread out: count the largest
+    return min(budget // max(sizes), len(sizes))  # resident units are spread out: count the largest
 
 
 def plan_store(model: nn.Module, cfg, device: torch.device) -> tuple[BlockStore, list]:
-    """The :class:`BlockStore` ``build_store`` makes for ``model``, planned but not filled: the blocks, each
-    parameter's slice of its block's home, which blocks stay resident, the ``transfer_dtype`` layout; no
-    home allocated, nothing moved, no memory checked. Also returns each block's :func:`block_layout`.
-    ``zo2_ds.estimate`` plans with it on the meta device, so its figures follow the offloader's rules."""
+    """The :class:`BlockStore` ``build_store`` makes for ``model``, planned but not filled: the units
+    (:func:`zo2_ds.offload.units.stream_units`), each parameter's slice of its unit's home, which units stay
+    resident, the ``transfer_dtype`` layout; no home allocated, nothing moved, no memory checked. Also
+    returns each unit's :func:`flat_layout`. ``zo2_ds.estimate`` plans with it on the meta device, so its
+    figures follow the offloader's rules."""
     blocks = find_blocks(model, cfg.blocks_attr)
-    layouts = [block_layout(b) for b in blocks.blocks]
+    block_sizes = [block_layout(b)[1] for b in blocks.blocks]
+    granularity, units, block_of = stream_units(
+        blocks.blocks, cfg.granularity, cuda_graphs=cfg.cuda_graphs, block_bytes=block_sizes
+    )
+    if granularity == "block":
+        layouts = [block_layout(b) for b in blocks.blocks]
+    else:
+        layouts = [flat_layout(u.parameters()) for u in units]
     sizes = [size for _, size in layouts]
-    num_resident = _num_resident(cfg, sizes)
+    num_resident = _num_resident(cfg, sizes, len(blocks.blocks))
     transfer = _transfer_dtype(cfg, layouts)
     entries = [[Entry(p, off, n, p.dtype, p.shape) for p, off, n in layout] for layout, _ in layouts]
-    store = BlockStore(blocks, device, entries, sizes, num_resident)
+    store = BlockStore(blocks, device, entries, sizes, num_resident, tuple(units), tuple(block_of), granularity)
     if transfer is not None:
         layouts_n = [_narrow_layout(block_entries, size, transfer) for block_entries, size in zip(entries, sizes)]
         store.narrow = Narrow(

@@ -4,7 +4,8 @@
     python launch/bench_offload.py --models opt-13b --no-in-gpu --cuda-graphs --out $OUT/offload_13b.json
     python launch/bench_offload.py --models opt-6.7b --resident 16 --timeline $OUT/timeline.png
     python launch/bench_offload.py --models opt-6.7b --dtype fp32 --transfer-dtypes auto,bf16
-    python launch/bench_offload.py --models opt-175b@6,opt-175b@12 --batches 1x2048 --no-in-gpu --granularities block,layer
+    python launch/bench_offload.py --models opt-175b@6,opt-175b@12 --batches 1x2048 --no-in-gpu \
+        --granularities block,layer                            # OPT-175B's shape, 6 and 12 of its blocks
     python launch/bench_offload.py --tiny                                                   # CPU, seconds
     torchrun --nproc_per_node 2 launch/bench_offload.py --models opt-6.7b --batches 1x2048 --no-in-gpu  # data parallel
 

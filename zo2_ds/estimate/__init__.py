@@ -172,18 +172,11 @@ def estimate(
 
     ``num_layers``: keep only that many blocks (e.g. the OPT-175B shape truncated to 6, as measured).
     ``device`` "cuda" counts the budget as a CUDA run makes it; "cpu" as a CPU run (the tests compare with
-    CPU engines). ``cuda_context_bytes``: the CUDA context's NVML bytes on your machine (an int or "1.3GiB";
-    default :data:`CUDA_CONTEXT_BYTES`, an H100's). Raises ValueError naming the bad argument and what is
-    allowed.
+    CPU engines). ``cuda_context_bytes``: your machine's CUDA context (int or "1.3GiB"; default an H100's,
+    :data:`CUDA_CONTEXT_BYTES`). Raises ValueError naming the bad argument and what is allowed.
     """
     batch_size, seq_len = parse_batch(batch) if isinstance(batch, str) else batch
-    if dtype not in ("fp32", "fp16", "bf16"):
-        raise ValueError(f"--dtype: {dtype!r} is not one of 'fp32', 'fp16', 'bf16'")
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"device: {device!r} is not one of 'cuda', 'cpu'")
-    for name, value in (("num_gpus", num_gpus), ("bandwidth_gbs", bandwidth_gbs), ("tflops", tflops)):
-        if not value > 0:
-            raise ValueError(f"--{name}: {value!r} must be positive")
+    _check_arguments(dtype, device, num_gpus=num_gpus, bandwidth_gbs=bandwidth_gbs, tflops=tflops)
     options = {
         "prefetch_depth": prefetch_depth,
         "num_resident_blocks": num_resident_blocks,
@@ -230,6 +223,16 @@ def estimate(
         offload_facts=facts,
         context_source=context_source,
     )
+
+
+def _check_arguments(dtype: str, device: str, **positive: float) -> None:
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"--dtype: {dtype!r} is not one of 'fp32', 'fp16', 'bf16'")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device: {device!r} is not one of 'cuda', 'cpu'")
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"--{name}: {value!r} must be positive")
 
 
 def _context(cuda_context_bytes: int | str | None, device: str) -> tuple[int, str]:

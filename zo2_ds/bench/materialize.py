@@ -53,7 +53,7 @@ def pinned_floor(block_sizes: list[int]) -> dict[str, Any]:
             buf[::PAGE_BYTES].fill_(1)
         touched = time.perf_counter()
         page_locked = all(locked for _, locked in buffers)
-        del buffers
+        del buffers, buf
         gc.collect()  # the mappings are unregistered and unmapped with their last tensor
     return {
         "floor_s": touched - started,

@@ -273,3 +273,22 @@ def test_bench_materialize_main_records_the_floor_and_the_peak_rss(tmp_path):
     assert rec["meets_targets"] == (rec["rss_ratio"] <= 1.1 and rec["time_ratio"] <= 1.5)
     with pytest.raises(SystemExit):
         bench.parse_args(["--model", "opt-1.3b", "--layers", "0"])
+
+
+@pytest.mark.cuda
+def test_bench_materialize_on_the_gpu_page_locks_and_stays_near_the_pinned_bytes(tmp_path):
+    """In a fresh process, as check.sh runs it: the floor is page-locked, the blocks are initialized on the GPU
+    and only their homes grow the host RSS (the embedding and head stay on the GPU)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cuda", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    out = tmp_path / "materialize.json"
+    cmd = [sys.executable, "launch/bench_materialize.py", "--model", "opt-1.3b", "--layers", "8", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (rec,) = result["records"]
+    assert result["env"]["card"] != "cpu" and result["env"]["cuda"]
+    assert rec["device"] == "cuda" and rec["floor_page_locked"] and rec["num_blocks"] == 8
+    assert 0.9 * rec["pinned_bytes"] <= rec["peak_rss_growth_bytes"] <= 1.1 * rec["pinned_bytes"]
+    assert rec["floor_rss_growth_bytes"] >= 0.9 * rec["pinned_bytes"]
+    assert 0 < rec["floor_s"] and 0 < rec["time_ratio"] < 20

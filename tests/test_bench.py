@@ -235,3 +235,60 @@ def test_bench_scripts_on_the_gpu(tmp_path):
     streamed = [r for r in result["records"] if r["mode"] == "offload"]
     assert streamed and all(r["ratio_to_floor"] > 0 and r["peak_allocated_bytes"] > 0 for r in streamed)
     assert all(r.get("device_budget") for r in streamed)  # engine.zo_runner.device_bytes()
+
+
+def test_host_rss_peak_sees_memory_touched_inside():
+    with measure.HostRssPeak(interval_s=0.001) as rss:
+        buf = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, every page written
+        del buf
+    assert rss.growth_bytes >= 60 << 20 and rss.num_samples >= 1
+    assert rss.peak_bytes >= rss.baseline_bytes > 0
+
+
+def test_bench_materialize_main_records_the_floor_and_the_peak_rss(tmp_path):
+    """A truncated OPT-1.3B shape (4 blocks of 100 MB in fp16) on the CPU: the JSON fields, finite positive
+    ratios, the floor pinning exactly the blocks' homes, and the RSS growth near the model's bytes."""
+    import math
+
+    from zo2_ds.estimate.meta_model import meta_model
+    from zo2_ds.offload.store import block_layout
+
+    bench = _load_launch("bench_materialize")
+    out = tmp_path / "materialize.json"
+    result = bench.main(["--model", "opt-1.3b", "--layers", "4", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))
+    env, (rec,) = result["env"], result["records"]
+    assert env["card"] == "cpu" and env["torch"] == torch.__version__ and "cuda" in env
+    assert rec["model"] == "opt-1.3b" and rec["num_layers"] == rec["num_blocks"] == 4 and rec["dtype"] == "fp16"
+    assert rec["shape"]["hidden_size"] == 2048 and rec["device"] == "cpu"
+    skeleton = meta_model("opt-1.3b", torch.float16, num_layers=4)
+    assert rec["pinned_bytes"] == 4 * block_layout(block_list(skeleton)[0])[1] == 4 * rec["block_bytes"]
+    assert rec["model_bytes"] == parameter_bytes(skeleton)
+    for key in ("floor_s", "materialize_s", "time_ratio", "rss_ratio", "peak_rss_growth_bytes"):
+        assert math.isfinite(rec[key]) and rec[key] > 0, key
+    assert rec["time_ratio"] == pytest.approx(rec["materialize_s"] / rec["floor_s"])
+    assert rec["rss_ratio"] == pytest.approx(rec["peak_rss_growth_bytes"] / rec["model_bytes"])
+    assert rec["floor_rss_growth_bytes"] >= 0.9 * rec["pinned_bytes"]  # every page of the floor was touched
+    assert 0.9 <= rec["rss_ratio"] <= 1.1  # the blocks' homes and the rest (on the CPU here), no second copy
+    assert rec["meets_targets"] == (rec["rss_ratio"] <= 1.1 and rec["time_ratio"] <= 1.5)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--model", "opt-1.3b", "--layers", "0"])
+
+
+@pytest.mark.cuda
+def test_bench_materialize_on_the_gpu_page_locks_and_stays_near_the_pinned_bytes(tmp_path):
+    """In a fresh process, as check.sh runs it: the floor is page-locked, the blocks are initialized on the GPU
+    and only their homes grow the host RSS (the embedding and head stay on the GPU)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cuda", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    out = tmp_path / "materialize.json"
+    cmd = [sys.executable, "launch/bench_materialize.py", "--model", "opt-1.3b", "--layers", "8", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (rec,) = result["records"]
+    assert result["env"]["card"] != "cpu" and result["env"]["cuda"]
+    assert rec["device"] == "cuda" and rec["floor_page_locked"] and rec["num_blocks"] == 8
+    assert 0.9 * rec["pinned_bytes"] <= rec["peak_rss_growth_bytes"] <= 1.1 * rec["pinned_bytes"]
+    assert rec["floor_rss_growth_bytes"] >= 0.9 * rec["pinned_bytes"]
+    assert 0 < rec["floor_s"] and 0 < rec["time_ratio"] < 20

@@ -179,6 +179,77 @@ def test_cli_runs_for_a_shape_a_config_and_a_model_dir(tmp_path, capsys):
     assert "model: 'nope' is neither" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("shape_name", ["llama-2-7b", "qwen2.5-7b"])
+def test_llama_and_qwen_shapes_by_name_and_by_config_json(tmp_path, capsys, shape_name):
+    """The 7B shapes of zo2_ds.bench, and the same config saved as a local config.json, give one estimate."""
+    from zo2_ds.bench.models import SHAPES, hf_config
+
+    shape = SHAPES[shape_name]
+    config, _ = hf_config(shape, use_cache=False)
+    config.to_json_file(str(tmp_path / "config.json"))
+    by_name, by_file = estimate(shape_name), estimate(str(tmp_path / "config.json"))
+    for field in ("device_parts", "host_parts", "offload_facts", "num_params", "activation_bytes", "logits_bytes"):
+        assert getattr(by_name, field) == getattr(by_file, field), field
+    assert by_name.offload_facts["num_blocks"] == shape.num_layers
+    itemsize = 2
+    embeddings = 2 * shape.vocab_size * shape.hidden_size * itemsize  # untied head: embedding and head
+    assert embeddings <= by_name.device_parts["outside_blocks"] < embeddings * 1.01
+    assert by_name.activation_bytes == 3 * 2048 * shape.ffn * itemsize  # gated MLP: gate, up, down
+    assert by_name.logits_bytes == 2048 * shape.vocab_size * itemsize
+    assert 3e9 < by_name.nvml_bytes < 9e9 and by_name.bound == "transfer"
+    for argv in ([shape_name], [str(tmp_path)]):
+        assert main([*argv, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["nvml_bytes"] == by_name.nvml_bytes
+
+
+def test_cuda_context_bytes_can_be_given():
+    from zo2_ds.estimate import CUDA_CONTEXT_BYTES
+
+    default = estimate("tiny", batch="1x16")
+    assert (default.context_bytes, default.context_source) == (CUDA_CONTEXT_BYTES, "constant")
+    given = estimate("tiny", batch="1x16", cuda_context_bytes="1.3GiB")
+    assert (given.context_bytes, given.context_source) == (int(1.3 * 1024**3), "given")
+    assert given.nvml_bytes - default.nvml_bytes == given.context_bytes - CUDA_CONTEXT_BYTES
+    assert estimate("tiny", batch="1x16", cuda_context_bytes=10**9).context_bytes == 10**9
+    on_cpu = estimate("tiny", batch="1x16", device="cpu", cuda_context_bytes="1.3GiB")
+    assert (on_cpu.context_bytes, on_cpu.context_source) == (0, "none")
+    for bad in ("lots", "-1GB", 1.5):
+        with pytest.raises(ValueError, match="--cuda_context_bytes: .* is not a byte count"):
+            estimate("tiny", cuda_context_bytes=bad)
+
+
+def test_cli_cuda_context_bytes(capsys):
+    assert main(["tiny", "--cuda_context_bytes", "1.4GB", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["context_bytes"] == 1_400_000_000 and result["context_source"] == "given"
+    assert main(["tiny", "--cuda_context_bytes", "1.4GB"]) == 0
+    assert "1.304 GiB  (--cuda_context_bytes)" in capsys.readouterr().out
+    assert main(["tiny"]) == 0
+    assert "(an H100's; --cuda_context_bytes for your machine's)" in capsys.readouterr().out
+    assert main(["tiny", "--cuda_context_bytes", "much"]) == 2
+    assert "--cuda_context_bytes: 'much'" in capsys.readouterr().err
+
+
+def test_check_shows_the_measured_context_beside_the_constant():
+    """The comparison of --check (a pure function of the estimate and the readings): the measured context
+    used for the estimate, the constant beside it with the NVML ratio it would have given."""
+    from zo2_ds.estimate import CUDA_CONTEXT_BYTES
+    from zo2_ds.estimate.check import _compare, format_check
+
+    measured_context = CUDA_CONTEXT_BYTES + 2**27
+    est = estimate("tiny", batch="1x16", cuda_context_bytes=measured_context).as_dict()
+    est["context_source"] = "measured"
+    readings = {"peak_allocated_bytes": est["peak_allocated_bytes"], "nvml_used_bytes": est["nvml_bytes"]}
+    result = _compare(est, readings, measured_context)
+    assert result["ratios"] == {"peak_allocated_bytes": 1.0, "nvml_bytes": 1.0}
+    context = result["context"]
+    assert context["measured_bytes"] == context["used_bytes"] == measured_context and context["source"] == "measured"
+    assert context["nvml_ratio_with_constant"] == pytest.approx(1 - 2**27 / est["nvml_bytes"])
+    text = format_check(result)
+    assert "CUDA context: measured 1.302 GiB, constant 1.177 GiB; the estimate used 1.302 GiB (measured)" in text
+    assert "NVML ratio with the constant context 0.9" in text
+
+
 def test_python_dash_m_prints_json():
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "zo2_ds.estimate", "opt-1.3b", "--batch", "16x256", "--json"]
@@ -196,6 +267,7 @@ def test_check_compares_exact_parts_with_a_real_engine():
     assert "exact parts equal" in format_check(result)
     if not CUDA:
         assert result["ratios"] == {}
+        assert result["context"]["source"] == "none" and result["context"]["measured_bytes"] is None
         with pytest.raises(ValueError, match="--check: opt-13b would be built on this machine's CPU"):
             check("opt-13b", steps=1)
 
@@ -208,6 +280,8 @@ def test_estimate_within_ten_percent_of_a_measured_run_on_cuda():
     result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout)
     assert result["exact_parts_match"] is True
     assert set(result["ratios"]) == {"peak_allocated_bytes", "nvml_bytes"}
+    context = result["context"]  # measured first in the fresh process, and used for the estimate
+    assert context["source"] == "measured" and context["used_bytes"] == context["measured_bytes"] > 0
     for key, ratio in result["ratios"].items():
         assert 0.9 <= ratio <= 1.1, (key, ratio)
 

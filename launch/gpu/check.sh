@@ -2,7 +2,7 @@
 # The CUDA tests and the benchmarks on any CUDA machine; logs, JSON and tables to $OUT (default runs/gpu).
 #
 #   bash launch/gpu/check.sh                       # every stage (more than 10 minutes in all on one H200)
-#   STAGES="tests" bash launch/gpu/check.sh        # one stage per call: tests, step, offload, graphs, tasks
+#   STAGES="tests" bash launch/gpu/check.sh        # one stage per call: tests, step, offload, graphs, tasks, materialize
 #   MODELS=opt-1.3b STAGES="step offload" bash launch/gpu/check.sh
 #   device tool: run(command="STAGES=tests bash launch/gpu/check.sh", carry=[".whl"])
 #
@@ -11,12 +11,14 @@
 # offload: launch/bench_offload.py, in-GPU and offloaded steps, half the blocks resident (13B: no in-GPU)
 # graphs:  launch/bench_offload.py --cuda-graphs --no-in-gpu
 # tasks:   launch/bench_tasks.py, OPT-1.3B shape through launch/train.py --task sst2, full and LoRA
+# materialize: launch/bench_materialize.py, OPT-30B fp16 straight into pinned memory against page-locking
+#          the same bytes alone, peak host RSS throughout (~60 GB pinned twice, one after the other; 1-2 min)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source launch/gpu/env.sh
 MODELS=${MODELS:-opt-1.3b,opt-6.7b,opt-13b}
 status=0
-for stage in ${STAGES:-tests step offload graphs tasks}; do
+for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
   echo "== $stage $(date -u +%H:%M:%S)"
   case $stage in
     tests) python3 -m pytest -q -rs -m cuda tests/ >"$OUT/pytest_cuda.txt" 2>&1 || status=1
@@ -35,7 +37,10 @@ for stage in ${STAGES:-tests step offload graphs tasks}; do
             grep "^opt\|^llama\|^qwen" "$OUT/graphs.log" ;;
     tasks) python3 launch/bench_tasks.py --out "$OUT/tasks" >"$OUT/tasks.log" 2>&1 || status=1
            tail -n 6 "$OUT/tasks.log" ;;
-    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks)"; status=2 ;;
+    materialize) python3 launch/bench_materialize.py --model opt-30b --out "$OUT/materialize_opt-30b.json" \
+                   >"$OUT/materialize_opt-30b.log" 2>&1 || status=1
+                 tail -n 4 "$OUT/materialize_opt-30b.log" ;;
+    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, materialize)"; status=2 ;;
   esac
 done
 exit $status

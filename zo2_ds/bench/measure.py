@@ -30,6 +30,7 @@ __all__ = [
     "cuda_context_bytes",
     "link_bandwidth",
     "NvmlPeak",
+    "HostRssPeak",
 ]
 
 
@@ -202,3 +203,61 @@ class NvmlPeak:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+
+
+def _proc_status_bytes(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(f"/proc/self/status has no {field}")
+
+
+class HostRssPeak:
+    """The peak of this process's resident host memory while the ``with`` block runs, and its growth over the
+    reading at entry (``growth_bytes``). A thread samples VmRSS every ``interval_s``; where the kernel lets a
+    process reset its high-water mark (``/proc/self/clear_refs``), VmHWM at exit also catches a peak that
+    rose and fell between two samples (``hwm_reset`` says whether it did). Linux only."""
+
+    def __init__(self, interval_s: float = 0.01):
+        self.interval_s = interval_s
+        self.baseline_bytes = 0
+        self.peak_bytes = 0
+        self.num_samples = 0
+        self.hwm_reset = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @property
+    def growth_bytes(self) -> int:
+        return self.peak_bytes - self.baseline_bytes
+
+    @staticmethod
+    def now_bytes() -> int:
+        """This process's resident host memory now (VmRSS)."""
+        return _proc_status_bytes("VmRSS")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, _proc_status_bytes("VmRSS"))
+            self.num_samples += 1
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> HostRssPeak:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS now
+            self.hwm_reset = True
+        except OSError:  # not allowed here (some containers): the samples alone
+            pass
+        self.baseline_bytes = self.peak_bytes = _proc_status_bytes("VmRSS")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, _proc_status_bytes("VmRSS"))
+        if self.hwm_reset:
+            self.peak_bytes = max(self.peak_bytes, _proc_status_bytes("VmHWM"))

@@ -28,6 +28,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cuda": torch.version.cuda,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "zo2_ds_path": str(Path(zo2_ds.__file__).resolve().parent),
         "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),

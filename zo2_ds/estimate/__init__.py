@@ -15,10 +15,16 @@ allocated there):
 - the logits of one pass (``t x vocab`` in the model dtype) and the lean loss's fp32 chunk with its
   log-softmax (:mod:`zo2_ds.loss`). The measured peaks are the sum of these and the activations (the last
   pass's logits are returned to the caller, and may live on while the next step's blocks run);
-- the CUDA context with a cuBLAS handle (:data:`CUDA_CONTEXT_BYTES`, measured) and the allocator's slack
-  (:data:`ALLOCATOR_SLACK_BYTES`, measured in fresh processes with ``expandable_segments``): NVML shows
-  the peak allocated plus both. A process that used the GPU for something else first (the benchmark's
-  in-GPU baseline) shows 0.4-0.5 GiB more in NVML: the allocator keeps part of that cache.
+- the CUDA context with a cuBLAS handle and the allocator's slack (:data:`ALLOCATOR_SLACK_BYTES`, measured
+  in fresh processes with ``expandable_segments``): NVML shows the peak allocated plus both. A process that
+  used the GPU for something else first (the benchmark's in-GPU baseline) shows 0.4-0.5 GiB more in NVML:
+  the allocator keeps part of that cache.
+
+The CUDA context depends on the card, the driver and the CUDA version: :data:`CUDA_CONTEXT_BYTES` was
+measured on an H100 (1.18 GiB); an H200 with a newer driver showed 1.31 GiB. ``cuda_context_bytes`` (CLI:
+``--cuda_context_bytes 1.3GiB``) replaces it with the figure of your machine, e.g. ``env.cuda_context_nvml_bytes``
+of any ``launch/bench_*.py`` JSON. ``--check`` measures the context itself, in its own process before
+anything else touches the GPU, uses that figure for the estimate and prints the constant beside it.
 
 The rules come from where they live: ``zo2_ds.offload.store.plan_store`` (the layout),
 ``zo2_ds.loss.CHUNK_BYTES`` (the lean loss's chunk), ``zo2_ds.bench.models.hf_config`` (the shapes).
@@ -43,6 +49,7 @@ from zo2_ds.dtypes import DTYPES
 from zo2_ds.estimate.budget import in_gpu_scratch_bytes, offloader_parts
 from zo2_ds.estimate.meta_model import meta_model, model_dims
 from zo2_ds.loss import CHUNK_BYTES
+from zo2_ds.offload.store import parse_bytes
 
 __all__ = ["Estimate", "estimate", "parse_batch", "CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK_BYTES"]
 
@@ -82,6 +89,7 @@ class Estimate:
     flops_per_step: float
     tflops: float
     offload_facts: dict[str, Any] = field(default_factory=dict)  # num_blocks, num_units, granularity, num_slots, ...
+    context_source: str = "constant"  # of context_bytes: "constant" (CUDA_CONTEXT_BYTES), "given" or "none" (CPU)
 
     @property
     def exact_bytes(self) -> int:
@@ -159,21 +167,17 @@ def estimate(
     device: str = "cuda",
     blocks_attr: str | None = None,
     num_layers: int | None = None,
+    cuda_context_bytes: int | str | None = None,
 ) -> Estimate:
     """The estimate of a run of ``model`` (a ``zo2_ds.bench`` shape name, a config.json or a model directory).
 
     ``num_layers``: keep only that many blocks (e.g. the OPT-175B shape truncated to 6, as measured).
     ``device`` "cuda" counts the budget as a CUDA run makes it; "cpu" as a CPU run (the tests compare with
-    CPU engines). Raises ValueError naming the bad argument and what is allowed.
+    CPU engines). ``cuda_context_bytes``: your machine's CUDA context (int or "1.3GiB"; default an H100's,
+    :data:`CUDA_CONTEXT_BYTES`). Raises ValueError naming the bad argument and what is allowed.
     """
     batch_size, seq_len = parse_batch(batch) if isinstance(batch, str) else batch
-    if dtype not in ("fp32", "fp16", "bf16"):
-        raise ValueError(f"--dtype: {dtype!r} is not one of 'fp32', 'fp16', 'bf16'")
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"device: {device!r} is not one of 'cuda', 'cpu'")
-    for name, value in (("num_gpus", num_gpus), ("bandwidth_gbs", bandwidth_gbs), ("tflops", tflops)):
-        if not value > 0:
-            raise ValueError(f"--{name}: {value!r} must be positive")
+    _check_arguments(dtype, device, num_gpus=num_gpus, bandwidth_gbs=bandwidth_gbs, tflops=tflops)
     options = {
         "prefetch_depth": prefetch_depth,
         "granularity": granularity,
@@ -183,6 +187,7 @@ def estimate(
         "write_back_interval": write_back_interval,
         "blocks_attr": blocks_attr,
     }
+    context_bytes, context_source = _context(cuda_context_bytes, device)
     config = _zo2_config(offload, options, num_perturbations, kernels)
     net = meta_model(model, DTYPES[dtype], num_layers)
     dims = model_dims(net)
@@ -210,7 +215,7 @@ def estimate(
         activation_bytes=mlp_tensors * tokens * dims["ffn"] * itemsize,
         logits_bytes=tokens * dims["vocab"] * itemsize,
         loss_chunk_bytes=_loss_chunk_bytes(tokens, dims["vocab"]),
-        context_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
+        context_bytes=context_bytes,
         slack_bytes=ALLOCATOR_SLACK_BYTES if device == "cuda" else 0,
         host_parts=host,
         streamed_bytes_per_step=streamed,
@@ -218,7 +223,35 @@ def estimate(
         flops_per_step=2 * num_perturbations * 2.0 * num_params * tokens,
         tflops=float(tflops),
         offload_facts=facts,
+        context_source=context_source,
     )
+
+
+def _check_arguments(dtype: str, device: str, **positive: float) -> None:
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"--dtype: {dtype!r} is not one of 'fp32', 'fp16', 'bf16'")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device: {device!r} is not one of 'cuda', 'cpu'")
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"--{name}: {value!r} must be positive")
+
+
+def _context(cuda_context_bytes: int | str | None, device: str) -> tuple[int, str]:
+    """The CUDA context's bytes and where the figure comes from; none on the CPU."""
+    if device != "cuda":
+        return 0, "none"
+    if cuda_context_bytes is None:
+        return CUDA_CONTEXT_BYTES, "constant"
+    try:
+        value = parse_bytes(cuda_context_bytes)
+    except (ValueError, TypeError, AttributeError):
+        value = -1
+    if value < 0:
+        raise ValueError(
+            f'--cuda_context_bytes: {cuda_context_bytes!r} is not a byte count (e.g. 1400000000, "1.3GiB" or "1.4GB")'
+        )
+    return value, "given"
 
 
 def _offloaded(

@@ -8,11 +8,17 @@ import json
 import sys
 from typing import Any
 
-from zo2_ds.estimate import DEFAULT_BANDWIDTH_GBS, DEFAULT_TFLOPS, Estimate, estimate
+from zo2_ds.estimate import CUDA_CONTEXT_BYTES, DEFAULT_BANDWIDTH_GBS, DEFAULT_TFLOPS, Estimate, estimate
 
 __all__ = ["main", "format_estimate", "parse_args"]
 
 _GIB = 1024**3
+_CONTEXT_SOURCES = {
+    "constant": "an H100's; --cuda_context_bytes for your machine's",
+    "given": "--cuda_context_bytes",
+    "measured": "measured here",
+    "none": "no CUDA",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_gpus", type=int, default=1, help="data-parallel ranks on the host (each its own copy)")
     p.add_argument("--bandwidth_gbs", type=float, default=DEFAULT_BANDWIDTH_GBS, help="pinned host->GPU GB/s")
     p.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS, help="effective forward TFLOP/s")
+    p.add_argument(
+        "--cuda_context_bytes",
+        default=None,
+        help=f'NVML bytes of the CUDA context on your machine, e.g. "1.3GiB" (default {CUDA_CONTEXT_BYTES / _GIB:.2f} '
+        "GiB, an H100's; --check measures it)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--check", action="store_true", help="on a CUDA machine: build the engine, run steps, compare with NVML"
@@ -61,6 +73,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "num_gpus": args.num_gpus,
         "bandwidth_gbs": args.bandwidth_gbs,
         "tflops": args.tflops,
+        "cuda_context_bytes": args.cuda_context_bytes,
     }
 
 
@@ -88,7 +101,7 @@ def format_estimate(est: Estimate) -> str:
     ):
         lines.append(f"  {name:<24}{_gib(n)}")
     lines.append(f"  {'= peak allocated':<24}{_gib(est.peak_allocated_bytes)}")
-    lines.append(f"  {'CUDA context':<24}{_gib(est.context_bytes)}")
+    lines.append(f"  {'CUDA context':<24}{_gib(est.context_bytes)}  ({_CONTEXT_SOURCES[est.context_source]})")
     lines.append(f"  {'allocator slack':<24}{_gib(est.slack_bytes)}")
     lines.append(f"  {'= NVML':<24}{_gib(est.nvml_bytes)}  ({est.nvml_bytes / 1e9:.2f} GB)")
     lines.append("Host memory (per rank)")

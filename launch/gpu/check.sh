@@ -2,7 +2,7 @@
 # The CUDA tests and the benchmarks on any CUDA machine; logs, JSON and tables to $OUT (default runs/gpu).
 #
 #   bash launch/gpu/check.sh                       # every stage (more than 10 minutes in all on one H200)
-#   STAGES="tests" bash launch/gpu/check.sh        # one stage per call: tests, step, offload, graphs, tasks, materialize
+#   STAGES="tests" bash launch/gpu/check.sh        # one stage per call: tests, step, offload, graphs, tasks, memory, materialize
 #   MODELS=opt-1.3b STAGES="step offload" bash launch/gpu/check.sh
 #   device tool: run(command="STAGES=tests bash launch/gpu/check.sh", carry=[".whl"])
 #
@@ -11,6 +11,9 @@
 # offload: launch/bench_offload.py, in-GPU and offloaded steps, half the blocks resident (13B: no in-GPU)
 # graphs:  launch/bench_offload.py --cuda-graphs --no-in-gpu
 # tasks:   launch/bench_tasks.py, OPT-1.3B shape through launch/train.py --task sst2, full and LoRA
+# memory:  issue 11's shapes offloaded at 1x2048 (6.7B and 13B also 16x256), whole blocks against sub-modules
+#          (zo2.offload.granularity block / layer), one process per model and granularity so NVML is the
+#          run's own; OPT-175B's shape truncated to 6 and 12 blocks (MEMORY_MODELS overrides the list)
 # materialize: launch/bench_materialize.py, OPT-30B fp16 straight into pinned memory against page-locking
 #          the same bytes alone, peak host RSS throughout (~60 GB pinned twice, one after the other; 1-2 min)
 set -uo pipefail
@@ -40,7 +43,16 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
     materialize) python3 launch/bench_materialize.py --model opt-30b --out "$OUT/materialize_opt-30b.json" \
                    >"$OUT/materialize_opt-30b.log" 2>&1 || status=1
                  tail -n 4 "$OUT/materialize_opt-30b.log" ;;
-    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, materialize)"; status=2 ;;
+    memory) for spec in ${MEMORY_MODELS:-opt-175b@6:block opt-175b@6:layer opt-175b@12:layer opt-6.7b:block \
+                 opt-6.7b:layer opt-13b:block opt-13b:layer opt-30b:layer qwen2.5-7b:layer}; do
+              model=${spec%:*} unit=${spec#*:}
+              batches=1x2048; case $model in opt-6.7b|opt-13b) batches=1x2048,16x256 ;; esac
+              python3 launch/bench_offload.py --models "$model" --batches $batches --no-in-gpu --no-floor \
+                --granularities "$unit" --steps 5 --warmup 2 --out "$OUT/memory_${model}_$unit.json" \
+                >"$OUT/memory_${model}_$unit.log" 2>&1 || status=1
+              grep "^$model |" "$OUT/memory_${model}_$unit.log"
+            done ;;
+    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize)"; status=2 ;;
   esac
 done
 exit $status

@@ -45,12 +45,13 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
                  tail -n 4 "$OUT/materialize_opt-30b.log" ;;
     memory) for spec in ${MEMORY_MODELS:-opt-175b@6:block opt-175b@6:layer opt-175b@12:layer opt-6.7b:block \
                  opt-6.7b:layer opt-13b:block opt-13b:layer opt-30b:layer qwen2.5-7b:layer}; do
-              model=${spec%:*} unit=${spec#*:}
+              IFS=: read -r model unit depth <<<"$spec"  # MODEL:GRANULARITY[:PREFETCH_DEPTH]
               batches=1x2048; case $model in opt-6.7b|opt-13b) batches=1x2048,16x256 ;; esac
+              tag=${model}_$unit${depth:+_depth$depth}
               python3 launch/bench_offload.py --models "$model" --batches $batches --no-in-gpu --no-floor \
-                --granularities "$unit" --steps 5 --warmup 2 --out "$OUT/memory_${model}_$unit.json" \
-                >"$OUT/memory_${model}_$unit.log" 2>&1 || status=1
-              grep "^$model |" "$OUT/memory_${model}_$unit.log"
+                --granularities "$unit" ${depth:+--prefetch-depth $depth} --steps 5 --warmup 2 \
+                --out "$OUT/memory_$tag.json" >"$OUT/memory_$tag.log" 2>&1 || status=1
+              echo "$(grep "^$model |" "$OUT/memory_$tag.log" | tr '\n' ';') depth ${depth:-default}"
             done ;;
     *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize)"; status=2 ;;
   esac

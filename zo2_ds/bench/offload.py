@@ -39,7 +39,7 @@ def offload_variants(
     variants = [
         (
             ("offload" if xfer == "auto" else f"offload_xfer_{xfer}") + ("" if unit == "auto" else f"_{unit}"),
-            {**common, "transfer_dtype": xfer, "granularity": unit},
+            {**common, "transfer_dtype": xfer, **({} if unit == "auto" else {"granularity": unit})},
         )
         for unit in granularities
         for xfer in transfer_dtypes

@@ -45,7 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-in-gpu", action="store_true", help="skip the in-GPU step (a model too big for the GPU)")
     p.add_argument("--no-floor", action="store_true", help="skip two plain forwards (the floor is then the link's)")
     p.add_argument("--only-in-gpu", action="store_true", help="no offloaded step")
-    p.add_argument("--prefetch-depth", type=int, default=1, help="zo2.offload.prefetch_depth (ring: depth + 2)")
+    p.add_argument(
+        "--prefetch-depth",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        help="zo2.offload.prefetch_depth (ring: depth + 2), or auto",
+    )
     p.add_argument("--write-back-interval", type=int, default=None, help="zo2.offload.write_back_interval")
     p.add_argument(
         "--transfer-dtypes", default="auto", help=f"zo2.offload.transfer_dtype per mode, of {TRANSFER_DTYPES}"

@@ -91,7 +91,12 @@ def test_streamed_bytes_count_resident_blocks_and_narrow_copies():
 def test_offload_variants_and_engine_config():
     variants = offload.offload_variants(transfer_dtypes=("auto", "bf16"), cuda_graphs=True, resident_blocks=2)
     assert [m for m, _ in variants] == ["offload", "offload_xfer_bf16", "offload_graphs", "offload_resident2"]
-    assert variants[3][1] == {"enabled": True, "prefetch_depth": 1, "num_resident_blocks": 2}
+    assert variants[3][1] == {"enabled": True, "num_resident_blocks": 2}
+    assert offload.offload_variants(prefetch_depth=0)[0][1] == {
+        "enabled": True,
+        "prefetch_depth": 0,
+        "transfer_dtype": "auto",
+    }
     config = driver.engine_config(16, "fp16", offload=variants[0][1])
     assert config["zo2"]["offload"]["enabled"] and config["fp16"]["enabled"]
     assert "offload" not in driver.engine_config(1, "fp32")["zo2"]

@@ -111,7 +111,7 @@ def test_opt_175b_shape_is_estimated_on_meta_in_seconds():
     # Streamed per sub-module (granularity "layer", the default at this size): attention, fc1, fc2.
     assert est.offload_facts["granularity"] == "layer" and est.offload_facts["num_units"] == 3 * 96
     assert 2 * 4 * hidden * hidden < est.offload_facts["unit_bytes"] < 2 * 4.01 * hidden * hidden
-    assert est.device_parts["slot_ring"] == 3 * est.offload_facts["unit_bytes"]
+    assert est.device_parts["slot_ring"] == 2 * est.offload_facts["unit_bytes"]  # prefetch_depth "auto": 0
     assert est.offload_facts["num_blocks"] == 96
     assert est.nvml_bytes < 10e9  # issue 11's target (whole blocks: 18.3 GB measured)
     whole = estimate("opt-175b", batch="1x2048", granularity="block")
@@ -196,7 +196,7 @@ def test_llama_and_qwen_shapes_by_name_and_by_config_json(tmp_path, capsys, shap
     assert embeddings <= by_name.device_parts["outside_blocks"] < embeddings * 1.01
     assert by_name.activation_bytes == 3 * 2048 * shape.ffn * itemsize  # gated MLP: gate, up, down
     assert by_name.logits_bytes == 2048 * shape.vocab_size * itemsize
-    assert 3e9 < by_name.nvml_bytes < 9e9 and by_name.bound == "transfer"
+    assert 2.5e9 < by_name.nvml_bytes < 9e9 and by_name.bound == "transfer"
     for argv in ([shape_name], [str(tmp_path)]):
         assert main([*argv, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["nvml_bytes"] == by_name.nvml_bytes

@@ -121,9 +121,10 @@ def test_the_first_run_learns_the_call_order_then_uploads_each_unit_once_per_ste
     assert step != list(range(n))
     assert runner._order == step and runner.ring.streamed == step
     # Each unit once per step; the first run uploads each at its acquire, the later ones in the called
-    # order, ahead, and into the next step (the ring's three slots stay full at the step's end).
+    # order, ahead, and into the next step (the ring's slots, two at "auto", stay full at the step's end).
+    assert runner.num_slots == 2
     assert uploads[:n] == step and uploads[n:] == (step * 3)[: len(uploads) - n]
-    assert len(uploads) == 3 * n + 3 and all(in_run)
+    assert len(uploads) == 3 * n + 2 and all(in_run)
 
 
 def test_auto_streams_whole_blocks_below_the_threshold_and_sub_modules_above(monkeypatch):

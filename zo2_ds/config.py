@@ -30,12 +30,14 @@ class OffloadConfig(DeepSpeedConfigModel):
     enabled: bool = False
     """Keep the transformer blocks in pinned CPU memory and upload one at a time."""
 
-    prefetch_depth: int = Field(1, ge=0, le=8)
-    """Size of the GPU slot ring beyond the computing block: the ring holds ``prefetch_depth + 2`` block
-    slots (one computing, ``prefetch_depth`` uploading ahead, one more whose write-back of the previous
-    block overlaps the next upload). Up to ``prefetch_depth + 1`` uploads are in flight; the last of them
-    waits for the write-back of the slot's previous block. 0 (two slots) saves one block of GPU memory:
-    the next upload then queues behind the previous block's write-back on the link."""
+    prefetch_depth: Annotated[int, Field(ge=0, le=8)] | Literal["auto"] = "auto"
+    """Size of the GPU slot ring beyond the computing unit (a block, or a block's sub-module, see
+    ``granularity``): the ring holds ``prefetch_depth + 2`` slots (one computing, ``prefetch_depth``
+    uploading ahead, one more whose write-back of the previous unit overlaps the next upload). Up to
+    ``prefetch_depth + 1`` uploads are in flight; the last of them waits for the write-back of the slot's
+    previous unit. 0 (two slots) saves one slot of GPU memory: the next upload then queues behind the
+    previous unit's write-back on the link. "auto": 1 for whole blocks, 0 for sub-modules (H200: OPT-13B 1x2048
+    3.55 against 3.75 GiB NVML for a 3% longer step, still 1.06x the transfer floor)."""
 
     write_back_interval: Annotated[int, Field(ge=1, le=16)] | Literal["auto"] = "auto"
     """A streamed block's updated theta is copied back to its pinned master every this many steps (1-16),

@@ -24,7 +24,7 @@ __all__ = ["offload_variants", "streamed_bytes_per_step", "offload_records"]
 
 def offload_variants(
     *,
-    prefetch_depth: int = 1,
+    prefetch_depth: int | str = "auto",
     write_back_interval: int | None = None,
     transfer_dtypes: tuple[str, ...] = ("auto",),
     cuda_graphs: bool = False,
@@ -33,7 +33,9 @@ def offload_variants(
 ) -> list[tuple[str, dict[str, Any]]]:
     """[(mode, zo2.offload block)]: every block streamed per transfer dtype and granularity (mode
     ``offload``, ``offload_xfer_<dtype>``, with ``_<granularity>`` unless "auto"), then the optional variants."""
-    common: dict[str, Any] = {"enabled": True, "prefetch_depth": prefetch_depth}
+    common: dict[str, Any] = {"enabled": True}
+    if prefetch_depth != "auto":  # (a tree older than "auto" may be benchmarked, see launch/bench_ab.py)
+        common["prefetch_depth"] = prefetch_depth
     if write_back_interval is not None:
         common["write_back_interval"] = write_back_interval
     variants = [

@@ -153,7 +153,7 @@ def estimate(
     batch: str | tuple[int, int] = (1, 2048),
     dtype: str = "fp16",
     offload: bool = True,
-    prefetch_depth: int = 1,
+    prefetch_depth: int | str = "auto",
     granularity: str = "auto",
     num_resident_blocks: int | None = None,
     max_gpu_memory: int | str | None = None,

@@ -74,7 +74,9 @@ def check(
         offload = None
         if est.offload:
             offload = {
-                k: options[k] for k in ("prefetch_depth", "transfer_dtype", "write_back_interval") if k in options
+                k: options[k]
+                for k in ("prefetch_depth", "granularity", "transfer_dtype", "write_back_interval")
+                if k in options
             }
             offload.update({k: options[k] for k in ("num_resident_blocks", "max_gpu_memory") if options.get(k)})
             offload["enabled"] = True

@@ -31,7 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", default="1x2048", help="BATCHxSEQ per GPU (default 1x2048)")
     p.add_argument("--dtype", default="fp16", help="fp32, fp16 or bf16 (default fp16)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True, help="zo2.offload (default on)")
-    p.add_argument("--prefetch_depth", type=int, default=1)
+    p.add_argument(
+        "--prefetch_depth", type=lambda v: v if v == "auto" else int(v), default="auto", help="an int, or auto"
+    )
     p.add_argument("--granularity", default="auto", choices=("auto", "block", "layer"), help="zo2.offload.granularity")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--num_resident_blocks", type=int, default=None)

@@ -99,7 +99,10 @@ class OffloadRunner:
         # The slot ring, block b always in the same slot: one computing, prefetch_depth uploading ahead, and
         # one more so that a block's write-back overlaps the next upload instead of delaying it.
         offload = config.offload
-        self.num_slots = min(offload.prefetch_depth + 2, len(store.streamed))
+        depth = offload.prefetch_depth
+        if depth == "auto":
+            depth = 0 if store.granularity == "layer" else 1
+        self.num_slots = min(depth + 2, len(store.streamed))
         self.narrow = narrow_copies(store, self.num_slots, self.streams)
         self.ring = SlotRing(store, self.num_slots, self.streams, self.narrow, self.tracer, offload.prefetch_next_step)
         self.perturber = BlockPerturber(

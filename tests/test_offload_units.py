@@ -121,10 +121,10 @@ def test_the_first_run_learns_the_call_order_then_uploads_each_unit_once_per_ste
     assert step != list(range(n))
     assert runner._order == step and runner.ring.streamed == step
     # Each unit once per step; the first run uploads each at its acquire, the later ones in the called
-    # order, ahead, and into the next step (the ring's slots, two at "auto", stay full at the step's end).
-    assert runner.num_slots == 2
+    # order, ahead, and into the next step (the ring's three slots stay full at the step's end).
+    assert runner.num_slots == 3
     assert uploads[:n] == step and uploads[n:] == (step * 3)[: len(uploads) - n]
-    assert len(uploads) == 3 * n + 2 and all(in_run)
+    assert len(uploads) == 3 * n + 3 and all(in_run)
 
 
 def test_auto_streams_whole_blocks_below_the_threshold_and_sub_modules_above(monkeypatch):
@@ -193,3 +193,26 @@ def test_bad_granularity_is_refused_with_the_key():
         units.stream_units([torch.nn.Linear(4, 4)], "layer")
     with pytest.raises(ValueError, match=r"max_gpu_memory.*streamed unit.*\d+ bytes"):
         zo2_ds.initialize(model=model, config=make_config({**LAYER, "max_gpu_memory": 64}))
+
+
+def test_a_device_too_small_for_the_offloader_is_refused_before_allocating(monkeypatch):
+    from zo2_ds.offload import sizing
+
+    model = tiny_causal_lm("llama", layers=2)
+    store, _ = plan_store(model, _offload_cfg({"granularity": "block"}), torch.device("cpu"))
+    slot = max(store.sizes)
+    allocated = []
+    monkeypatch.setattr(sizing, "device_free_bytes", lambda device: slot)  # one slot: less than two
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: allocated.append(a) or pytest.fail("allocated"))
+    with pytest.raises(ValueError) as err:
+        sizing.check_device_memory(store, 3, 4096)
+    text = str(err.value)
+    assert f"needs {3 * slot + 4096} bytes" in text and f"only {slot} bytes" in text
+    assert f"least this model can run with is {2 * slot + 4096} bytes" in text
+    assert 'granularity "layer"' in text and not allocated
+    monkeypatch.undo()
+    monkeypatch.setattr(sizing, "device_free_bytes", lambda device: 1000)
+    with pytest.raises(ValueError, match=r"the offloader needs \d+ bytes .* slot ring \(2 x \d+ bytes\)"):
+        zo2_ds.initialize(model=model, config=make_config({"enabled": True, "granularity": "block"}))
+    monkeypatch.setattr(sizing, "device_free_bytes", lambda device: 10**9)
+    zo2_ds.initialize(model=tiny_causal_lm("llama", layers=2), config=make_config({"enabled": True}))

@@ -36,8 +36,8 @@ class OffloadConfig(DeepSpeedConfigModel):
     uploading ahead, one more whose write-back of the previous unit overlaps the next upload). Up to
     ``prefetch_depth + 1`` uploads are in flight; the last of them waits for the write-back of the slot's
     previous unit. 0 (two slots) saves one slot of GPU memory: the next upload then queues behind the
-    previous unit's write-back on the link. "auto": 1 for whole blocks, 0 for sub-modules (H200: OPT-13B 1x2048
-    3.55 against 3.75 GiB NVML for a 3% longer step, still 1.06x the transfer floor)."""
+    previous unit's write-back on the link. "auto": 1, but 0 for sub-modules of 192 MiB or more (OPT-13B and up;
+    H200, OPT-13B 1x2048: 3.55 against 3.75 GiB NVML for a 3% longer step, 1.07x the transfer floor)."""
 
     write_back_interval: Annotated[int, Field(ge=1, le=16)] | Literal["auto"] = "auto"
     """A streamed block's updated theta is copied back to its pinned master every this many steps (1-16),

@@ -21,7 +21,7 @@ from zo2_ds.offload.pending import Entry, block_update, tensor_update
 from zo2_ds.offload.store import ALIGN_BYTES, BlockStore
 from zo2_ds.ops import Ops
 
-__all__ = ["BlockPerturber"]
+__all__ = ["BlockPerturber", "scratch_layout"]
 
 
 def _aligned(nbytes: int) -> int:
@@ -41,26 +41,7 @@ class BlockPerturber:
     ):
         self.store, self.trained, self.dev_views, self.ops = store, trained, dev_views, ops
         num_blocks = store.num_blocks
-        # Perturbation scratch: one block's trainable tensors at theta + scale z. One buffer serves every
-        # pass (pass j+1 overwrites it after pass j's kernels, in compute-stream order): a second buffer
-        # would let one kernel write both signs, at one more block of GPU memory.
-        offsets, scratch_bytes = [], ALIGN_BYTES
-        for b in range(num_blocks):
-            off, block_offsets = 0, []
-            for i, _ in trained[b]:
-                block_offsets.append(off)
-                off += _aligned(store.entries[b][i].nbytes)
-            offsets.append(block_offsets)
-            # The multi-tensor kernels' layout (kernels.TensorTable: each tensor at a 64-element boundary)
-            # needs no more for 1-, 2- and 4-byte dtypes; taken into account all the same.
-            table_bytes = sum(
-                -(-(e.nbytes // e.dtype.itemsize) // 64) * 64 * e.dtype.itemsize
-                for e in (store.entries[b][i] for i, _ in trained[b])
-            )
-            scratch_bytes = max(scratch_bytes, off, table_bytes)
-        # The same buffer holds the perturbed copy of the largest unit outside the blocks (the tied embedding
-        # / head): those units never run while a block does, so one buffer serves both (max, not sum).
-        scratch_bytes = max(scratch_bytes, _aligned(outside_bytes))
+        offsets, scratch_bytes = scratch_layout(store, trained, outside_bytes)
         self.scratch = torch.empty(scratch_bytes, dtype=torch.uint8, device=store.device)
         self._views_torch = [
             [_view(self.scratch, off, store.entries[b][i]) for (i, _), off in zip(trained[b], offsets[b])]
@@ -150,6 +131,34 @@ class BlockPerturber:
         """The multi-tensor kernels failed (the dispatch warned and turned them off): drop every table."""
         self._tables = [False] * len(self._tables)
         self.views = list(self._views_torch)
+
+
+def scratch_layout(
+    store: BlockStore, trained: list[list[tuple[int, int]]], outside_bytes: int
+) -> tuple[list[list[int]], int]:
+    """Each block's trainable tensors' byte offsets in the perturbation scratch, and the scratch's size.
+
+    The scratch holds one block's trainable tensors at theta + scale z. One buffer serves every pass (pass
+    j+1 overwrites it after pass j's kernels, in compute-stream order): a second buffer would let one kernel
+    write both signs, at one more block of GPU memory. It also holds the perturbed copy of the largest unit
+    outside the blocks (``outside_bytes``: the tied embedding / head, or a block's layer norm at granularity
+    "layer"), which never runs while a block's own forward does (max, not sum).
+    """
+    offsets, scratch_bytes = [], ALIGN_BYTES
+    for b in range(store.num_blocks):
+        off, block_offsets = 0, []
+        for i, _ in trained[b]:
+            block_offsets.append(off)
+            off += _aligned(store.entries[b][i].nbytes)
+        offsets.append(block_offsets)
+        # The multi-tensor kernels' layout (kernels.TensorTable: each tensor at a 64-element boundary)
+        # needs no more for 1-, 2- and 4-byte dtypes; taken into account all the same.
+        table_bytes = sum(
+            -(-(e.nbytes // e.dtype.itemsize) // 64) * 64 * e.dtype.itemsize
+            for e in (store.entries[b][i] for i, _ in trained[b])
+        )
+        scratch_bytes = max(scratch_bytes, off, table_bytes)
+    return offsets, max(scratch_bytes, _aligned(outside_bytes))
 
 
 def _view(flat: torch.Tensor, offset: int, entry: Any) -> torch.Tensor:

@@ -47,9 +47,10 @@ import torch
 from zo2_ds import zo
 from zo2_ds.config import ZO2Config
 from zo2_ds.offload import pending as rules
+from zo2_ds.offload import sizing
 from zo2_ds.offload.lockstep import LockStep, PassPool
 from zo2_ds.offload.narrow import narrow_copies
-from zo2_ds.offload.perturber import BlockPerturber
+from zo2_ds.offload.perturber import BlockPerturber, scratch_layout
 from zo2_ds.offload.ring import SlotRing
 from zo2_ds.offload.store import BlockStore
 from zo2_ds.offload.streams import Streams
@@ -99,15 +100,12 @@ class OffloadRunner:
         # The slot ring, block b always in the same slot: one computing, prefetch_depth uploading ahead, and
         # one more so that a block's write-back overlaps the next upload instead of delaying it.
         offload = config.offload
-        depth = offload.prefetch_depth
-        if depth == "auto":
-            depth = 0 if store.granularity == "layer" else 1
-        self.num_slots = min(depth + 2, len(store.streamed))
+        self.num_slots = min(sizing.prefetch_depth(offload.prefetch_depth, store) + 2, len(store.streamed))
+        outside_bytes = self.resident.shared_bytes_wanted()
+        sizing.check_device_memory(store, self.num_slots, scratch_layout(store, trained, outside_bytes)[1])
         self.narrow = narrow_copies(store, self.num_slots, self.streams)
         self.ring = SlotRing(store, self.num_slots, self.streams, self.narrow, self.tracer, offload.prefetch_next_step)
-        self.perturber = BlockPerturber(
-            store, trained, self.ring.dev_views, self.ops, self.resident.shared_bytes_wanted()
-        )
+        self.perturber = BlockPerturber(store, trained, self.ring.dev_views, self.ops, outside_bytes)
         self.resident.share_scratch(self.perturber.scratch)
         self.pending = rules.PendingLog(store.num_blocks)
         self.write_back_interval = rules.resolve_interval(offload.write_back_interval, self.streams.enabled)

@@ -1026,35 +1026,15 @@ def _dp_worker(out_dir: str, offload: dict, same_init: bool = False) -> None:
 
 
 def _run_ranks(tmp_path, name: str, accelerator: str, offload: dict, same_init: bool = False) -> list[dict]:
-    from zo2_ds.testing import free_port
+    from zo2_ds.testing import run_ranks
 
     out = tmp_path / name
     out.mkdir()
-    port = str(free_port())
     code = (
         f"import sys; sys.path.insert(0, {str(os.path.dirname(__file__))!r}); import test_offload; "
         f"test_offload._dp_worker({str(out)!r}, {offload!r}, {same_init})"
     )
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            DS_ACCELERATOR=accelerator,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            GLOO_SOCKET_IFNAME="lo",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    for p in procs:
-        log, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, log[-3000:]
+    run_ranks(code, 2, accelerator)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 __all__ = ["ZO2Config", "OffloadConfig", "parse_zo2_config", "ZO2_KEY"]
 
@@ -94,6 +94,28 @@ class OffloadConfig(DeepSpeedConfigModel):
     blocks_attr: str | None = None
     """Dotted path from the model to its nn.ModuleList of repeated blocks (e.g. "model.decoder.layers"),
     for models where automatic discovery fails."""
+
+    partition: Literal["none", "node"] = "none"
+    """Data parallel: "none", every rank pins its own copy of the streamed units' masters; "node", the ranks
+    of a node (all ranks on CPU, ``device_count()`` consecutive ranks on an accelerator) share one copy: each
+    pins a 1/N shard of every streamed unit, uploads it and all-gathers the rest from the other ranks (see
+    zo2_ds/offload/partition.py). Same bits either way. A prototype: needs offload enabled, no resident
+    blocks, transfer_dtype "auto"."""
+
+    @model_validator(mode="after")
+    def _partition_supported(self) -> OffloadConfig:
+        if self.partition == "none":
+            return self
+        if not self.enabled:
+            raise ValueError('zo2.offload.partition="node" needs zo2.offload.enabled true (it partitions the masters)')
+        if self.num_resident_blocks or self.max_gpu_memory is not None:
+            raise ValueError(
+                'zo2.offload.partition="node" does not support resident blocks yet: leave '
+                "zo2.offload.num_resident_blocks and max_gpu_memory unset"
+            )
+        if self.transfer_dtype != "auto":
+            raise ValueError('zo2.offload.partition="node" does not support zo2.offload.transfer_dtype yet: use "auto"')
+        return self
 
 
 class ZO2Config(DeepSpeedConfigModel):

@@ -34,8 +34,10 @@ def configure_offloaded_model(engine: Any, configure: Any, model: Any) -> Any:
     """DeepSpeed's ``_configure_distributed_model`` (``configure``, the parent's bound method) for an offloaded
     model: DeepSpeed casts the model but neither moves nor broadcasts it; then the blocks' masters go to
     pinned host memory (:func:`zo2_ds.offload.build_store`, which moves everything else to the device unless
-    DeepSpeed was asked not to) and rank 0's weights are broadcast. Returns the block store."""
-    from zo2_ds.offload import build_store
+    DeepSpeed was asked not to) and rank 0's weights are broadcast (before the store is built, with
+    ``zo2.offload.partition``: each rank then keeps its shard of them). Returns the block store."""
+    from zo2_ds.offload import broadcast_module, build_store
+    from zo2_ds.offload.partition import node_partition
 
     keep_device, engine.dont_change_device = engine.dont_change_device, True
     engine._zo_defer_broadcast = True  # DeepSpeed broadcasts at the end of configure(); blocks are not placed yet
@@ -43,8 +45,14 @@ def configure_offloaded_model(engine: Any, configure: Any, model: Any) -> Any:
         configure(model)
     finally:
         engine.dont_change_device, engine._zo_defer_broadcast = keep_device, False
-    store = build_store(engine.module, engine.zo_config.offload, engine.device, move_rest=not keep_device)
-    _broadcast_store(engine, store)
+    partition = node_partition(engine.zo_config.offload, engine.device)
+    source = _broadcast_source(engine)
+    if partition is not None and source is not None:
+        broadcast_module(engine.module, engine.device, src=source[0], group=source[1])
+    offload = engine.zo_config.offload
+    store = build_store(engine.module, offload, engine.device, move_rest=not keep_device, partition=partition)
+    if partition is None:
+        _broadcast_store(engine, store)
     return store
 
 
@@ -59,18 +67,25 @@ def broadcast_model(engine: Any, store: Any, broadcast: Any) -> None:
     _broadcast_store(engine, store)
 
 
-def _broadcast_store(engine: Any, store: Any) -> None:
+def _broadcast_source(engine: Any) -> tuple[int, Any] | None:
+    """DeepSpeed's broadcast source rank and group (see 2.), or None when there is nothing to broadcast."""
     from deepspeed import comm as dist
     from deepspeed.utils import groups
 
-    from zo2_ds.offload import broadcast_store
-
     if engine.dist_backend is None:
-        return
+        return None
     group = engine.seq_data_parallel_group
     if dist.get_world_size(group=group) == 1:
-        return
-    broadcast_store(engine.module, store, src=groups._get_broadcast_src_rank(), group=group)
+        return None
+    return groups._get_broadcast_src_rank(), group
+
+
+def _broadcast_store(engine: Any, store: Any) -> None:
+    from zo2_ds.offload import broadcast_store
+
+    source = _broadcast_source(engine)
+    if source is not None:
+        broadcast_store(engine.module, store, src=source[0], group=source[1])
 
 
 class ForwardSpan:

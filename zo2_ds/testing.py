@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["tiny_causal_lm", "ds_config", "cpu_dist_env", "free_port", "require_cuda", "TINY_ARCHS"]
+__all__ = ["tiny_causal_lm", "ds_config", "cpu_dist_env", "free_port", "run_ranks", "require_cuda", "TINY_ARCHS"]
 
 TINY_ARCHS = ("opt", "gpt2", "llama", "qwen2", "mistral")
 
@@ -116,6 +116,36 @@ def cpu_dist_env(rank: int = 0, world_size: int = 1) -> dict[str, str]:
         "MASTER_PORT": os.environ.get("MASTER_PORT") or str(free_port()),
     }
     return env
+
+
+def run_ranks(code: str, world_size: int, accelerator: str = "cpu", timeout_s: float = 300) -> None:
+    """Run ``python -c code`` as ``world_size`` ranks of one job (torch.distributed's env variables set;
+    gloo over the loopback on CPU) and wait for all of them; AssertionError with a rank's log tail if one
+    fails."""
+    import subprocess
+    import sys
+
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        env = dict(
+            os.environ,
+            DS_ACCELERATOR=accelerator,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            GLOO_SOCKET_IFNAME="lo",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    for p in procs:
+        log, _ = p.communicate(timeout=timeout_s)
+        assert p.returncode == 0, log[-3000:]
 
 
 def require_cuda(test: Any) -> Any:

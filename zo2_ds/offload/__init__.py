@@ -4,6 +4,7 @@ Which file owns what (see README.md in this folder):
 
 - :mod:`~zo2_ds.offload.store`: where each block's parameters live (one flat buffer per block, pinned or
   resident), built inside ``ZOEngine._configure_distributed_model``;
+- :mod:`~zo2_ds.offload.partition`: the masters shared by a node's ranks, one shard each (``partition``);
 - :mod:`~zo2_ds.offload.hostmem`: page-locked host buffers of an exact size, and the host memory available;
 - :mod:`~zo2_ds.offload.materialize`: a model built block by block straight into its pinned homes (from a
   config or a safetensors checkpoint, read by :mod:`~zo2_ds.offload.checkpoint_reader`), which the store
@@ -29,7 +30,7 @@ from zo2_ds.offload.materialize import materialize
 from zo2_ds.offload.runner import OffloadRunner
 from zo2_ds.offload.store import BlockStore, build_store
 
-__all__ = ["OffloadRunner", "BlockStore", "build_store", "broadcast_store", "materialize"]
+__all__ = ["OffloadRunner", "BlockStore", "build_store", "broadcast_store", "broadcast_module", "materialize"]
 
 
 def broadcast_store(module: torch.nn.Module, store: BlockStore, *, src: int, group: Any) -> None:
@@ -39,6 +40,8 @@ def broadcast_store(module: torch.nn.Module, store: BlockStore, *, src: int, gro
     Parameters outside the blocks are on the device and broadcast as DeepSpeed does; a streamed block's
     pinned master goes through one device staging buffer when the backend cannot send host tensors (NCCL);
     with a narrower ``transfer_dtype`` each rank then remakes its narrow copies from the received masters.
+    A partitioned store's shards are not broadcast (each rank holds its own part of the same weights: see
+    :func:`broadcast_module`).
     """
     from deepspeed import comm as dist
 
@@ -46,17 +49,37 @@ def broadcast_store(module: torch.nn.Module, store: BlockStore, *, src: int, gro
     for p in module.parameters():
         if id(p) not in in_blocks:
             dist.broadcast(p.data.view(torch.uint8), src, group=group)
-    staging = None
+    staging: list[torch.Tensor] = []
     for b, home in enumerate(store.homes):
-        if home.device == store.device or store.device.type == "cpu":
-            dist.broadcast(home, src, group=group)
-            continue
-        if staging is None:
-            staging = torch.empty(max(store.sizes), dtype=torch.uint8, device=store.device)
-        buf = staging[: store.sizes[b]]
-        buf.copy_(home)
-        dist.broadcast(buf, src, group=group)
-        home.copy_(buf)
+        if store.partition is None or not store.is_streamed(b):
+            _broadcast_host(home, store.device, staging, src, group)
     if store.narrow is not None:  # the transfer_dtype copies were made from this rank's own init
         for b in store.streamed:
             store.narrow_from_master(b)
+
+
+def broadcast_module(module: torch.nn.Module, device: torch.device, *, src: int, group: Any) -> None:
+    """Every rank of ``group`` takes rank ``src``'s parameters, wherever they are (host ones through a device
+    buffer when the backend cannot send host tensors): before a partitioned block store is built, since each
+    rank then keeps only its shard of the weights it holds."""
+    staging: list[torch.Tensor] = []
+    for p in module.parameters():
+        _broadcast_host(p.data.view(-1).view(torch.uint8), device, staging, src, group)
+
+
+def _broadcast_host(
+    flat: torch.Tensor, device: torch.device, staging: list[torch.Tensor], src: int, group: Any
+) -> None:
+    """Broadcast the flat uint8 tensor ``flat`` in place; a host tensor goes through a device staging buffer
+    (``staging``: [] or [the buffer], grown as needed) unless ``device`` is the CPU."""
+    from deepspeed import comm as dist
+
+    if flat.device == device or device.type == "cpu":
+        dist.broadcast(flat, src, group=group)
+        return
+    if not staging or staging[0].numel() < flat.numel():
+        staging[:] = [torch.empty(flat.numel(), dtype=torch.uint8, device=device)]
+    buf = staging[0][: flat.numel()]
+    buf.copy_(flat)
+    dist.broadcast(buf, src, group=group)
+    flat.copy_(buf)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from zo2_ds.offload.narrow import NarrowCopies, NoNarrowCopies
+from zo2_ds.offload.partition import home_copies
 from zo2_ds.offload.store import BlockStore
 from zo2_ds.offload.streams import Streams
 from zo2_ds.offload.trace import Tracer
@@ -43,7 +44,9 @@ class SlotRing:
         self.prefetch_next_step = prefetch_next_step
         self.streamed = store.streamed
         self.num_slots = num_slots
-        slot_bytes = max((store.sizes[b] for b in self.streamed), default=0)
+        # Whole homes, or with zo2.offload.partition this rank's shard up and the node's all-gather.
+        self.homes = home_copies(store.partition)
+        slot_bytes = max((store.slot_nbytes(b) for b in self.streamed), default=0)
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=store.device) for _ in range(num_slots)]
         num_blocks = store.num_blocks
         # Each block's tensors on the device: in its slot, or its resident home (see set_order).
@@ -112,7 +115,7 @@ class SlotRing:
         up = self.streams.upload
         self.tracer.emit("upload", b, "start", up)
         if exact:
-            self.flat(b).copy_(self.store.homes[b], non_blocking=True)
+            self.homes.upload(b, self.store.homes[b], self.slots[self.slot_of[b]], self.store.sizes[b])
         else:  # the slot's staging buffer was widened from before the slot was freed
             self.narrow.upload(b, self.slot_of[b])
         self.tracer.emit("upload", b, "end", up)
@@ -134,7 +137,7 @@ class SlotRing:
             self._updated[slot].wait(wb)
             self.tracer.emit("writeback", b, "start", wb)
             # The master is only read by the next upload of b (which waits for [written]) or after a flush.
-            self.store.homes[b].copy_(self.flat(b), non_blocking=True)
+            self.homes.write_back(b, self.store.homes[b], self.slots[slot], self.store.sizes[b])
             self._slot_read[slot].record(wb)
             self.narrow.send(b, wb)
             self.tracer.emit("writeback", b, "end", wb)

@@ -50,6 +50,7 @@ from zo2_ds.offload import pending as rules
 from zo2_ds.offload import sizing
 from zo2_ds.offload.lockstep import LockStep, PassPool
 from zo2_ds.offload.narrow import narrow_copies
+from zo2_ds.offload.partition import install_state_hooks
 from zo2_ds.offload.perturber import BlockPerturber, scratch_layout
 from zo2_ds.offload.ring import SlotRing
 from zo2_ds.offload.store import BlockStore
@@ -412,4 +413,6 @@ def _install_hooks(runner: OffloadRunner, model: torch.nn.Module, store: BlockSt
     for mod in {id(m): m for m in holders}.values():
         handles.append(mod.register_state_dict_pre_hook(lambda *_: runner.flush()))
         handles.append(mod.register_load_state_dict_pre_hook(lambda *_: runner.flush()))
+    if store.partition is not None:  # after the flushes: the masters are whole only on demand
+        handles.extend(install_state_hooks(store, lambda b: b not in runner.acquired_blocks))
     return handles

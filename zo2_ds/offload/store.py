@@ -27,6 +27,7 @@ from torch import nn
 from zo2_ds.dtypes import DTYPES
 from zo2_ds.models import BlockList, find_blocks
 from zo2_ds.offload.hostmem import available_host_bytes, pinned_host_buffer
+from zo2_ds.offload.partition import Partition, build_shard
 from zo2_ds.offload.units import block_order, stream_units
 
 __all__ = [
@@ -110,6 +111,8 @@ class BlockStore:
         self.host_pinned: list[bool] = []  # per block: home is page-locked host memory
         self.home_views: list[list[torch.Tensor]] = []
         self.narrow: Narrow | None = None  # zo2.offload.transfer_dtype narrower than the masters
+        # zo2.offload.partition "node": each streamed unit's home is this rank's shard of it (partition.py).
+        self.partition: Partition | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -129,6 +132,15 @@ class BlockStore:
 
     def streamed_bytes(self) -> int:
         return sum(self.sizes[b] for b in self.streamed)
+
+    def home_nbytes(self, index: int) -> int:
+        """Bytes of unit ``index``'s home on this rank: its flat buffer, or this rank's shard of it."""
+        partitioned = self.partition is not None and self.is_streamed(index)
+        return self.partition.shard_nbytes(self.sizes[index]) if partitioned else self.sizes[index]
+
+    def slot_nbytes(self, index: int) -> int:
+        """Bytes of slot streamed unit ``index`` needs: its flat buffer (every shard, padded, when partitioned)."""
+        return self.sizes[index] if self.partition is None else self.partition.padded_nbytes(self.sizes[index])
 
     def views(self, index: int, flat: torch.Tensor) -> list[torch.Tensor]:
         return [e.view(flat) for e in self.entries[index]]
@@ -253,21 +265,26 @@ def plan_store(model: nn.Module, cfg, device: torch.device) -> tuple[BlockStore,
     return store, layouts
 
 
-def build_store(model: nn.Module, cfg, device: torch.device, move_rest: bool = True) -> BlockStore:
+def build_store(
+    model: nn.Module, cfg, device: torch.device, move_rest: bool = True, partition: Partition | None = None
+) -> BlockStore:
     """Find the blocks, give every block parameter its home slice, move the rest of the model to ``device``.
 
-    ``cfg`` is the ``zo2.offload`` config. Raises ValueError for a model without a block list, a budget
-    smaller than one block, or not enough host memory for the pinned masters (checked before allocating).
+    ``cfg`` is the ``zo2.offload`` config; with a ``partition`` each streamed unit's home is this rank's shard
+    of it (:mod:`~zo2_ds.offload.partition`; every rank must hold the same weights now). Raises ValueError
+    for a model without a block list, a budget smaller than one block, or not enough host memory for the
+    pinned masters (checked before allocating).
     """
     from deepspeed.accelerator import get_accelerator
 
     store, layouts = plan_store(model, cfg, device)
+    store.partition = partition
     entries = store.entries
 
     # Adopted before the memory check: an adopted block needs no new host memory. Resident blocks never
     # are (their home is on the device); their pinned buffer is freed, and unpinned, once they are copied.
     adopted = [
-        _adoptable_home(layout, size, device) if store.is_streamed(b) else None
+        _adoptable_home(layout, size, device) if store.is_streamed(b) and partition is None else None
         for b, (layout, size) in enumerate(layouts)
     ]
     _check_host_memory(store, {b for b, home in enumerate(adopted) if home is not None})
@@ -308,6 +325,12 @@ def _move_home(store: BlockStore, index: int, adopted: torch.Tensor | None, acc)
     """Point block ``index``'s parameters at their slices of its home (``adopted``, or a new pinned host or
     device buffer they are copied into) and record it; returns the home."""
     home = adopted
+    if store.partition is not None and store.is_streamed(index):
+        home, pinned, views = build_shard(store.partition, store.entries[index], store.sizes[index], acc)
+        store.host_pinned.append(pinned)
+        store.homes.append(home)
+        store.home_views.append(views)
+        return home
     if home is not None:
         store.host_pinned.append(home.is_pinned())
     elif store.is_streamed(index):
@@ -362,12 +385,12 @@ def _check_host_memory(store: BlockStore, adopted: set[int]) -> None:
     MemAvailable; checked before anything is allocated. ``adopted`` blocks keep the buffer they are in."""
     streamed = store.streamed
     copied = [b for b in streamed if b not in adopted]
-    pinned_bytes = sum(store.sizes[b] for b in copied)
+    pinned_bytes = sum(store.home_nbytes(b) for b in copied)
     if store.narrow is not None:
         pinned_bytes += sum(store.narrow.sizes[b] for b in streamed)
     # Host bytes freed as each block's original storage is replaced (only what is on the CPU now).
     freed = sum(e.nbytes for b in copied for e in store.entries[b] if e.param.device.type == "cpu")
-    needed = pinned_bytes - freed + (max(store.sizes[b] for b in copied) if copied else 0)
+    needed = pinned_bytes - freed + (max(store.home_nbytes(b) for b in copied) if copied else 0)
     available = available_host_bytes()
     if needed > available:
         raise ValueError(

@@ -1,0 +1,127 @@
+"""zo2.offload.partition "node": the ranks of a node share one copy of the masters, one shard each.
+
+Partitioned equals replicated bit-exactly (losses, g, the parameters after a flush), each rank pins 1/N of
+the streamed units' bytes, and state_dict / load_state_dict see whole tensors. CPU, gloo, 2 ranks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import zo2_ds
+from zo2_ds.config import parse_zo2_config
+from zo2_ds.offload.partition import Partition
+from zo2_ds.testing import ds_config, run_ranks, tiny_causal_lm
+
+VOCAB = 96
+CASES = [(arch, granularity) for arch in ("opt", "llama") for granularity in ("block", "layer")]
+
+
+def _train(arch: str, granularity: str, partition: str) -> dict:
+    """One rank: 3 steps of q=2 with 2 micro-batches each and write_back_interval 2, on this rank's shard of
+    the data; the ranks start from different inits (the broadcast from rank 0 must fix that)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    offload = {"enabled": True, "granularity": granularity, "write_back_interval": 2, "partition": partition}
+    zo2 = {"eps": 1e-3, "seed": 7, "num_perturbations": 2, "offload": offload}
+    config = ds_config(grad_accum=2, lr=5e-3, zo2=zo2)
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm(arch, layers=3, seed=rank), config=config)
+    store = engine.zo_offload_store
+    engine.train()
+    gen = torch.Generator().manual_seed(11)
+    losses, gs = [], []
+    for _ in range(3):
+        for _ in range(2):
+            ids = torch.randint(0, VOCAB, (2 * world, 12), generator=gen)[2 * rank : 2 * rank + 2]
+            out = engine(input_ids=ids, labels=ids)
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(out.loss.item())
+        gs.append(engine.last_projected_grad)
+    engine.zo_runner.flush()
+    state = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    # load_state_dict keeps each rank's shard of what it is given: a changed state reads back whole.
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    engine.module.load_state_dict(changed)
+    reloaded = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    return {
+        "losses": losses,
+        "gs": gs,
+        "state": state,
+        "reload_ok": all(torch.equal(reloaded[k], v) for k, v in changed.items()),
+        "pinned_bytes": sum(store.homes[b].numel() for b in store.streamed),
+        "unit_bytes": sum(store.sizes[b] for b in store.streamed),
+        "num_units": len(store.streamed),
+    }
+
+
+def _worker(out_dir: str) -> None:
+    rank = int(os.environ["RANK"])
+    results = {(arch, gran, part): _train(arch, gran, part) for arch, gran in CASES for part in ("none", "node")}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow  # 2 ranks x 8 engines over gloo on 2 shared cores
+def test_partitioned_equals_replicated_and_pins_one_shard_per_rank(tmp_path):
+    code = (
+        f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_offload_partition; "
+        f"test_offload_partition._worker({str(tmp_path)!r})"
+    )
+    run_ranks(code, 2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for arch, gran in CASES:
+        for r, res in enumerate(ranks):
+            rep, part = res[(arch, gran, "none")], res[(arch, gran, "node")]
+            case = (arch, gran, r)
+            assert part["losses"] == rep["losses"] and part["gs"] == rep["gs"], case
+            assert part["state"].keys() == rep["state"].keys(), case
+            for name, value in rep["state"].items():
+                assert torch.equal(part["state"][name], value), (case, name)
+            assert part["reload_ok"] and rep["reload_ok"], case
+            # One copy per node: each of the 2 ranks pins half of every unit's bytes (its shard rounded up to
+            # a multiple of 256 bytes: less than 256 bytes more per unit).
+            assert rep["pinned_bytes"] == rep["unit_bytes"], case
+            half = rep["unit_bytes"] / 2
+            assert half <= part["pinned_bytes"] < half + 256 * part["num_units"], case
+        for name, value in ranks[0][(arch, gran, "node")]["state"].items():
+            assert torch.equal(ranks[1][(arch, gran, "node")]["state"][name], value), (arch, gran, name)
+
+
+def test_shards_cover_a_unit_once_at_aligned_offsets():
+    size = 1000
+    parts = [Partition(r, 3, None, 256) for r in range(3)]
+    assert parts[0].shard_nbytes(size) == 512 and parts[0].padded_nbytes(size) == 1536
+    src = torch.arange(300, dtype=torch.int32)  # 1200 bytes placed at byte 256 of a 1536-byte padded home
+    whole = torch.zeros(1536, dtype=torch.uint8)
+    for p in parts:
+        shard = torch.zeros(p.shard_nbytes(size), dtype=torch.uint8)
+        p.copy_own_part(shard, 256, src)
+        p.own(whole, size).copy_(shard)
+    assert torch.equal(whole[256:1456].view(torch.int32), src)
+    assert not whole[:256].any() and not whole[1456:].any()
+
+
+@pytest.mark.parametrize(
+    "offload, words",
+    [
+        ({"partition": "node"}, "enabled"),
+        ({"enabled": True, "partition": "node", "num_resident_blocks": 1}, "resident"),
+        ({"enabled": True, "partition": "node", "max_gpu_memory": "1GB"}, "resident"),
+        ({"enabled": True, "partition": "node", "transfer_dtype": "bf16"}, "transfer_dtype"),
+    ],
+)
+def test_partition_refuses_what_it_does_not_support(offload, words):
+    with pytest.raises(ValueError, match=rf"zo2\.offload\.partition.*{words}"):
+        parse_zo2_config({"zo2": {"enabled": True, "offload": offload}})
+
+
+def test_partition_on_one_rank_is_replicated():
+    """A node of one rank has nothing to share: the masters are whole, as with "none"."""
+    cfg = ds_config(zo2={"offload": {"enabled": True, "partition": "node"}})
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt"), config=cfg)
+    store = engine.zo_offload_store
+    assert store.partition is None
+    assert [h.numel() for h in store.homes] == store.sizes

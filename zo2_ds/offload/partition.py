@@ -1,0 +1,207 @@
+"""Host masters partitioned over a node's ranks (``zo2.offload.partition = "node"``).
+
+Every rank trains the same weights (g is all-reduced), so a node needs one copy of the masters, not one per
+rank. Each streamed unit's flat home (:mod:`~zo2_ds.offload.store`) is cut into ``num_ranks`` contiguous
+shards of ``shard_nbytes`` (a multiple of ALIGN_BYTES; the last shard padded), and rank r pins only shard r:
+
+    upload of unit b   : own pinned shard -> its place in the slot (host link, 1/N of the unit)
+                         all-gather of the shards into the slot (the node's ranks; NVLink on a GPU node),
+                         on the upload stream, after the copy: the slot then holds the whole unit
+    write-back of b    : the slot's own shard -> own pinned shard (every rank holds the same updated unit)
+
+Between uses a partitioned unit's parameters point at a zero-byte placeholder of their shape (a zero
+broadcast to it, read-only: a write fails loudly), since no rank holds them whole. Whole tensors exist
+only on demand: ``state_dict`` gathers each unit (a collective: every rank of the node calls it, as
+DeepSpeed's ``save_checkpoint`` does), ``load_state_dict`` keeps each rank's shard of what it is given.
+So a checkpoint holds whole tensors, the same as without partitioning.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from zo2_ds.offload.hostmem import pinned_host_buffer
+
+__all__ = [
+    "Partition",
+    "node_partition",
+    "ReplicatedHomes",
+    "PartitionedHomes",
+    "home_copies",
+    "placeholder",
+    "build_shard",
+    "install_state_hooks",
+]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """This rank's place among the ``num_ranks`` ranks of its node that share one copy of the masters."""
+
+    rank: int  # index within the node
+    num_ranks: int
+    group: Any  # the node's process group
+    align_bytes: int  # the store's ALIGN_BYTES
+
+    def shard_nbytes(self, nbytes: int) -> int:
+        """Bytes of each rank's shard of a ``nbytes`` flat home (a multiple of ``align_bytes``, so each shard
+        starts where a normal allocation would)."""
+        per_rank = -(-nbytes // self.num_ranks)
+        return -(-per_rank // self.align_bytes) * self.align_bytes
+
+    def padded_nbytes(self, nbytes: int) -> int:
+        """The flat home with the last shard padded: what the all-gather fills."""
+        return self.shard_nbytes(nbytes) * self.num_ranks
+
+    def own(self, flat: torch.Tensor, nbytes: int) -> torch.Tensor:
+        """This rank's shard of ``flat`` (a buffer of at least ``padded_nbytes(nbytes)`` bytes)."""
+        shard = self.shard_nbytes(nbytes)
+        return flat[self.rank * shard : (self.rank + 1) * shard]
+
+    def gather(self, flat: torch.Tensor, nbytes: int) -> None:
+        """Fill ``flat`` with every rank's shard, its own already in place (on the current stream)."""
+        import torch.distributed as dist
+
+        padded = flat[: self.padded_nbytes(nbytes)]
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        all_gather(padded, self.own(padded, nbytes), group=self.group)
+
+    def gather_to_host(self, home: torch.Tensor, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A new host tensor holding the whole ``nbytes`` unit whose own shard is ``home`` (gathered through
+        ``device`` where the backend cannot send host tensors)."""
+        flat = torch.empty(self.padded_nbytes(nbytes), dtype=torch.uint8, device=device)
+        self.own(flat, nbytes).copy_(home)
+        self.gather(flat, nbytes)
+        return flat[:nbytes].cpu()
+
+    def copy_own_part(self, dst: torch.Tensor, offset: int, src: torch.Tensor) -> None:
+        """Copy the bytes of ``src`` (a tensor placed at byte ``offset`` of a flat home) that fall in this
+        rank's shard into ``dst`` (the shard)."""
+        raw = src.detach().contiguous().reshape(-1).view(torch.uint8)
+        shard = dst.numel()
+        start = max(offset, self.rank * shard)
+        end = min(offset + raw.numel(), (self.rank + 1) * shard)
+        if start < end:
+            dst[start - self.rank * shard : end - self.rank * shard].copy_(raw[start - offset : end - offset])
+
+
+def node_partition(cfg, device: torch.device) -> Partition | None:
+    """The :class:`Partition` ``zo2.offload.partition`` asks for, or None (replicated masters, or a node of one
+    rank). On CPU every rank of the world is one node; on an accelerator a node has ``device_count()`` ranks
+    (consecutive global ranks, as the launchers number them). Every rank must call it (it makes the groups)."""
+    if cfg.partition == "none":
+        return None
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from zo2_ds.offload.store import ALIGN_BYTES
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per_node = world if device.type == "cpu" else min(world, get_accelerator().device_count())
+    if world % per_node:
+        raise ValueError(
+            f'zo2.offload.partition="node": the world of {world} ranks is not whole nodes of {per_node} ranks; '
+            'use "none"'
+        )
+    groups = [dist.new_group(list(range(n * per_node, (n + 1) * per_node))) for n in range(world // per_node)]
+    if per_node == 1:
+        return None
+    return Partition(rank % per_node, per_node, groups[rank // per_node], ALIGN_BYTES)
+
+
+def build_shard(partition: Partition, entries, nbytes: int, acc) -> tuple[torch.Tensor, bool, list[torch.Tensor]]:
+    """This rank's pinned shard of a unit whose parameters (``entries``, :class:`~zo2_ds.offload.store.Entry`)
+    hold the whole unit now: their bytes in the shard copied in, each parameter re-pointed at its
+    :func:`placeholder` (its own storage is released here, unless someone else holds it). Returns the
+    shard, whether it is page-locked, and the placeholders."""
+    home, pinned = pinned_host_buffer(acc, partition.shard_nbytes(nbytes))
+    views = []
+    for e in entries:
+        partition.copy_own_part(home, e.offset, e.param.data)
+        e.param.data = view = placeholder(e.dtype, e.shape)
+        views.append(view)
+    return home, pinned, views
+
+
+_PLACEHOLDER_BASES: dict[torch.dtype, torch.Tensor] = {}
+
+
+def placeholder(dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """A read-only tensor of ``shape`` with no storage of its own (one zero of ``dtype``, broadcast): what a
+    partitioned unit's parameters point at between uses."""
+    base = _PLACEHOLDER_BASES.setdefault(dtype, torch.zeros((), dtype=dtype))
+    return base.expand(shape)
+
+
+class ReplicatedHomes:
+    """A unit's copies between its whole pinned home and its slot (``partition = "none"``)."""
+
+    def upload(self, b: int, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
+        slot[:nbytes].copy_(home, non_blocking=True)
+
+    def write_back(self, b: int, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
+        home.copy_(slot[:nbytes], non_blocking=True)
+
+
+class PartitionedHomes:
+    """A unit's copies between this rank's pinned shard and the slot: the shard up, then the node's
+    all-gather; only the shard back (see the module docstring)."""
+
+    def __init__(self, partition: Partition):
+        self.partition = partition
+
+    def upload(self, b: int, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
+        self.partition.own(slot, nbytes).copy_(home, non_blocking=True)
+        self.partition.gather(slot, nbytes)
+
+    def write_back(self, b: int, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
+        home.copy_(self.partition.own(slot, nbytes), non_blocking=True)
+
+
+def install_state_hooks(store: Any, is_home: Callable[[int], bool]) -> list[Any]:
+    """The partitioned units' ``state_dict`` / ``load_state_dict`` hooks (see the module docstring); install
+    them after the hooks that flush pending updates. ``is_home(b)``: unit b's parameters point at their
+    placeholders (not at a device copy, as inside a forward). Returns the handles."""
+    loading: dict[int, torch.Tensor] = {}  # unit -> the whole unit a load_state_dict is writing
+
+    def gathered_state(b: int, module: Any, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+        if not is_home(b):
+            return  # a state_dict inside a forward: the parameters are the unit's device copy already
+        full = store.partition.gather_to_host(store.homes[b], store.sizes[b], store.device)
+        names = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
+        for e in store.entries[b]:
+            key = prefix + names[id(e.param)]
+            if key in state_dict:
+                state_dict[key] = e.view(full)
+
+    def open_for_load(b: int, *_: Any) -> None:
+        # Parameters the state_dict lacks keep their bytes in this rank's shard; the rest of it is not kept.
+        partition, size = store.partition, store.sizes[b]
+        full = loading[b] = torch.empty(partition.padded_nbytes(size), dtype=torch.uint8)
+        partition.own(full, size).copy_(store.homes[b])
+        for e in store.entries[b]:
+            e.param.data = e.view(full)
+
+    def keep_loaded_shard(b: int, *_: Any) -> None:
+        full = loading.pop(b)
+        store.homes[b].copy_(store.partition.own(full, store.sizes[b]))
+        store.point_params_home(b)
+
+    handles = []
+    for b in store.streamed:
+        unit = store.units[b]
+        handles.append(unit.register_state_dict_post_hook(functools.partial(gathered_state, b)))
+        handles.append(unit.register_load_state_dict_pre_hook(functools.partial(open_for_load, b)))
+        handles.append(unit.register_load_state_dict_post_hook(functools.partial(keep_loaded_shard, b)))
+    return handles
+
+
+def home_copies(partition: Partition | None) -> ReplicatedHomes | PartitionedHomes:
+    return ReplicatedHomes() if partition is None else PartitionedHomes(partition)

@@ -19,6 +19,7 @@ import torch
 
 import zo2_ds
 from zo2_ds import kernels, zo
+from zo2_ds.offload import hostmem
 from zo2_ds.offload import store as store_mod
 from zo2_ds.testing import ds_config, tiny_causal_lm
 
@@ -345,13 +346,13 @@ def test_budget_keeps_blocks_resident_and_bad_input_is_explained(monkeypatch):
             model=tiny_causal_lm("llama", layers=4), config=make_config({"enabled": True, "max_gpu_memory": "1KB"})
         )
 
-    monkeypatch.setattr(store_mod, "available_host_bytes", lambda: 1000)
+    monkeypatch.setattr(hostmem, "available_host_bytes", lambda: 1000)
     with pytest.raises(ValueError, match=r"pinned host masters .* need .* GiB.*only 0\.00 GiB is available"):
         zo2_ds.initialize(model=tiny_causal_lm("llama", layers=4), config=make_config({"enabled": True}))
     # With a narrower transfer_dtype the host holds the narrow copies too (fp32 + bf16: half the blocks
     # more). The masters replace the model's storage block by block, so they need one block more; the
     # bf16 copies of 4 blocks need 2 more.
-    monkeypatch.setattr(store_mod, "available_host_bytes", lambda: int(2.5 * block_bytes))
+    monkeypatch.setattr(hostmem, "available_host_bytes", lambda: int(2.5 * block_bytes))
     zo2_ds.initialize(model=tiny_causal_lm("llama", layers=4), config=make_config({"enabled": True}))
     with pytest.raises(ValueError, match=r"masters of 4 streamed blocks and their transfer_dtype copies need"):
         zo2_ds.initialize(

@@ -20,32 +20,46 @@ VOCAB = 96
 CASES = [(arch, granularity) for arch in ("opt", "llama") for granularity in ("block", "layer")]
 
 
-def _train(arch: str, granularity: str, partition: str) -> dict:
-    """One rank: 3 steps of q=2 with 2 micro-batches each and write_back_interval 2, on this rank's shard of
-    the data; the ranks start from different inits (the broadcast from rank 0 must fix that)."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+def _engine(arch: str, granularity: str, partition: str, seed: int):
     offload = {"enabled": True, "granularity": granularity, "write_back_interval": 2, "partition": partition}
     zo2 = {"eps": 1e-3, "seed": 7, "num_perturbations": 2, "offload": offload}
     config = ds_config(grad_accum=2, lr=5e-3, zo2=zo2)
-    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm(arch, layers=3, seed=rank), config=config)
-    store = engine.zo_offload_store
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm(arch, layers=3, seed=seed), config=config)
     engine.train()
-    gen = torch.Generator().manual_seed(11)
+    return engine
+
+
+def _steps(engine, gen: torch.Generator, num_steps: int) -> tuple[list[float], list[float]]:
+    """``num_steps`` steps of 2 micro-batches, each rank on its part of the data; losses and g."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     losses, gs = [], []
-    for _ in range(3):
+    for _ in range(num_steps):
         for _ in range(2):
-            ids = torch.randint(0, VOCAB, (2 * world, 12), generator=gen)[2 * rank : 2 * rank + 2]
+            ids = torch.randint(0, VOCAB, (2 * world, 12), generator=gen)[2 * rank : 2 * rank + 2].to(engine.device)
             out = engine(input_ids=ids, labels=ids)
             engine.backward(out.loss)
             engine.step()
             losses.append(out.loss.item())
         gs.append(engine.last_projected_grad)
+    return losses, gs
+
+
+def _state(engine) -> dict[str, torch.Tensor]:
     engine.zo_runner.flush()
-    state = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    return {k: v.clone() for k, v in engine.module.state_dict().items()}
+
+
+def _train(arch: str, granularity: str, partition: str) -> dict:
+    """One rank: 3 steps of q=2 with 2 micro-batches each and write_back_interval 2; the ranks start from
+    different inits (the broadcast from rank 0 must fix that)."""
+    engine = _engine(arch, granularity, partition, seed=int(os.environ["RANK"]))
+    store = engine.zo_offload_store
+    losses, gs = _steps(engine, torch.Generator().manual_seed(11), 3)
+    state = _state(engine)
     # load_state_dict keeps each rank's shard of what it is given: a changed state reads back whole.
     changed = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
     engine.module.load_state_dict(changed)
-    reloaded = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    reloaded = _state(engine)
     return {
         "losses": losses,
         "gs": gs,
@@ -57,20 +71,36 @@ def _train(arch: str, granularity: str, partition: str) -> dict:
     }
 
 
+def _resume(ckpt_dir: str) -> dict[str, dict[str, torch.Tensor]]:
+    """A partitioned run saved after 2 steps and continued for 1, against the same checkpoint loaded into a
+    fresh partitioned engine and into a replicated one (a checkpoint holds whole tensors), each run 1 step."""
+    engine = _engine("opt", "block", "node", seed=0)
+    gen = torch.Generator().manual_seed(5)
+    _steps(engine, gen, 2)
+    engine.save_checkpoint(ckpt_dir, tag="t")
+    after_save = gen.get_state()
+    _steps(engine, gen, 1)
+    out = {"uninterrupted": _state(engine)}
+    for partition in ("node", "none"):
+        resumed = _engine("opt", "block", partition, seed=3)
+        resumed.load_checkpoint(ckpt_dir, tag="t")
+        _steps(resumed, torch.Generator().set_state(after_save), 1)
+        out[partition] = _state(resumed)
+    return out
+
+
 def _worker(out_dir: str) -> None:
-    rank = int(os.environ["RANK"])
     results = {(arch, gran, part): _train(arch, gran, part) for arch, gran in CASES for part in ("none", "node")}
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    results["resume"] = _resume(os.path.join(out_dir, "ckpt"))
+    torch.save(results, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
 
 
-@pytest.mark.multiprocess
-@pytest.mark.slow  # 2 ranks x 8 engines over gloo on 2 shared cores
-def test_partitioned_equals_replicated_and_pins_one_shard_per_rank(tmp_path):
+def _check_partitioned(tmp_path, accelerator: str) -> None:
     code = (
         f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_offload_partition; "
         f"test_offload_partition._worker({str(tmp_path)!r})"
     )
-    run_ranks(code, 2)
+    run_ranks(code, 2, accelerator)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for arch, gran in CASES:
         for r, res in enumerate(ranks):
@@ -88,6 +118,25 @@ def test_partitioned_equals_replicated_and_pins_one_shard_per_rank(tmp_path):
             assert half <= part["pinned_bytes"] < half + 256 * part["num_units"], case
         for name, value in ranks[0][(arch, gran, "node")]["state"].items():
             assert torch.equal(ranks[1][(arch, gran, "node")]["state"][name], value), (arch, gran, name)
+    # save_checkpoint holds whole tensors: resumed partitioned or replicated, the run continues as it was.
+    for r, res in enumerate(ranks):
+        for layout in ("node", "none"):
+            for name, value in res["resume"]["uninterrupted"].items():
+                assert torch.equal(res["resume"][layout][name], value), (r, layout, name)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow  # 2 ranks x 11 engines over gloo on 2 shared cores
+def test_partitioned_equals_replicated_and_pins_one_shard_per_rank(tmp_path):
+    _check_partitioned(tmp_path, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.multiprocess
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cuda_partitioned_over_nccl(tmp_path):
+    """The same on 2 GPUs: the shards are uploaded and all-gathered on the upload stream over NCCL."""
+    _check_partitioned(tmp_path, "cuda")
 
 
 def test_shards_cover_a_unit_once_at_aligned_offsets():

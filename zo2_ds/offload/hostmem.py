@@ -1,4 +1,5 @@
-"""Host memory for the blocks' masters: page-locked buffers of an exact size, and how much is available.
+"""Host memory for the blocks' masters: page-locked buffers of an exact size, how much is available, and the
+check that a block store's masters fit it.
 
 Kept apart from :mod:`~zo2_ds.offload.store` (which lays blocks out in these buffers) because
 :mod:`~zo2_ds.offload.materialize` allocates the same buffers before any block store exists.
@@ -7,10 +8,13 @@ Kept apart from :mod:`~zo2_ds.offload.store` (which lays blocks out in these buf
 from __future__ import annotations
 
 import mmap
+from typing import Any
 
 import torch
 
-__all__ = ["available_host_bytes", "pinned_host_buffer"]
+_GIB = 1024**3
+
+__all__ = ["available_host_bytes", "check_host_memory", "pinned_host_buffer"]
 
 
 def available_host_bytes() -> int:
@@ -60,3 +64,27 @@ class _LockedPages(mmap.mmap):
                 acc.unregister_host_memory(address)
             except Exception:  # interpreter shutdown: the driver may already be gone
                 pass
+
+
+def check_host_memory(store: Any, adopted: set[int]) -> None:
+    """Raise ValueError, with the numbers, when a :class:`~zo2_ds.offload.store.BlockStore`'s pinned masters
+    (and narrow copies) cannot fit the host's MemAvailable; checked before anything is allocated. ``adopted``
+    blocks keep the buffer they are in."""
+    streamed = store.streamed
+    copied = [b for b in streamed if b not in adopted]
+    pinned_bytes = sum(store.home_nbytes(b) for b in copied)
+    if store.narrow is not None:
+        pinned_bytes += sum(store.narrow.sizes[b] for b in streamed)
+    # Host bytes freed as each block's original storage is replaced (only what is on the CPU now).
+    freed = sum(e.nbytes for b in copied for e in store.entries[b] if e.param.device.type == "cpu")
+    needed = pinned_bytes - freed + (max(store.home_nbytes(b) for b in copied) if copied else 0)
+    available = available_host_bytes()
+    if needed > available:
+        raise ValueError(
+            f"zo2.offload: the pinned host masters of {len(streamed)} streamed blocks "
+            f"{'and their transfer_dtype copies ' if store.narrow is not None else ''}need "
+            f"{pinned_bytes / _GIB:.2f} GiB "
+            f"({needed / _GIB:.2f} GiB more than the model holds on the host now), but only {available / _GIB:.2f} GiB "
+            "is available (MemAvailable). Free host memory, keep more blocks on the GPU "
+            "(zo2.offload.max_gpu_memory / num_resident_blocks), or use more nodes."
+        )

@@ -26,7 +26,7 @@ from torch import nn
 
 from zo2_ds.dtypes import DTYPES
 from zo2_ds.models import BlockList, find_blocks
-from zo2_ds.offload.hostmem import available_host_bytes, pinned_host_buffer
+from zo2_ds.offload.hostmem import available_host_bytes, check_host_memory, pinned_host_buffer
 from zo2_ds.offload.partition import Partition, build_shard
 from zo2_ds.offload.units import block_order, stream_units
 
@@ -287,7 +287,7 @@ def build_store(
         _adoptable_home(layout, size, device) if store.is_streamed(b) and partition is None else None
         for b, (layout, size) in enumerate(layouts)
     ]
-    _check_host_memory(store, {b for b, home in enumerate(adopted) if home is not None})
+    check_host_memory(store, {b for b, home in enumerate(adopted) if home is not None})
 
     acc = get_accelerator()
     was_on_device = any(e.param.device.type != "cpu" for block_entries in entries for e in block_entries)
@@ -378,29 +378,6 @@ def _adoptable_home(
     if device.type != "cpu" and not home.is_pinned():
         return None
     return home
-
-
-def _check_host_memory(store: BlockStore, adopted: set[int]) -> None:
-    """Raise ValueError, with the numbers, when the pinned masters (and narrow copies) cannot fit the host's
-    MemAvailable; checked before anything is allocated. ``adopted`` blocks keep the buffer they are in."""
-    streamed = store.streamed
-    copied = [b for b in streamed if b not in adopted]
-    pinned_bytes = sum(store.home_nbytes(b) for b in copied)
-    if store.narrow is not None:
-        pinned_bytes += sum(store.narrow.sizes[b] for b in streamed)
-    # Host bytes freed as each block's original storage is replaced (only what is on the CPU now).
-    freed = sum(e.nbytes for b in copied for e in store.entries[b] if e.param.device.type == "cpu")
-    needed = pinned_bytes - freed + (max(store.home_nbytes(b) for b in copied) if copied else 0)
-    available = available_host_bytes()
-    if needed > available:
-        raise ValueError(
-            f"zo2.offload: the pinned host masters of {len(streamed)} streamed blocks "
-            f"{'and their transfer_dtype copies ' if store.narrow is not None else ''}need "
-            f"{pinned_bytes / _GIB:.2f} GiB "
-            f"({needed / _GIB:.2f} GiB more than the model holds on the host now), but only {available / _GIB:.2f} GiB "
-            "is available (MemAvailable). Free host memory, keep more blocks on the GPU "
-            "(zo2.offload.max_gpu_memory / num_resident_blocks), or use more nodes."
-        )
 
 
 def _transfer_dtype(cfg, layouts) -> torch.dtype | None:

@@ -10,6 +10,9 @@ device views and kernel tables are built once. Every reuse is ordered by events,
     compute stream  : wait [uploaded] (acquire) ... b's passes ... [slot free] (release)
     write-back      : wait [updated] (recorded on compute right after the update is in the slot);
                       copy slot -> pinned master [slot read], then the narrow copy, if any     [written]
+
+With ``zo2.offload.partition`` the master is this rank's shard: the upload copies it into its place in the
+slot and all-gathers the node's shards into the slot, on the upload stream; the write-back copies only it.
 """
 
 from __future__ import annotations

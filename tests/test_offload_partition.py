@@ -89,20 +89,21 @@ def _resume(ckpt_dir: str) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def _worker(out_dir: str) -> None:
-    results = {(arch, gran, part): _train(arch, gran, part) for arch, gran in CASES for part in ("none", "node")}
-    results["resume"] = _resume(os.path.join(out_dir, "ckpt"))
+def _worker(out_dir: str, cases: list[tuple[str, str]], resume: bool) -> None:
+    results = {(arch, gran, part): _train(arch, gran, part) for arch, gran in cases for part in ("none", "node")}
+    if resume:
+        results["resume"] = _resume(os.path.join(out_dir, "ckpt"))
     torch.save(results, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
 
 
-def _check_partitioned(tmp_path, accelerator: str) -> None:
+def _check_partitioned(tmp_path, accelerator: str, world_size: int = 2, cases=CASES, resume: bool = True) -> None:
     code = (
         f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_offload_partition; "
-        f"test_offload_partition._worker({str(tmp_path)!r})"
+        f"test_offload_partition._worker({str(tmp_path)!r}, {cases!r}, {resume})"
     )
-    run_ranks(code, 2, accelerator)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for arch, gran in CASES:
+    run_ranks(code, world_size, accelerator)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+    for arch, gran in cases:
         for r, res in enumerate(ranks):
             rep, part = res[(arch, gran, "none")], res[(arch, gran, "node")]
             case = (arch, gran, r)
@@ -111,13 +112,16 @@ def _check_partitioned(tmp_path, accelerator: str) -> None:
             for name, value in rep["state"].items():
                 assert torch.equal(part["state"][name], value), (case, name)
             assert part["reload_ok"] and rep["reload_ok"], case
-            # One copy per node: each of the 2 ranks pins half of every unit's bytes (its shard rounded up to
-            # a multiple of 256 bytes: less than 256 bytes more per unit).
+            # One copy per node: each of the N ranks pins 1/N of every unit's bytes (its shard rounded up to a
+            # multiple of 256 bytes: less than 256 bytes more per unit).
             assert rep["pinned_bytes"] == rep["unit_bytes"], case
-            half = rep["unit_bytes"] / 2
-            assert half <= part["pinned_bytes"] < half + 256 * part["num_units"], case
-        for name, value in ranks[0][(arch, gran, "node")]["state"].items():
-            assert torch.equal(ranks[1][(arch, gran, "node")]["state"][name], value), (arch, gran, name)
+            share = rep["unit_bytes"] / world_size
+            assert share <= part["pinned_bytes"] < share + 256 * part["num_units"], case
+        for r in range(1, world_size):
+            for name, value in ranks[0][(arch, gran, "node")]["state"].items():
+                assert torch.equal(ranks[r][(arch, gran, "node")]["state"][name], value), (arch, gran, r, name)
+    if not resume:
+        return
     # save_checkpoint holds whole tensors: resumed partitioned or replicated, the run continues as it was.
     for r, res in enumerate(ranks):
         for layout in ("node", "none"):
@@ -129,6 +133,12 @@ def _check_partitioned(tmp_path, accelerator: str) -> None:
 @pytest.mark.slow  # 2 ranks x 11 engines over gloo on 2 shared cores
 def test_partitioned_equals_replicated_and_pins_one_shard_per_rank(tmp_path):
     _check_partitioned(tmp_path, "cpu")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_three_ranks_pad_their_shards_and_equal_replicated(tmp_path):
+    _check_partitioned(tmp_path, "cpu", world_size=3, cases=[("opt", "layer")], resume=False)
 
 
 @pytest.mark.cuda

@@ -47,7 +47,14 @@ def configure_offloaded_model(engine: Any, configure: Any, model: Any) -> Any:
         engine.dont_change_device, engine._zo_defer_broadcast = keep_device, False
     partition = node_partition(engine.zo_config.offload, engine.device)
     source = _broadcast_source(engine)
-    if partition is not None and source is not None:
+    if partition is not None:
+        from deepspeed import comm as dist
+
+        if source is None or dist.get_world_size(group=source[1]) != dist.get_world_size():
+            raise ValueError(
+                'zo2.offload.partition="node" needs every rank in one data-parallel group (no model or sequence '
+                'parallelism); use "none"'
+            )
         broadcast_module(engine.module, engine.device, src=source[0], group=source[1])
     offload = engine.zo_config.offload
     store = build_store(engine.module, offload, engine.device, move_rest=not keep_device, partition=partition)

@@ -40,7 +40,7 @@ def test_defaults():
         (
             {"offload": {"enable": True}},
             r"zo2\.offload\.enable: unknown key; allowed keys are: blocks_attr, cuda_graphs, enabled, granularity, "
-            r"max_gpu_memory, num_resident_blocks, prefetch_depth, prefetch_next_step, transfer_dtype, "
+            r"max_gpu_memory, num_resident_blocks, partition, prefetch_depth, prefetch_next_step, transfer_dtype, "
             r"write_back_interval$",
         ),
         ({"offload": {"prefetch_depth": -1}}, r"zo2\.offload\.prefetch_depth: Input should be greater than or equal"),

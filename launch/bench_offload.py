@@ -8,11 +8,13 @@
         --granularities block,layer                            # OPT-175B's shape, 6 and 12 of its blocks
     python launch/bench_offload.py --tiny                                                   # CPU, seconds
     torchrun --nproc_per_node 2 launch/bench_offload.py --models opt-6.7b --batches 1x2048 --no-in-gpu  # data parallel
+    torchrun --nproc_per_node 2 launch/bench_offload.py --models opt-6.7b --batches 1x2048 --no-in-gpu --partitioned
 
 Per model, one random-init model per engine (fp16 on CUDA, fp32 on CPU): two plain forwards and the
 in-GPU step (``in_gpu``, unless --no-in-gpu), then the offloaded step with every block streamed
 (``offload``; ``offload_xfer_<dtype>`` per narrower --transfer-dtypes) and the optional variants
-(``offload_graphs``: zo2.offload.cuda_graphs; ``offload_resident<N>``: N blocks kept on the GPU).
+(``offload_graphs``: zo2.offload.cuda_graphs; ``offload_resident<N>``: N blocks kept on the GPU;
+``offload_partitioned``: zo2.offload.partition "node", each rank uploading its shard of every block).
 floor = max(two plain forwards, streamed bytes / pinned host-to-device bandwidth measured here).
 Reported: median step, tokens/s, x in-GPU, x floor, peak allocated, NVML used (the whole device: CUDA
 context and allocator cache included; the context alone is ``env.cuda_context_nvml_bytes``), host RSS
@@ -63,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action="store_true", help="also the offload_graphs mode")
     p.add_argument("--resident", type=int, default=None, help="also offload_resident<N>: N blocks kept resident")
     p.add_argument("--kernels", default="auto", choices=driver.KERNEL_CHOICES, help="zo2.kernels")
+    p.add_argument("--partitioned", action="store_true", help='also offload_partitioned: zo2.offload.partition "node"')
     p.add_argument("--no-prefetch-next-step", action="store_true", help="zo2.offload.prefetch_next_step false")
     p.add_argument("--timeline", default=None, help="PNG of one offloaded step per mode (first model and batch)")
     args = report.run_args(p, p.parse_args(argv))
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants = [] if args.only_in_gpu else offload.offload_variants(
         prefetch_depth=args.prefetch_depth, write_back_interval=args.write_back_interval,
         transfer_dtypes=args.transfer_dtypes, cuda_graphs=args.cuda_graphs, resident_blocks=args.resident,
-        granularities=args.granularities,
+        granularities=args.granularities, partitioned=args.partitioned,
     )  # fmt: skip
     for i, name in enumerate(args.models):
         records = offload.offload_records(

@@ -89,9 +89,18 @@ def test_streamed_bytes_count_resident_blocks_and_narrow_copies():
 
 
 def test_offload_variants_and_engine_config():
-    variants = offload.offload_variants(transfer_dtypes=("auto", "bf16"), cuda_graphs=True, resident_blocks=2)
-    assert [m for m, _ in variants] == ["offload", "offload_xfer_bf16", "offload_graphs", "offload_resident2"]
+    variants = offload.offload_variants(
+        transfer_dtypes=("auto", "bf16"), cuda_graphs=True, resident_blocks=2, partitioned=True
+    )
+    assert [m for m, _ in variants] == [
+        "offload",
+        "offload_xfer_bf16",
+        "offload_graphs",
+        "offload_resident2",
+        "offload_partitioned",
+    ]
     assert variants[3][1] == {"enabled": True, "num_resident_blocks": 2}
+    assert variants[4][1] == {"enabled": True, "partition": "node"}
     assert offload.offload_variants(prefetch_depth=0)[0][1] == {
         "enabled": True,
         "prefetch_depth": 0,
@@ -123,12 +132,15 @@ def test_step_records_measure_every_mode_against_two_forwards():
 
 
 def test_offload_records_carry_floors_ratios_and_host_memory():
-    variants = offload.offload_variants(resident_blocks=2)
+    variants = offload.offload_variants(resident_blocks=2, partitioned=True)
     records = offload.offload_records(
         "tiny", [(2, 16)], variants, RUN, bandwidth={"h2d_gbps": 50.0}, log=lambda r: None
     )
-    assert [r["mode"] for r in records] == ["in_gpu", "offload", "offload_resident2"]
-    in_gpu, streamed, half = records
+    assert [r["mode"] for r in records] == ["in_gpu", "offload", "offload_resident2", "offload_partitioned"]
+    in_gpu, streamed, half, partitioned = records
+    # One rank: nothing to share, the partitioned masters are whole (the link carries all of every block).
+    assert partitioned["ranks_sharing_masters"] == 1
+    assert partitioned["streamed_bytes"] == streamed["streamed_bytes"]
     assert in_gpu["ratio_to_two_forwards"] == in_gpu["median_ms"] / in_gpu["two_forwards_ms"]
     assert streamed["ratio_to_in_gpu"] == streamed["median_ms"] / in_gpu["median_ms"]
     assert streamed["transfer_floor_ms"] == streamed["streamed_bytes"] / 50e9 * 1e3

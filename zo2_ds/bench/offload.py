@@ -30,9 +30,11 @@ def offload_variants(
     cuda_graphs: bool = False,
     resident_blocks: int | None = None,
     granularities: tuple[str, ...] = ("auto",),
+    partitioned: bool = False,
 ) -> list[tuple[str, dict[str, Any]]]:
     """[(mode, zo2.offload block)]: every block streamed per transfer dtype and granularity (mode
-    ``offload``, ``offload_xfer_<dtype>``, with ``_<granularity>`` unless "auto"), then the optional variants."""
+    ``offload``, ``offload_xfer_<dtype>``, with ``_<granularity>`` unless "auto"), then the optional variants
+    (``offload_partitioned``: zo2.offload.partition "node", the masters shared by a node's ranks)."""
     common: dict[str, Any] = {"enabled": True}
     if prefetch_depth != "auto":  # (a tree older than "auto" may be benchmarked, see launch/bench_ab.py)
         common["prefetch_depth"] = prefetch_depth
@@ -50,6 +52,8 @@ def offload_variants(
         variants.append(("offload_graphs", {**common, "cuda_graphs": True}))
     if resident_blocks:
         variants.append((f"offload_resident{resident_blocks}", {**common, "num_resident_blocks": resident_blocks}))
+    if partitioned:
+        variants.append(("offload_partitioned", {**common, "partition": "node"}))
     return variants
 
 
@@ -102,7 +106,10 @@ def _offload_one(name: str, mode: str, offload: dict, batches: list, run: driver
     init_s = time.perf_counter() - started
     facts = driver.offload_facts(engine)
     interval = facts.get("write_back_interval") or offload.get("write_back_interval") or 1
-    streamed = streamed_bytes_per_step(model, offload, interval)
+    # Partitioned masters: each rank's host link carries its 1/N shard of every unit (the rest is gathered).
+    partition = getattr(engine.zo_offload_store, "partition", None)
+    num_sharing = partition.num_ranks if partition is not None else 1
+    streamed = streamed_bytes_per_step(model, offload, interval) / num_sharing
     records = []
     for b, s in batches:
         batch = make_batch(name, b, s, run.device)
@@ -111,6 +118,7 @@ def _offload_one(name: str, mode: str, offload: dict, batches: list, run: driver
         rec = {"mode": mode, "batch": f"{b}x{s}", **measure.summarize(times, run.warmup), **measure.device_memory()}
         rec.update(measure.host_rss_bytes())
         rec.update(facts, offload=offload, streamed_bytes=streamed, model_bytes=model_bytes, num_blocks=num_blocks)
+        rec.update(ranks_sharing_masters=num_sharing)
         rec.update(engine_init_s=init_s, host_rss_over_model=rec["host_rss_bytes"] / model_bytes)
         if timeline and (b, s) == batches[0]:
             rec["timeline"] = driver.timeline_of_one_step(engine, driver.zo_step(engine, batch))

@@ -78,9 +78,10 @@ def _resume(ckpt_dir: str) -> dict[str, dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(5)
     _steps(engine, gen, 2)
     engine.save_checkpoint(ckpt_dir, tag="t")
+    at_save = _state(engine)
     after_save = gen.get_state()
     _steps(engine, gen, 1)
-    out = {"uninterrupted": _state(engine)}
+    out = {"at_save": at_save, "uninterrupted": _state(engine)}
     for partition in ("node", "none"):
         resumed = _engine("opt", "block", partition, seed=3)
         resumed.load_checkpoint(ckpt_dir, tag="t")
@@ -127,6 +128,11 @@ def _check_partitioned(tmp_path, accelerator: str, world_size: int = 2, cases=CA
         for layout in ("node", "none"):
             for name, value in res["resume"]["uninterrupted"].items():
                 assert torch.equal(res["resume"][layout][name], value), (r, layout, name)
+    # ... and on another number of ranks: this process (one rank) loads the weights the 2 ranks saved.
+    one = _engine("opt", "block", "node", seed=3)
+    one.load_checkpoint(str(tmp_path / "ckpt"), tag="t")
+    for name, value in _state(one).items():
+        assert torch.equal(value.cpu(), ranks[0]["resume"]["at_save"][name].cpu()), name
 
 
 @pytest.mark.multiprocess

@@ -143,10 +143,10 @@ def placeholder(dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
 class ReplicatedHomes:
     """A unit's copies between its whole pinned home and its slot (``partition = "none"``)."""
 
-    def upload(self, b: int, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
+    def upload(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         slot[:nbytes].copy_(home, non_blocking=True)
 
-    def write_back(self, b: int, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
+    def write_back(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         home.copy_(slot[:nbytes], non_blocking=True)
 
 
@@ -157,11 +157,11 @@ class PartitionedHomes:
     def __init__(self, partition: Partition):
         self.partition = partition
 
-    def upload(self, b: int, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
+    def upload(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         self.partition.own(slot, nbytes).copy_(home, non_blocking=True)
         self.partition.gather(slot, nbytes)
 
-    def write_back(self, b: int, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
+    def write_back(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         home.copy_(self.partition.own(slot, nbytes), non_blocking=True)
 
 

@@ -118,7 +118,7 @@ class SlotRing:
         up = self.streams.upload
         self.tracer.emit("upload", b, "start", up)
         if exact:
-            self.homes.upload(b, self.store.homes[b], self.slots[self.slot_of[b]], self.store.sizes[b])
+            self.homes.upload(self.store.homes[b], self.slots[self.slot_of[b]], self.store.sizes[b])
         else:  # the slot's staging buffer was widened from before the slot was freed
             self.narrow.upload(b, self.slot_of[b])
         self.tracer.emit("upload", b, "end", up)
@@ -140,7 +140,7 @@ class SlotRing:
             self._updated[slot].wait(wb)
             self.tracer.emit("writeback", b, "start", wb)
             # The master is only read by the next upload of b (which waits for [written]) or after a flush.
-            self.homes.write_back(b, self.store.homes[b], self.slots[slot], self.store.sizes[b])
+            self.homes.write_back(self.store.homes[b], self.slots[slot], self.store.sizes[b])
             self._slot_read[slot].record(wb)
             self.narrow.send(b, wb)
             self.tracer.emit("writeback", b, "end", wb)

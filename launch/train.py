@@ -107,8 +107,8 @@ def train(args) -> dict:
     batches = job.ShardedBatches(
         num_examples=len(task_data.train),
         micro_batch_size=engine.train_micro_batch_size_per_gpu(),
-        world_size=world_size,
-        rank=rank,
+        world_size=engine.zo_data_world_size,  # the ranks of a perturbation group share one shard
+        rank=engine.zo_data_rank,
         seed=args.seed,
     ).iterate(start_micro_step=engine.global_steps * grad_accum)  # a resumed run continues the same order
     progress = tqdm(

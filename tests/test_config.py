@@ -30,7 +30,7 @@ def test_defaults():
         (
             {"epsilon": 1e-3},
             r"zo2\.epsilon: unknown key; allowed keys are: enabled, eps, kernels, lean_loss, num_perturbations, "
-            r"offload, seed$",
+            r"offload, perturbation_parallel, seed$",
         ),
         ({"eps": 0}, r"zo2\.eps: Input should be greater than 0"),
         ({"eps": "small"}, r"zo2\.eps: Input should be a valid number"),

@@ -253,21 +253,24 @@ def test_model_called_directly_streams_its_blocks():
     assert torch.equal(engine(input_ids=ids).logits, direct)
 
 
-def test_resume_mid_training_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("granularity", ["block", "layer"])
+def test_resume_mid_training_equals_uninterrupted(tmp_path, granularity):
     base = tiny_causal_lm("opt", tied=True, layers=3)
     data = batches(5, 2)
     kw = dict(q=2, grad_accum=2, schedule=SCHEDULE, weight_decay=0.1)
-    full = trajectory(copy.deepcopy(base), {"enabled": True}, data, **kw)
+    offload = {"enabled": True, "granularity": granularity}
+    full = trajectory(copy.deepcopy(base), offload, data, **kw)
     off = trajectory(copy.deepcopy(base), {"enabled": False}, data, **kw)
     assert_same(full, off)
 
-    first, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=make_config({"enabled": True}, **kw))
+    first, *_ = zo2_ds.initialize(model=copy.deepcopy(base), config=make_config(offload, **kw))
     head_losses, head_gs = train(first, data[:2])
     first.save_checkpoint(str(tmp_path), tag="step2")
     # The resumed engine starts from different weights: everything must come from the checkpoint.
     second, *_ = zo2_ds.initialize(
-        model=tiny_causal_lm("opt", tied=True, layers=3, seed=9), config=make_config({"enabled": True}, **kw)
+        model=tiny_causal_lm("opt", tied=True, layers=3, seed=9), config=make_config(offload, **kw)
     )
+    assert second.zo_offload_store.granularity == granularity
     second.load_checkpoint(str(tmp_path), tag="step2")
     assert second.global_steps == 2
     tail_losses, tail_gs = train(second, data[2:])
@@ -1051,6 +1054,12 @@ def _check_data_parallel(tmp_path, accelerator: str) -> None:
     assert on[0]["gs"] == on[1]["gs"]  # g is all-reduced: one trajectory on every rank
     for name, value in on[0]["params"].items():
         assert torch.equal(on[1]["params"][name], value), name
+    # Sub-modules streamed (their layer norms on the device, broadcast with the embeddings): the same.
+    layer = _run_ranks(tmp_path, "layer", accelerator, {"enabled": True, "granularity": "layer"})
+    for r in range(2):
+        assert layer[r]["losses"] == off[r]["losses"] and layer[r]["gs"] == off[r]["gs"], r
+        for name, value in off[r]["params"].items():
+            assert torch.equal(layer[r]["params"][name], value), (r, name)
     narrow = {"enabled": True, "transfer_dtype": "bf16", "write_back_interval": 2}
     apart = _run_ranks(tmp_path, "narrow_apart", accelerator, narrow)
     alike = _run_ranks(tmp_path, "narrow_alike", accelerator, narrow, same_init=True)

@@ -216,3 +216,22 @@ def test_a_device_too_small_for_the_offloader_is_refused_before_allocating(monke
         zo2_ds.initialize(model=model, config=make_config({"enabled": True, "granularity": "block"}))
     monkeypatch.setattr(sizing, "device_free_bytes", lambda device: 10**9)
     zo2_ds.initialize(model=tiny_causal_lm("llama", layers=2), config=make_config({"enabled": True}))
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_a_lora_model_at_layer_granularity_equals_offload_off(arch):
+    """PEFT wraps the projections: the wrapped linear streams as a unit, its tiny adapters stay on the device."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_causal_lm(arch, tied=False, vocab_size=VOCAB, layers=3),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    with torch.no_grad():  # non-zero adapters, so that they matter to the loss from the first step
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    data = batches(3, 1)
+    off = trajectory(copy.deepcopy(model), {"enabled": False}, data, q=2)
+    on = trajectory(copy.deepcopy(model), LAYER, data, q=2)
+    assert on[0].zo_offload_store.granularity == "layer"
+    assert_same(off, on)

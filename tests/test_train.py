@@ -245,6 +245,28 @@ def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path):
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_a_perturbation_group_of_two_ranks_matches_one_rank_bit_exactly(tmp_path):
+    """zo2.perturbation_parallel 2 on 2 ranks: both take the same shard (engine.zo_data_rank) and split the
+    passes, so the run's log equals one rank's, number for number."""
+    base = json.loads((REPO / "ds_configs" / "zo2.json").read_text())
+    logs = {}
+    for nproc in (2, 1):
+        zo2 = {**base["zo2"], "num_perturbations": 2, "perturbation_parallel": nproc}
+        config = tmp_path / f"pp{nproc}.json"
+        config.write_text(
+            json.dumps({**base, "zo2": zo2, "train_micro_batch_size_per_gpu": 8, "steps_per_print": 10**6})
+        )
+        out = tmp_path / f"pp{nproc}"
+        args = ["--deepspeed_config", str(config), "--output_dir", str(out), "--max_steps", "20", "--log_every", "10"]
+        check(run_train(*args, "--eval_every", "0", nproc=nproc, cpu=True))
+        logs[nproc] = [
+            {k: v for k, v in r.items() if k not in ("time_s", "elapsed_s", "seconds")} for r in read_log(out)
+        ]
+    assert [r["step"] for r in logs[2]] == [10, 20]
+    assert [r["train_loss"] for r in logs[2]] == [r["train_loss"] for r in logs[1]]
+
+
 # -- runs that lose nothing (zo2_ds.checkpoint through the launcher) ------------------------------------------
 # launch/train.py with a signal sent to itself right after optimizer step K: a stop at an exact step, so an
 # interrupted run and its resumption can be compared bit for bit with an uninterrupted one.

@@ -135,6 +135,14 @@ class ZO2Config(DeepSpeedConfigModel):
     num_perturbations: int = Field(1, ge=1, le=64)
     """q: directions per step; the update averages the q estimates g_i z_i (n-SPSA)."""
 
+    perturbation_parallel: int = Field(1, ge=1, le=64)
+    """P: the 2q passes of a step are spread over groups of P consecutive ranks that see the same
+    micro-batch (rank p of a group runs the passes j with j % P == p; the losses are summed over the group),
+    so the step's latency falls instead of its batch growing. The groups are data parallel with each other:
+    P x D ranks follow the trajectory of D data-parallel ranks bit for bit. P must divide the number of
+    ranks and 2q. Feed a group one micro-batch: shard data by ``engine.zo_data_rank`` over
+    ``engine.zo_data_world_size`` (``launch/train.py`` and DeepSpeed's own loader do). See zo2_ds/parallel.py."""
+
     kernels: Literal["auto", "multi_tensor", "per_tensor", "torch"] = "auto"
     """Which implementation perturbs and updates (zo2_ds/ops.py): "auto" = the multi-tensor Triton kernels
     on CUDA tensors when triton is installed, else torch; "multi_tensor" (one launch per block / update

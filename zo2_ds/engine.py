@@ -36,7 +36,7 @@ from deepspeed import comm as dist
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.utils import logger
 
-from zo2_ds import ds_compat, zo
+from zo2_ds import ds_compat, parallel, zo
 from zo2_ds.config import ZO2Config, parse_zo2_config
 from zo2_ds.loss import install_lean_loss, uninstall_lean_loss
 from zo2_ds.ops import Ops
@@ -105,6 +105,10 @@ class ZOEngine(DeepSpeedEngine):
         # Validate before DeepSpeed builds anything: a bad zo2 block fails here, naming the key.
         self.zo_config: ZO2Config = parse_zo2_config(config_class._param_dict)
         _check_compatible(config_class)
+        if self.zo_config.perturbation_parallel > 1 and dist.is_initialized():  # before the model is moved
+            parallel.check_sizes(
+                self.zo_config.perturbation_parallel, dist.get_world_size(), 2 * self.zo_config.num_perturbations
+            )
         super().__init__(*args, config_class=config_class, **kwargs)
         if self.optimizer is None:
             raise ValueError(
@@ -118,6 +122,13 @@ class ZOEngine(DeepSpeedEngine):
         if not self.zo_params:
             raise ValueError("zo2: the model has no parameter with requires_grad=True; nothing to train")
         self._lean_loss_models = install_lean_loss(self.module) if self.zo_config.lean_loss else []
+        self.zo_groups: parallel.PerturbationGroups | None = None
+        if self.zo_config.perturbation_parallel > 1:
+            cfg = self.zo_config
+            world = dist.get_world_size()
+            self.zo_groups = parallel.PerturbationGroups(
+                cfg.perturbation_parallel, self.global_rank, world, 2 * cfg.num_perturbations
+            )
         self.zo_runner: ZORunner = self._build_runner()
         self.optimizer.bind(self.zo_runner, [tp.param for tp in self.zo_params])
         self._zo_span = ds_compat.ForwardSpan(self)
@@ -221,11 +232,12 @@ class ZOEngine(DeepSpeedEngine):
         if not self.module.training:
             with torch.no_grad():
                 return self.zo_runner.run_plain(lambda: DeepSpeedEngine.forward(self, *inputs, **kwargs))
-        cfg = self.zo_config
+        cfg, groups = self.zo_config, self.zo_groups
         # Each pass is reduced to its scalar loss at once, so 2q sets of logits (and KV caches) are never
         # alive together. The last pass's full output is the one returned to the caller: kept from any
         # earlier pass, its logits would still be alive during every later pass's loss.
-        last_pass = 2 * cfg.num_perturbations - 1
+        passes = groups.passes if groups is not None else list(range(2 * cfg.num_perturbations))
+        last_pass = passes[-1]
         last_output: list[Any] = []
 
         def one_pass(index: int) -> torch.Tensor:
@@ -239,9 +251,14 @@ class ZOEngine(DeepSpeedEngine):
         with eval_mode(self.module), torch.no_grad(), kv_cache_off(self._kv_cache_configs):
             step = self.global_steps
             next_step = step + 1 if self.is_gradient_accumulation_boundary() else step
-            pairs = self.zo_runner.run(step, one_pass, next_step=next_step)
-        plus_losses = torch.stack([p for p, _ in pairs])
-        minus_losses = torch.stack([m for _, m in pairs])
+            if groups is None:
+                pairs = self.zo_runner.run(step, one_pass, next_step=next_step)
+                plus_losses = torch.stack([p for p, _ in pairs])
+                minus_losses = torch.stack([m for _, m in pairs])
+            else:  # this rank's share of the passes; the group's all-reduce brings the others
+                local = self.zo_runner.run_passes(step, one_pass, passes, next_step=next_step)
+                losses = groups.gather_losses(local, parallel.input_checksum([*inputs, *kwargs.values()]))
+                plus_losses, minus_losses = losses[0::2], losses[1::2]
         g = zo.projected_grad(plus_losses, minus_losses, cfg.eps)
         mean_loss = (plus_losses.float().mean() + minus_losses.float().mean()) / 2
         # g_i and the reported loss, summed over the micro-batches of this step (kept on device).
@@ -288,10 +305,13 @@ class ZOEngine(DeepSpeedEngine):
         if self._g_sum is None:
             raise RuntimeError("ZOEngine.step() at a boundary without any training forward since the last step")
         stats = self._g_sum.float() / self._g_count
-        if self.dp_world_size > 1:
+        data_world, data_group = self.zo_data_world_size, self.data_parallel_group
+        if self.zo_groups is not None:
+            data_group = self.zo_groups.data_group
+        if data_world > 1:
             # The only communication of data-parallel ZO: q + 1 floats per step (g_i and the loss).
-            dist.all_reduce(stats, group=self.data_parallel_group)
-            stats = stats / self.dp_world_size
+            dist.all_reduce(stats, group=data_group)
+            stats = stats / data_world
         *values, self._last_loss = stats.tolist()  # the one host sync per step: g are kernel arguments
         self._g_sum, self._g_count = None, 0
         self._last_g = values
@@ -304,6 +324,25 @@ class ZOEngine(DeepSpeedEngine):
                 f"(parameters unchanged; {self.zo_skipped_steps} skipped so far)",
                 stacklevel=3,
             )
+
+    @property
+    def zo_data_rank(self) -> int:
+        """Which shard of the data this rank takes: its global rank, or with ``zo2.perturbation_parallel``
+        its group's index (the ranks of a group must see the same micro-batch)."""
+        return self.zo_groups.data_rank if self.zo_groups is not None else self.global_rank
+
+    @property
+    def zo_data_world_size(self) -> int:
+        """Over how many shards the data is split: the data-parallel world, divided by
+        ``zo2.perturbation_parallel``."""
+        return self.zo_groups.data_world_size if self.zo_groups is not None else self.dp_world_size
+
+    def deepspeed_io(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        """DeepSpeed's loader; with ``zo2.perturbation_parallel`` its default sampler shards by group."""
+        if self.zo_groups is not None and self.is_map_style_dataset(dataset):
+            kwargs = self.zo_groups.loader_kwargs(dataset, args, kwargs)
+            args = ()
+        return super().deepspeed_io(dataset, *args, **kwargs)
 
     @property
     def last_loss(self) -> float:

@@ -299,11 +299,20 @@ class ResidentRunner:
     def run(self, step: int, forward: Callable[[int], Any], next_step: int | None = None) -> list[tuple[Any, Any]]:
         """[(forward(2i) at theta + eps z_i, forward(2i + 1) at theta - eps z_i) for i in range(q)]
         (``next_step``: see :class:`zo2_ds.runner.ZORunner`; nothing to prefetch here)."""
-        outputs = []
-        for j, spec in enumerate(zo.pass_specs(step, self.config.num_perturbations, self.config.eps)):
-            with self._in_pass(spec):
-                outputs.append(forward(j))
+        outputs = self.run_passes(step, forward, range(2 * self.config.num_perturbations), next_step)
         return list(zip(outputs[0::2], outputs[1::2]))
+
+    def run_passes(
+        self, step: int, forward: Callable[[int], Any], passes: Sequence[int], next_step: int | None = None
+    ) -> list[Any]:
+        """[forward(j) for j in ``passes``], pass j at theta + (-1)^j eps z_{j // 2} (a subset of the step's
+        passes: ``zo2.perturbation_parallel``)."""
+        specs = zo.pass_specs(step, self.config.num_perturbations, self.config.eps)
+        outputs = []
+        for j in passes:
+            with self._in_pass(specs[j]):
+                outputs.append(forward(j))
+        return outputs
 
     def run_plain(self, forward: Callable[[], Any]) -> Any:
         """One unperturbed forward (eval mode)."""

@@ -35,6 +35,13 @@ class ZORunner(Protocol):
         prefetch, never a change of the result."""
         ...
 
+    def run_passes(
+        self, step: int, forward: PassForward, passes: Sequence[int], next_step: int | None = None
+    ) -> list[Any]:
+        """Run only the passes ``passes`` of step ``step`` (pass j at theta + (-1)^j eps z_{j // 2}); returns
+        ``[forward(j) for j in passes]``. With ``zo2.perturbation_parallel`` each rank runs its share."""
+        ...
+
     def run_plain(self, forward: Callable[[], Any]) -> Any:
         """One unperturbed forward (eval); returns its output. Any deferred update is applied first."""
         ...

@@ -138,10 +138,18 @@ class OffloadRunner:
         ``next_step``: the step of the next training run (``step`` within a gradient accumulation, else
         step + 1, the default); it only steers which copy of a block the end of this run uploads ahead.
         """
-        specs = zo.pass_specs(step, self.config.num_perturbations, self.config.eps)
-        self._next_step = step + 1 if next_step is None else next_step
-        outs = self._run(specs, forward)
+        outs = self.run_passes(step, forward, range(2 * self.config.num_perturbations), next_step)
         return list(zip(outs[0::2], outs[1::2]))
+
+    def run_passes(
+        self, step: int, forward: Callable[[int], Any], passes: Sequence[int], next_step: int | None = None
+    ) -> list[Any]:
+        """[forward(j) for j in ``passes``], block-major (a subset of the step's passes:
+        ``zo2.perturbation_parallel``); the first of them carries the fused pending update."""
+        specs = zo.pass_specs(step, self.config.num_perturbations, self.config.eps)
+        passes = list(passes)
+        self._next_step = step + 1 if next_step is None else next_step
+        return self._run([specs[j] for j in passes], lambda k: forward(passes[k]))
 
     def run_plain(self, forward: Callable[[], Any]) -> Any:
         """One unperturbed forward with the blocks streamed (any pending update is applied on the way)."""

@@ -37,7 +37,7 @@ data = [torch.randint(0, 96, (2 * data_world, 12), generator=gen) for _ in range
 engine.train()
 losses, gs = [], []
 for k, ids in enumerate(data):
-    shard = ids[engine.zo_data_rank * 2 : engine.zo_data_rank * 2 + 2]
+    shard = ids[engine.zo_data_rank * 2 : engine.zo_data_rank * 2 + 2].to(engine.device)
     if skew == "yes" and rank == 1:
         shard = shard.flip(0)
     out_ = engine(input_ids=shard, labels=shard)
@@ -47,12 +47,14 @@ for k, ids in enumerate(data):
     if k % 2:
         gs.append(engine.last_projected_grad)
 engine.zo_runner.flush()
-params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+params = {n: p.detach().to("cpu", copy=True) for n, p in engine.module.named_parameters()}
 torch.save({"losses": losses, "gs": gs, "params": params}, os.path.join(out, f"rank{rank}.pt"))
 """
 
 
-def run_ranks(tmp_path, name, world, parallel, *, q=1, offload=None, arch="opt", skew=False, expect_ok=True):
+def run_ranks(
+    tmp_path, name, world, parallel, *, q=1, offload=None, arch="opt", skew=False, expect_ok=True, accelerator="cpu"
+):
     """Start ``world`` ranks of WORKER; returns each rank's saved result (or the logs when not ``expect_ok``)."""
     import json
 
@@ -63,7 +65,7 @@ def run_ranks(tmp_path, name, world, parallel, *, q=1, offload=None, arch="opt",
     argv = [str(out), str(parallel), str(data_world), str(q), json.dumps(offload or {}), arch, "yes" if skew else "no"]
     procs = []
     for rank in range(world):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+        env = dict(os.environ, DS_ACCELERATOR=accelerator, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, GLOO_SOCKET_IFNAME="lo")  # fmt: skip
         procs.append(
             subprocess.Popen(
@@ -114,9 +116,9 @@ def test_two_groups_of_two_follow_two_data_parallel_ranks_bit_exactly(tmp_path):
 @pytest.mark.slow
 def test_a_group_fed_different_batches_is_refused(tmp_path):
     logs = run_ranks(tmp_path, "skew", 2, 2, skew=True, expect_ok=False)
-    assert any("ranks 0-1 (one perturbation group) were fed different micro-batches" in log for log in logs), logs[0][
-        -2000:
-    ]
+    for log in logs:  # both ranks refuse, at the first step, before any update
+        assert "perturbation_parallel=2: the ranks of a perturbation group" in log, log[-2000:]
+        assert "were fed different micro-batches" in log and "engine.zo_data_rank (0 here)" in log
 
 
 def test_sizes_that_do_not_divide_are_refused_naming_the_key():
@@ -132,3 +134,14 @@ def test_the_input_checksum_tells_batches_apart():
     assert input_checksum([ids, None, 3]) == input_checksum([ids.clone()])
     assert input_checksum([ids]) != input_checksum([ids.flip(0)])
     assert input_checksum([ids]) != input_checksum([ids + 1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("offload", [None, {"enabled": True, "granularity": "layer"}])
+def test_cuda_a_group_of_two_gpus_follows_one_gpu_bit_exactly(tmp_path, offload):
+    """The same over NCCL: each GPU runs half of the passes of one micro-batch (fp32, the same kernels)."""
+    one = run_ranks(tmp_path, "one", 1, 1, q=2, offload=offload, arch="llama", accelerator="cuda")[0]
+    two = run_ranks(tmp_path, "two", 2, 2, q=2, offload=offload, arch="llama", accelerator="cuda")
+    for rank in two:
+        assert_same_run(one, rank)

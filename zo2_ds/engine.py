@@ -257,12 +257,14 @@ class ZOEngine(DeepSpeedEngine):
                 minus_losses = torch.stack([m for _, m in pairs])
             else:  # this rank's share of the passes; the group's all-reduce brings the others
                 local = self.zo_runner.run_passes(step, one_pass, passes, next_step=next_step)
-                losses = groups.gather_losses(local, parallel.input_checksum([*inputs, *kwargs.values()]))
+                checksum = parallel.input_checksum([*inputs, *kwargs.values()])
+                losses, differed = groups.gather_losses(local, checksum)
                 plus_losses, minus_losses = losses[0::2], losses[1::2]
         g = zo.projected_grad(plus_losses, minus_losses, cfg.eps)
         mean_loss = (plus_losses.float().mean() + minus_losses.float().mean()) / 2
-        # g_i and the reported loss, summed over the micro-batches of this step (kept on device).
-        stats = torch.cat([g, mean_loss.reshape(1)])
+        # g_i and the reported loss, summed over the micro-batches of this step (kept on device); with
+        # perturbation groups, whether a group's inputs differed (checked at the step's host sync).
+        stats = torch.cat([g, mean_loss.reshape(1)] + ([differed.reshape(1)] if groups is not None else []))
         self._g_sum = stats if self._g_sum is None else self._g_sum + stats
         self._g_count += 1
         return with_loss(last_output[0], mean_loss.to(plus_losses.dtype))
@@ -312,7 +314,12 @@ class ZOEngine(DeepSpeedEngine):
             # The only communication of data-parallel ZO: q + 1 floats per step (g_i and the loss).
             dist.all_reduce(stats, group=data_group)
             stats = stats / data_world
-        *values, self._last_loss = stats.tolist()  # the one host sync per step: g are kernel arguments
+        values = stats.tolist()  # the one host sync per step: g are kernel arguments
+        if self.zo_groups is not None:
+            differed = values.pop()
+            self._g_sum, self._g_count = None, 0
+            self.zo_groups.check_inputs(differed)  # before any update: every rank raises together
+        *values, self._last_loss = values
         self._g_sum, self._g_count = None, 0
         self._last_g = values
         finite = all(math.isfinite(v) for v in values)

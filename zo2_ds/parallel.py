@@ -13,7 +13,8 @@ trajectory of data parallelism over D ranks bit for bit, and P x 1 the trajector
 
 Checks: W and 2q must be multiples of P (ValueError naming the key at initialize), and the ranks of a group
 must be fed the same micro-batch (a checksum of the forward's tensors rides along with the losses; a
-mismatch is a ValueError naming the ranks and the sampler rank to use: ``engine.zo_data_rank``).
+mismatch is noted on the device and read at the step's one host sync, where every rank raises a ValueError
+naming the sampler rank to use, ``engine.zo_data_rank``, before the update is applied).
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ class PerturbationGroups:
         assert DeepSpeedEngine.deepspeed_io.__code__.co_varnames[2:8] == names, "DeepSpeed's signature moved"
         return kwargs
 
-    def gather_losses(self, local: Iterable[torch.Tensor], checksum: torch.Tensor) -> torch.Tensor:
-        """Every pass's loss ([num_passes], in the losses' dtype) on every rank of the group, from this rank's ``local``
-        losses (of :attr:`passes`, in order). Raises ValueError when the group's inputs differ."""
+    def gather_losses(self, local: Iterable[torch.Tensor], checksum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every pass's loss ([num_passes], in the losses' dtype) on every rank of the group, from this rank's
+        ``local`` losses (of :attr:`passes`, in order), and whether the group's inputs differed (a 0-dim
+        float tensor, 1.0 if so; read at the step's one host sync, see :meth:`check_inputs`)."""
         from deepspeed import comm as dist
 
         local = list(local)
@@ -91,24 +93,29 @@ class PerturbationGroups:
         slots[self.num_passes + self.index] = checksum.to(slots.device)
         dist.all_reduce(slots, group=self.group)
         sums = slots[self.num_passes :]
-        if not bool((sums == sums[0]).all()):
-            first = self.data_rank * self.size
+        differed = (sums != sums[0]).any().float()
+        return slots[: self.num_passes].to(local[0].dtype), differed  # each loss as computed, exactly
+
+    def check_inputs(self, differed: float) -> None:
+        """Raise ValueError when a group was fed different micro-batches this step (``differed`` > 0: summed
+        over the groups by the step's all-reduce, so every rank raises together, before any update)."""
+        if differed > 0:
             raise ValueError(
-                f"{_KEY}={self.size}: ranks {first}-{first + self.size - 1} (one perturbation group) were fed "
-                "different micro-batches; every rank of a group must get the same one: shard the data by "
-                f"engine.zo_data_rank ({self.data_rank} here) over engine.zo_data_world_size "
-                f"({self.data_world_size}) instead of the global rank"
+                f"{_KEY}={self.size}: the ranks of a perturbation group (P consecutive ranks; this rank's group "
+                f"is {self.data_rank}) were fed different micro-batches; every rank of a group must get the same "
+                f"one: shard the data by engine.zo_data_rank ({self.data_rank} here) over "
+                f"engine.zo_data_world_size ({self.data_world_size}) instead of the global rank"
             )
-        return slots[: self.num_passes].to(local[0].dtype)  # each a loss as computed, exactly
 
 
 def input_checksum(inputs: Iterable[Any]) -> torch.Tensor:
     """A float64 fingerprint of the tensors in a forward's arguments (sums of the values, plain and weighted
     by position), cheap on any device; equal inputs give equal checksums on every rank."""
-    total = torch.zeros((), dtype=torch.float64)
+    total = None
     for value in inputs:
         if isinstance(value, torch.Tensor) and value.numel():
             flat = value.detach().reshape(-1).to(torch.float64)
             weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder_(9973)
-            total = total + (flat.sum() + (flat * weights).sum()).cpu()
-    return total
+            part = flat.sum() + (flat * weights).sum()  # on the input's device: no host sync
+            total = part if total is None else total + part.to(total.device)
+    return torch.zeros((), dtype=torch.float64) if total is None else total

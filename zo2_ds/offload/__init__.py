@@ -17,7 +17,8 @@ Which file owns what (see README.md in this folder):
 - :mod:`~zo2_ds.offload.lockstep`: the 2q passes run block-major;
 - :mod:`~zo2_ds.offload.graphs`: CUDA graphs of the blocks' forwards;
 - :mod:`~zo2_ds.offload.trace`: observers, the timeline and the device-byte accounting;
-- :mod:`~zo2_ds.offload.runner`: :class:`OffloadRunner`, the facade composing them, and its hooks.
+- :mod:`~zo2_ds.offload.hooks`: the units' forward hooks and the state_dict hooks;
+- :mod:`~zo2_ds.offload.runner`: :class:`OffloadRunner`, the facade composing them.
 """
 
 from __future__ import annotations

@@ -38,7 +38,6 @@ events only (``flush`` synchronises, once).
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -46,11 +45,10 @@ import torch
 
 from zo2_ds import zo
 from zo2_ds.config import ZO2Config
+from zo2_ds.offload import hooks, sizing
 from zo2_ds.offload import pending as rules
-from zo2_ds.offload import sizing
 from zo2_ds.offload.lockstep import LockStep, PassPool
 from zo2_ds.offload.narrow import narrow_copies
-from zo2_ds.offload.partition import install_state_hooks
 from zo2_ds.offload.perturber import BlockPerturber, scratch_layout
 from zo2_ds.offload.ring import SlotRing
 from zo2_ds.offload.store import BlockStore
@@ -129,7 +127,15 @@ class OffloadRunner:
             from zo2_ds.offload.graphs import BlockGraphs
 
             self.graphs = BlockGraphs(store.units, lambda b: [e.param for e in store.entries[b]])
-        self._handles = _install_hooks(self, module, store)
+        self._handles = hooks.install(
+            module,
+            store,
+            enter=self._enter_block,
+            leave=self._leave_block,
+            flush=self.flush,
+            masters_changed=self.masters_changed,
+            at_home=lambda b: b not in self._acquired,
+        )
 
     # -- the runner interface (zo2_ds.runner.ZORunner) ------------------------------------------------
     def run(self, step: int, forward: Callable[[int], Any], next_step: int | None = None) -> list[tuple[Any, Any]]:
@@ -398,29 +404,3 @@ class OffloadRunner:
         self.store.point_params_home(b)
         self.ring.free(b, compute)
         self._prefetch()
-
-
-def _install_hooks(runner: OffloadRunner, model: torch.nn.Module, store: BlockStore) -> list[Any]:
-    """The blocks' forward hooks (acquire / release), and the state_dict hooks that keep the masters exact.
-
-    Reading or writing the blocks' weights through a state_dict (save_pretrained, torch.save of a state_dict,
-    load_state_dict) flushes first, from the model or any module on the way to a block. Loading a block's
-    weights (a load_state_dict of the model recurses into every block once) remakes its transfer_dtype copy.
-    """
-    handles = []
-    for b, unit in enumerate(store.units):
-        handles.append(unit.register_forward_pre_hook(functools.partial(runner._enter_block, b)))
-        handles.append(unit.register_forward_hook(functools.partial(runner._leave_block, b), always_call=True))
-    for b in store.streamed if store.narrow is not None else ():
-        unit = store.units[b]
-        handles.append(unit.register_load_state_dict_post_hook(lambda *_, b=b: runner.masters_changed([b])))
-    path = store.blocks.path.split(".") if store.blocks.path else []
-    holders = [model] + [model.get_submodule(".".join(path[: i + 1])) for i in range(len(path))]
-    holders.extend(store.blocks.blocks)
-    holders.extend(store.units)
-    for mod in {id(m): m for m in holders}.values():
-        handles.append(mod.register_state_dict_pre_hook(lambda *_: runner.flush()))
-        handles.append(mod.register_load_state_dict_pre_hook(lambda *_: runner.flush()))
-    if store.partition is not None:  # after the flushes: the masters are whole only on demand
-        handles.extend(install_state_hooks(store, lambda b: b not in runner.acquired_blocks))
-    return handles

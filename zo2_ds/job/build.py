@@ -11,6 +11,7 @@ import os
 from argparse import Namespace
 from typing import Any
 
+import torch
 from torch import nn
 
 from zo2_ds.tasks import (
@@ -77,11 +78,28 @@ def build_model(args: Namespace, tokenizer, *, offload: dict | None = None) -> n
         if rank0:
             print(f"zo2: reading {args.model_name_or_path} block by block into pinned host memory", flush=True)
         show = rank0 and not args.no_progress
-        blocks_attr = offload.get("blocks_attr")
-        model = materialize(args.model_name_or_path, dtype=args.dtype, blocks_attr=blocks_attr, progress=show)
+        model = materialize(args.model_name_or_path, dtype=args.dtype, progress=show, **_materialize_layout(offload))
     else:
         model = load_causal_lm(args.model_name_or_path, dtype=args.dtype)
     return apply_adapter(model, args) if args.peft else model
+
+
+def _materialize_layout(offload: dict) -> dict:
+    """materialize's arguments for the engine the ``zo2.offload`` block configures: its blocks, and with
+    ``partition`` "node" on more than one rank of a node this rank's place (each rank builds only its shards)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from zo2_ds.config import parse_zo2_config
+    from zo2_ds.offload.partition import materialize_partition
+
+    cfg = parse_zo2_config({"zo2": {"offload": offload}}).offload
+    device = torch.device(get_accelerator().device_name())
+    return {
+        "blocks_attr": cfg.blocks_attr,
+        "partition": materialize_partition(cfg, device),  # torch.distributed is up: train.py inits it first
+        "granularity": cfg.granularity,
+        "cuda_graphs": cfg.cuda_graphs,
+    }
 
 
 def has_safetensors(path: str | os.PathLike) -> bool:

@@ -1,0 +1,130 @@
+"""materialize with a partition: each of a node's ranks builds and pins only its shards, the engine adopts them,
+and training equals a replicated engine on a normally built model bit for bit. CPU, gloo, 2 ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import zo2_ds
+from zo2_ds.testing import ds_config, run_ranks, tiny_causal_lm
+
+VOCAB = 96
+SEED = 5
+# (architecture, granularity, source): a config (random init, every rank seeded alike) or a checkpoint folder.
+CASES = [
+    ("opt", "block", "config"),
+    ("opt", "block", "folder"),
+    ("llama", "layer", "config"),
+    ("llama", "layer", "folder"),
+]
+RSS_WORKER = Path(__file__).parent / "workers" / "materialize_rss_worker.py"
+
+
+def _config(granularity: str, partition: str) -> dict:
+    offload = {"enabled": True, "granularity": granularity, "write_back_interval": 2, "partition": partition}
+    return ds_config(grad_accum=2, lr=5e-3, zo2={"eps": 1e-3, "seed": 7, "num_perturbations": 2, "offload": offload})
+
+
+def _model(arch: str, source: str, folder: str, granularity: str, partitioned: bool):
+    """Partitioned: materialized with this rank's partition; else built the ordinary way (transformers)."""
+    from transformers import AutoModelForCausalLM
+
+    from zo2_ds.config import parse_zo2_config
+    from zo2_ds.offload.materialize import materialize
+    from zo2_ds.offload.partition import materialize_partition
+
+    src = folder if source == "folder" else tiny_causal_lm(arch, layers=3).config
+    torch.manual_seed(SEED)
+    if not partitioned:
+        if source == "folder":
+            return AutoModelForCausalLM.from_pretrained(folder)
+        return materialize(src, device="cpu", progress=False)
+    cfg = parse_zo2_config(_config(granularity, "node")).offload
+    partition = materialize_partition(cfg, torch.device("cpu"))
+    assert partition is not None and partition.num_ranks == 2
+    return materialize(src, device="cpu", progress=False, partition=partition, granularity=granularity)
+
+
+def _train(arch: str, granularity: str, source: str, folder: str, partitioned: bool) -> dict:
+    """3 steps of q=2 with 2 micro-batches each, each rank on its part of the data; losses, g, the state."""
+    import zo2_ds.offload.partition as partition_module
+
+    model = _model(arch, source, folder, granularity, partitioned)
+    copy_shard = partition_module.pinned_host_buffer
+    partition_module.pinned_host_buffer = None  # the engine adopts every shard: it cuts none of its own
+    try:
+        engine, *_ = zo2_ds.initialize(model=model, config=_config(granularity, "node" if partitioned else "none"))
+    finally:
+        partition_module.pinned_host_buffer = copy_shard
+    engine.train()
+    store = engine.zo_offload_store
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    gen = torch.Generator().manual_seed(11)
+    losses, gs = [], []
+    for _ in range(3):
+        for _ in range(2):
+            ids = torch.randint(0, VOCAB, (2 * world, 12), generator=gen)[2 * rank : 2 * rank + 2]
+            out = engine(input_ids=ids, labels=ids)
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(out.loss.item())
+        gs.append(engine.last_projected_grad)
+    engine.zo_runner.flush()
+    state = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    pinned = sum(store.homes[b].numel() for b in store.streamed)
+    return {"losses": losses, "gs": gs, "state": state, "pinned": pinned, "units": store.streamed_bytes()}
+
+
+def _worker(out_dir: str, cases: list) -> None:
+    from zo2_ds import hygiene
+
+    hygiene.init_distributed()  # materialize_partition needs the ranks; train.py starts them the same way
+    results = {}
+    for arch, gran, source in cases:
+        folder = os.path.join(out_dir, arch)
+        for partitioned in (False, True):
+            results[(arch, gran, source, partitioned)] = _train(arch, gran, source, folder, partitioned)
+    torch.save(results, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow  # 2 ranks x 8 engines over gloo
+def test_partitioned_materialize_trains_as_replicated_normal_load(tmp_path):
+    for arch in ("opt", "llama"):
+        tiny_causal_lm(arch, layers=3, seed=SEED).save_pretrained(tmp_path / arch, max_shard_size="20KB")
+    code = (
+        f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_materialize_partition as t; "
+        f"t._worker({str(tmp_path)!r}, {CASES!r})"
+    )
+    run_ranks(code, 2, "cpu")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for case in CASES:
+        for r, res in enumerate(ranks):
+            ref, part = res[(*case, False)], res[(*case, True)]
+            assert part["losses"] == ref["losses"] and part["gs"] == ref["gs"], (case, r)
+            assert part["state"].keys() == ref["state"].keys(), (case, r)
+            for name, value in ref["state"].items():
+                assert torch.equal(part["state"][name], value), (case, r, name)
+            assert ref["pinned"] == ref["units"] and part["pinned"] < ref["units"] / 2 + 256 * 12, (case, r)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_partitioned_ranks_hold_one_copy_of_the_model_while_loading(tmp_path):
+    """Summed over 2 ranks, the peak RSS growth of materialize + initialize stays near one copy of the model."""
+    subprocess.run([sys.executable, str(RSS_WORKER), "--save", str(tmp_path)], check=True, timeout=300)
+    code = (
+        f"import sys, runpy; sys.argv = [{str(RSS_WORKER)!r}, '--ranks', {str(tmp_path)!r}]; "
+        f"runpy.run_path({str(RSS_WORKER)!r}, run_name='__main__')"
+    )
+    run_ranks(code, 2, "cpu")
+    ranks = [json.loads((tmp_path / f"rss{r}.json").read_text()) for r in range(2)]
+    growth = sum(r["peak_bytes"] - r["baseline_bytes"] for r in ranks)
+    assert growth <= 1.15 * ranks[0]["model_bytes"], ranks

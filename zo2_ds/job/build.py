@@ -64,7 +64,9 @@ def build_model(args: Namespace, tokenizer, *, offload: dict | None = None) -> n
     With ``offload`` (the config's ``zo2.offload`` block, when enabled) and a local folder of safetensors
     weights, the blocks are read one tensor at a time straight into their pinned host homes
     (:func:`zo2_ds.offload.materialize`): the model never exists whole in pageable memory, and the engine
-    adopts those homes without a copy."""
+    adopts those homes without a copy. With ``partition`` "node" and more than one rank per node each rank
+    reads and pins only its shard of every streamed unit (torch.distributed must be initialized: train.py
+    does it first)."""
     if args.model_name_or_path is None:
         model = build_tiny_opt(len(tokenizer), seed=args.seed)
     elif offload and has_safetensors(args.model_name_or_path):
@@ -74,11 +76,14 @@ def build_model(args: Namespace, tokenizer, *, offload: dict | None = None) -> n
 
         if get_accelerator().device_name() != "cpu":  # the parts outside the blocks go to this rank's device
             get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        layout = _materialize_layout(offload)
         rank0 = os.environ.get("RANK", "0") == "0"
         if rank0:
-            print(f"zo2: reading {args.model_name_or_path} block by block into pinned host memory", flush=True)
+            part = layout["partition"]
+            each = "" if part is None else f" (each of a node's {part.num_ranks} ranks its 1/{part.num_ranks} shard)"
+            print(f"zo2: reading {args.model_name_or_path} block by block into pinned host memory{each}", flush=True)
         show = rank0 and not args.no_progress
-        model = materialize(args.model_name_or_path, dtype=args.dtype, progress=show, **_materialize_layout(offload))
+        model = materialize(args.model_name_or_path, dtype=args.dtype, progress=show, **layout)
     else:
         model = load_causal_lm(args.model_name_or_path, dtype=args.dtype)
     return apply_adapter(model, args) if args.peft else model

@@ -94,6 +94,68 @@ def _worker(out_dir: str, cases: list) -> None:
     torch.save(results, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
 
 
+def _offload_cfg(granularity: str):
+    from zo2_ds.config import parse_zo2_config
+
+    return parse_zo2_config(_config(granularity, "node")).offload
+
+
+def test_a_rank_pins_only_its_shards_and_the_store_adopts_them(monkeypatch):
+    """One process playing rank 1 of 2 (nothing is gathered while building): the blocks' parameters are
+    placeholders, each shard holds this rank's bytes of the whole block, and build_store keeps the shards."""
+    import zo2_ds.offload.partition as partition_module
+    from zo2_ds.offload.materialize import materialize
+    from zo2_ds.offload.partition import Partition, is_placeholder
+    from zo2_ds.offload.store import block_layout, build_store
+
+    config = tiny_causal_lm("llama", layers=3).config
+    torch.manual_seed(SEED)
+    whole = materialize(config, device="cpu", progress=False)
+    partition = Partition(1, 2, None, 256)
+    torch.manual_seed(SEED)
+    model = materialize(config, device="cpu", progress=False, partition=partition, granularity="block")
+    assert all(is_placeholder(p.data) for p in model.model.layers.parameters())
+    assert not any(is_placeholder(p.data) for n, p in model.named_parameters() if ".layers." not in n)
+    monkeypatch.setattr(partition_module, "pinned_host_buffer", None)  # a shard cut by the store would fail
+    store = build_store(model, _offload_cfg("block"), torch.device("cpu"), partition=partition)
+    for b, block in enumerate(whole.model.layers):
+        layout, size = block_layout(block)
+        shard = partition.shard_nbytes(size)
+        assert store.homes[b].numel() == shard
+        for p, offset, nbytes in layout:  # the bytes of each parameter in this rank's shard (not the padding)
+            raw = p.data.reshape(-1).view(torch.uint8)
+            start, end = max(offset, shard), min(offset + nbytes, 2 * shard)
+            if start < end:
+                assert torch.equal(store.homes[b][start - shard : end - shard], raw[start - offset : end - offset])
+
+
+def test_shards_of_other_units_ranks_or_dtypes_are_refused_naming_the_key():
+    from zo2_ds.config import parse_zo2_config
+    from zo2_ds.offload.materialize import materialize
+    from zo2_ds.offload.partition import Partition
+    from zo2_ds.offload.store import build_store
+
+    config = tiny_causal_lm("llama", layers=2).config
+    cpu = torch.device("cpu")
+
+    def build(granularity: str):
+        return materialize(
+            config, device="cpu", progress=False, partition=Partition(0, 2, None, 256), granularity=granularity
+        )
+
+    with pytest.raises(ValueError, match="partition.*granularity"):
+        build_store(build("block"), _offload_cfg("layer"), cpu, partition=Partition(0, 2, None, 256))
+    with pytest.raises(ValueError, match=r'partition="node": the model was materialized as rank 0 of 2.*rank 1 of 2'):
+        build_store(build("block"), _offload_cfg("block"), cpu, partition=Partition(1, 2, None, 256))
+    with pytest.raises(ValueError, match=r'partition="none": the model was materialized with a partition'):
+        build_store(build("block"), parse_zo2_config(_config("block", "none")).offload, cpu)
+    model = build("block")
+    for p in model.model.layers.parameters():
+        p.data = p.data.to(torch.bfloat16)  # as DeepSpeed casts a model of another dtype than its config's
+    with pytest.raises(ValueError, match=r'partition="node": parameters of a materialized shard were replaced'):
+        build_store(model, _offload_cfg("block"), cpu, partition=Partition(0, 2, None, 256))
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow  # 2 ranks x 8 engines over gloo
 def test_partitioned_materialize_trains_as_replicated_normal_load(tmp_path):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from zo2_ds.offload.partition import take_materialized_shard
+from zo2_ds.offload.partition import is_placeholder, take_materialized_shard
 
 if TYPE_CHECKING:
     from zo2_ds.offload.store import BlockStore
@@ -19,7 +19,12 @@ __all__ = ["adopted_home"]
 
 def adopted_home(store: BlockStore, index: int, layout, size: int) -> torch.Tensor | None:
     """Streamed unit ``index``'s home as materialize left it (a whole pinned home, or this rank's shard with
-    a partition), or None."""
+    a partition), or None. Raises ValueError for a unit materialized as shards that the store would copy."""
+    if store.partition is None and any(is_placeholder(e.param.data) for e in store.entries[index]):
+        raise ValueError(
+            'zo2.offload.partition="none": the model was materialized with a partition (each rank holds only its '
+            'shards); set partition "node" or materialize without a partition'
+        )
     if not store.is_streamed(index):
         return None
     if store.partition is None:

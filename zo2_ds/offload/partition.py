@@ -180,16 +180,17 @@ def take_materialized_shard(unit: torch.nn.Module, partition: Partition, entries
     if record is None:
         return None
     rank, num_ranks, shard = record
-    if (rank, num_ranks) != (partition.rank, partition.num_ranks) or shard.numel() != partition.shard_nbytes(nbytes):
-        raise ValueError(
-            f'zo2.offload.partition="node": the model was materialized as rank {rank} of {num_ranks}, the engine '
-            f"runs as rank {partition.rank} of {partition.num_ranks}; materialize with the engine's partition"
-        )
-    if not all(is_placeholder(e.param.data) and e.param.dtype == e.dtype for e in entries):
+    if not all(is_placeholder(e.param.data) for e in entries):
         raise ValueError(
             'zo2.offload.partition="node": parameters of a materialized shard were replaced (the DeepSpeed config '
             "casts them to another dtype?); materialize in the dtype of the DeepSpeed config"
         )
+    if (rank, num_ranks) != (partition.rank, partition.num_ranks):
+        raise ValueError(
+            f'zo2.offload.partition="node": the model was materialized as rank {rank} of {num_ranks}, the engine '
+            f"runs as rank {partition.rank} of {partition.num_ranks}; materialize with the engine's partition"
+        )
+    assert shard.numel() == partition.shard_nbytes(nbytes), "materialize and the store lay a unit out alike"
     return shard
 
 

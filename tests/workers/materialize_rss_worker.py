@@ -4,9 +4,9 @@
     python tests/workers/materialize_rss_worker.py config fp32  # materialize it from its config
     python tests/workers/materialize_rss_worker.py DIR fp32     # ... from the checkpoint in DIR
 
-    python tests/workers/materialize_rss_worker.py --ranks DIR  # as one of 2+ ranks (zo2_ds.testing.run_ranks):
-        materialize DIR with this rank's partition and initialize a partitioned offloaded engine on it;
-        writes DIR/rss{RANK}.json
+    python tests/workers/materialize_rss_worker.py --ranks SOURCE DIR  # one of 2+ ranks (zo2_ds.testing.run_ranks):
+        materialize SOURCE ("config" or a checkpoint folder) with this rank's partition and initialize a
+        partitioned offloaded engine on it; writes DIR/rss{RANK}.json (with the bytes of the largest block)
 
 Prints one JSON line: the RSS after the imports (baseline), the peak RSS (VmHWM) after materializing, and
 the bytes of the model's parameters. The peak is reset after the imports where the kernel allows it.
@@ -48,7 +48,7 @@ def reset_peak():
         pass
 
 
-def partitioned_rank(folder):
+def partitioned_rank(source, out_dir):
     """materialize + initialize of one rank of a node sharing one copy of the masters (fp32, offload on)."""
     import zo2_ds
     from zo2_ds import hygiene
@@ -57,23 +57,28 @@ def partitioned_rank(folder):
     from zo2_ds.testing import ds_config
 
     hygiene.init_distributed()
-    config = ds_config(zo2={"offload": {"enabled": True, "granularity": "block", "partition": "node"}})
-    partition = materialize_partition(parse_zo2_config(config).offload, torch.device("cpu"))
+    ds = ds_config(zo2={"offload": {"enabled": True, "granularity": "block", "partition": "node"}})
+    partition = materialize_partition(parse_zo2_config(ds).offload, torch.device("cpu"))
     transformers.OPTForCausalLM  # noqa: B018
     torch.distributed.barrier()
     reset_peak()
     baseline = status("VmRSS")
-    model = materialize(folder, device="cpu", progress=False, partition=partition, granularity="block")
+    torch.manual_seed(0)  # from a config every rank draws the same numbers
+    source = config() if source == "config" else source
+    model = materialize(source, device="cpu", progress=False, partition=partition, granularity="block")
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # placeholders: shapes only
-    zo2_ds.initialize(model=model, config=config)
+    block_bytes = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in model.model.decoder.layers)
+    engine, *_ = zo2_ds.initialize(model=model, config=ds)
+    assert engine.zo_offload_store.partition is not None
     out = {"baseline_bytes": baseline, "peak_bytes": status("VmHWM"), "model_bytes": model_bytes}
-    with open(os.path.join(folder, f"rss{os.environ['RANK']}.json"), "w") as f:
+    out["block_bytes"] = block_bytes
+    with open(os.path.join(out_dir, f"rss{os.environ['RANK']}.json"), "w") as f:
         json.dump(out, f)
 
 
 def main():
     if sys.argv[1] == "--ranks":
-        partitioned_rank(sys.argv[2])
+        partitioned_rank(sys.argv[2], sys.argv[3])
         return
     if sys.argv[1] == "--save":
         torch.manual_seed(0)

@@ -484,3 +484,40 @@ def test_offload_reads_a_safetensors_folder_straight_into_pinned_homes(tmp_path,
     assert final["materialized"].keys() == final["ordinary"].keys()
     for name, value in final["materialized"].items():
         assert torch.equal(value, final["ordinary"][name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_partitioned_read_their_shards_and_equal_replicated(tmp_path, local_model_and_data):
+    """2 ranks with zo2.offload.partition "node" and a safetensors folder: each rank materializes only its
+    shards (train.py passes the partition); the run equals 2 replicated ranks, log and final weights (from the
+    DeepSpeed checkpoints: the HF copy, saved on rank 0 alone, cannot gather partitioned masters yet)."""
+    import copy
+
+    import torch
+
+    from zo2_ds.job import DEFAULT_DS_CONFIG
+
+    model_dir, train, validation = local_model_and_data
+    outs = {}
+    for partition in ("none", "node"):
+        config = copy.deepcopy(DEFAULT_DS_CONFIG)
+        config["zo2"]["offload"] = {"enabled": True, "partition": partition}
+        config_path = tmp_path / f"{partition}.json"
+        config_path.write_text(json.dumps(config))
+        outs[partition] = out = tmp_path / partition
+        args = ["--model_name_or_path", str(model_dir), "--deepspeed_config", str(config_path)]
+        args += ["--data_files", f"train={train}", f"validation={validation}", "--template", "{review} It was"]
+        args += ["--label_words", "terrible", "great", "--max_eval_examples", "16", "--output_dir", str(out)]
+        args += ["--max_steps", "6", "--eval_every", "0", "--log_every", "2", "--dtype", "fp32", "--no_hf_save"]
+        proc = run_train(*args, nproc=2, cpu=True, timeout=180)
+        check(proc)
+        assert ("its 1/2 shard" in proc.stdout) == (partition == "node"), proc.stdout
+    assert read_log(outs["node"]) == read_log(outs["none"])
+    final = {}
+    for label, out in outs.items():
+        (states,) = glob.glob(str(out / "checkpoint-6" / "**" / "mp_rank_00_model_states.pt"), recursive=True)
+        final[label] = torch.load(states, weights_only=False)["module"]
+    assert final["node"].keys() == final["none"].keys()
+    for name, value in final["node"].items():
+        assert torch.equal(value, final["none"][name]), name

@@ -11,6 +11,7 @@ import os
 from argparse import Namespace
 from typing import Any
 
+import torch
 from torch import nn
 
 from zo2_ds.tasks import (
@@ -63,7 +64,9 @@ def build_model(args: Namespace, tokenizer, *, offload: dict | None = None) -> n
     With ``offload`` (the config's ``zo2.offload`` block, when enabled) and a local folder of safetensors
     weights, the blocks are read one tensor at a time straight into their pinned host homes
     (:func:`zo2_ds.offload.materialize`): the model never exists whole in pageable memory, and the engine
-    adopts those homes without a copy."""
+    adopts those homes without a copy. With ``partition`` "node" and more than one rank per node each rank
+    reads and pins only its shard of every streamed unit (torch.distributed must be initialized: train.py
+    does it first)."""
     if args.model_name_or_path is None:
         model = build_tiny_opt(len(tokenizer), seed=args.seed)
     elif offload and has_safetensors(args.model_name_or_path):
@@ -73,15 +76,35 @@ def build_model(args: Namespace, tokenizer, *, offload: dict | None = None) -> n
 
         if get_accelerator().device_name() != "cpu":  # the parts outside the blocks go to this rank's device
             get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        layout = _materialize_layout(offload)
         rank0 = os.environ.get("RANK", "0") == "0"
         if rank0:
-            print(f"zo2: reading {args.model_name_or_path} block by block into pinned host memory", flush=True)
+            part = layout["partition"]
+            each = "" if part is None else f" (each of a node's {part.num_ranks} ranks its 1/{part.num_ranks} shard)"
+            print(f"zo2: reading {args.model_name_or_path} block by block into pinned host memory{each}", flush=True)
         show = rank0 and not args.no_progress
-        blocks_attr = offload.get("blocks_attr")
-        model = materialize(args.model_name_or_path, dtype=args.dtype, blocks_attr=blocks_attr, progress=show)
+        model = materialize(args.model_name_or_path, dtype=args.dtype, progress=show, **layout)
     else:
         model = load_causal_lm(args.model_name_or_path, dtype=args.dtype)
     return apply_adapter(model, args) if args.peft else model
+
+
+def _materialize_layout(offload: dict) -> dict:
+    """materialize's arguments for the engine the ``zo2.offload`` block configures: its blocks, and with
+    ``partition`` "node" on more than one rank of a node this rank's place (each rank builds only its shards)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from zo2_ds.config import parse_zo2_config
+    from zo2_ds.offload.partition import materialize_partition
+
+    cfg = parse_zo2_config({"zo2": {"offload": offload}}).offload
+    device = torch.device(get_accelerator().device_name())
+    return {
+        "blocks_attr": cfg.blocks_attr,
+        "partition": materialize_partition(cfg, device),  # torch.distributed is up: train.py inits it first
+        "granularity": cfg.granularity,
+        "cuda_graphs": cfg.cuda_graphs,
+    }
 
 
 def has_safetensors(path: str | os.PathLike) -> bool:

@@ -8,7 +8,8 @@ Which file owns what (see README.md in this folder):
 - :mod:`~zo2_ds.offload.hostmem`: page-locked host buffers of an exact size, and the host memory available;
 - :mod:`~zo2_ds.offload.materialize`: a model built block by block straight into its pinned homes (from a
   config or a safetensors checkpoint, read by :mod:`~zo2_ds.offload.checkpoint_reader`), which the store
-  adopts;
+  adopts (:mod:`~zo2_ds.offload.adopt`); with a partition each rank builds only its shards
+  (:mod:`~zo2_ds.offload.materialize_shards`);
 - :mod:`~zo2_ds.offload.streams`: the upload / write-back streams and events (no-op twin on CPU);
 - :mod:`~zo2_ds.offload.ring`: the GPU slot ring, its uploads and write-backs, and the prefetch order;
 - :mod:`~zo2_ds.offload.pending`: the pending-update log, the write-back and exact-copy rules (pure);
@@ -62,10 +63,14 @@ def broadcast_store(module: torch.nn.Module, store: BlockStore, *, src: int, gro
 def broadcast_module(module: torch.nn.Module, device: torch.device, *, src: int, group: Any) -> None:
     """Every rank of ``group`` takes rank ``src``'s parameters, wherever they are (host ones through a device
     buffer when the backend cannot send host tensors): before a partitioned block store is built, since each
-    rank then keeps only its shard of the weights it holds."""
+    rank then keeps only its shard of the weights it holds. Parameters at their placeholders (a partitioned
+    ``materialize``: each rank built its shards of the same weights) are left as they are."""
+    from zo2_ds.offload.partition import is_placeholder
+
     staging: list[torch.Tensor] = []
     for p in module.parameters():
-        _broadcast_host(p.data.view(-1).view(torch.uint8), device, staging, src, group)
+        if not is_placeholder(p.data):
+            _broadcast_host(p.data.view(-1).view(torch.uint8), device, staging, src, group)
 
 
 def _broadcast_host(

@@ -91,12 +91,35 @@ class SafetensorsCheckpoint:
     def read_into(self, key: str, out: torch.Tensor) -> None:
         """Copy tensor ``key`` into ``out``, converting to ``out``'s dtype."""
         tensor = self.read(key)
-        if tensor.shape != out.shape:
-            raise ValueError(
-                f"materialize: {key} in {self.folder!r} has shape {tuple(tensor.shape)}, the model expects "
-                f"{tuple(out.shape)} (does config.json belong to these weights?)"
-            )
+        self._check_shape(key, tensor.shape, out.shape)
         out.copy_(tensor)
+
+    def read_bytes_into(self, key: str, like: torch.Tensor, start: int, out: torch.Tensor) -> None:
+        """Bytes ``[start, start + out.numel())`` of tensor ``key`` converted to ``like``'s dtype (contiguous, of
+        ``like``'s shape) into the uint8 tensor ``out``. Only the rows (first-dimension slices) holding those
+        bytes are read from the file: a rank's shard of a block costs the reads of its own part."""
+        from safetensors import safe_open
+
+        end = start + out.numel()
+        with safe_open(self.shard_of[key], framework="pt") as f:
+            piece = f.get_slice(key)
+            self._check_shape(key, torch.Size(piece.get_shape()), like.shape)
+            if like.dim() == 0:
+                first, tensor = 0, f.get_tensor(key)
+            else:
+                row_bytes = like[0].numel() * like.element_size()
+                first = start // row_bytes
+                tensor = piece[first : -(-end // row_bytes)]
+                first *= row_bytes
+        raw = tensor.to(like.dtype).contiguous().reshape(-1).view(torch.uint8)
+        out.copy_(raw[start - first : end - first])
+
+    def _check_shape(self, key: str, stored: torch.Size, expected: torch.Size) -> None:
+        if stored != expected:
+            raise ValueError(
+                f"materialize: {key} in {self.folder!r} has shape {tuple(stored)}, the model expects "
+                f"{tuple(expected)} (does config.json belong to these weights?)"
+            )
 
 
 def _header(path: str) -> dict[str, tuple[str, list[int]]]:

@@ -17,6 +17,9 @@ values come
 - from a checkpoint folder of safetensors (``model.safetensors`` or ``model.safetensors.index.json``):
   one tensor at a time (:mod:`~zo2_ds.offload.checkpoint_reader`), converted to ``dtype`` on the way.
 
+With a ``partition`` (``zo2.offload.partition = "node"``) each rank pins only its shard of every streamed
+unit, see :mod:`~zo2_ds.offload.materialize_shards`.
+
 Tied weights are tied before the walk (one parameter, filled once) and again after it. The host memory
 all this needs (the homes, the parts outside the blocks when ``device`` is the CPU, the largest
 transient) is checked against MemAvailable before anything is allocated.
@@ -36,6 +39,8 @@ from zo2_ds.dtypes import torch_dtype
 from zo2_ds.models import find_blocks
 from zo2_ds.offload import hostmem
 from zo2_ds.offload.checkpoint_reader import SafetensorsCheckpoint
+from zo2_ds.offload.materialize_shards import ShardedBlocks
+from zo2_ds.offload.partition import Partition
 from zo2_ds.offload.store import block_layout
 
 __all__ = ["materialize", "host_bytes_needed"]
@@ -50,6 +55,9 @@ def materialize(
     device: str | torch.device | None = None,
     blocks_attr: str | None = None,
     progress: bool = True,
+    partition: Partition | None = None,
+    granularity: str = "auto",
+    cuda_graphs: bool = False,
 ) -> nn.Module:
     """A causal LM (``AutoModelForCausalLM``) whose blocks live in page-locked host buffers of the block
     store's layout, built without the whole model ever in pageable memory.
@@ -61,6 +69,11 @@ def materialize(
     memory). ``device``: where the parts outside the blocks and all buffers go, and where blocks are
     initialized from a config (default: the accelerator's current device, else the CPU).
     ``blocks_attr``: as ``zo2.offload.blocks_attr``. ``progress``: a progress bar over the blocks.
+    ``partition``: this rank's place in its node (:func:`~zo2_ds.offload.partition.materialize_partition`)
+    for an engine with ``zo2.offload.partition = "node"``: each rank pins only its shard of every streamed unit
+    (the units as ``granularity`` and ``cuda_graphs``, the engine's ``zo2.offload`` settings, cut them), the
+    units' parameters point at placeholders, and the engine adopts the shards. From a config, seed every rank
+    alike: no rank holds a whole block to broadcast.
     Loaded from a folder, the model is returned in eval mode, as ``from_pretrained`` returns it.
 
     Raises ValueError for a folder without config or safetensors weights, a checkpoint lacking one of the
@@ -78,16 +91,22 @@ def materialize(
     model = _skeleton(config, dtype)
     blocks = find_blocks(model, blocks_attr).blocks
     layouts = [block_layout(b) for b in blocks]
-    transient = checkpoint.max_transient_bytes() if checkpoint is not None else 0
-    _check_host_memory(host_bytes_needed(model, blocks_attr, on_host=device.type == "cpu") + transient)
 
     from deepspeed.accelerator import get_accelerator
     from tqdm.auto import tqdm
 
+    acc = get_accelerator()
+    shards = None if partition is None else ShardedBlocks(partition, blocks, layouts, granularity, cuda_graphs, acc)
+    transient = checkpoint.max_transient_bytes() if checkpoint is not None else 0
+    if shards is not None and checkpoint is None and device.type == "cpu":
+        transient = max(size for _, size in layouts)  # each block built whole in one host buffer
+    homes = None if shards is None else shards.shard_nbytes()
+    _check_host_memory(host_bytes_needed(model, blocks_attr, on_host=device.type == "cpu", homes=homes) + transient)
+
     if checkpoint is not None:
         checkpoint.base_prefix = getattr(model, "base_model_prefix", "")
     bar = tqdm(total=len(blocks), desc="materializing blocks", unit="block", disable=not progress)
-    builder = _Builder(model, blocks, layouts, device, get_accelerator(), checkpoint, lambda: bar.update(1))
+    builder = _Builder(model, blocks, layouts, device, acc, checkpoint, lambda: bar.update(1), shards)
     try:
         with _init_guard():
             _walk(model, model._initialize_weights, builder)
@@ -103,11 +122,14 @@ def materialize(
     return model
 
 
-def host_bytes_needed(model: nn.Module, blocks_attr: str | None = None, *, on_host: bool) -> int:
-    """Host bytes :func:`materialize` keeps for ``model`` (its blocks' homes, and with ``on_host`` the
-    parameters outside the blocks), without the transient of reading a checkpoint."""
+def host_bytes_needed(
+    model: nn.Module, blocks_attr: str | None = None, *, on_host: bool, homes: int | None = None
+) -> int:
+    """Host bytes :func:`materialize` keeps for ``model`` (its blocks' homes, or ``homes`` bytes of them, and
+    with ``on_host`` the parameters outside the blocks), without the transient of reading a checkpoint."""
     blocks = find_blocks(model, blocks_attr).blocks
-    homes = sum(block_layout(b)[1] for b in blocks)
+    if homes is None:
+        homes = sum(block_layout(b)[1] for b in blocks)
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in in_blocks)
     return homes + (rest if on_host else 0)
@@ -187,9 +209,11 @@ def _walk(module: nn.Module, init: Callable, builder: _Builder) -> None:
 class _Builder:
     """Gives the parameters storage and values as :func:`_walk` enters and leaves each module."""
 
-    def __init__(self, model, blocks, layouts, device, acc, checkpoint, on_block_done):
+    def __init__(self, model, blocks, layouts, device, acc, checkpoint, on_block_done, shards=None):
         self.block_index = {id(b): i for i, b in enumerate(blocks)}
         self.layouts, self.device, self.acc = layouts, device, acc
+        self.shards: ShardedBlocks | None = shards
+        self.scratch: torch.Tensor | None = None  # partitioned, from a config, on the CPU: the one block buffer
         self.checkpoint: SafetensorsCheckpoint | None = checkpoint
         self.on_block_done: Callable[[], None] = on_block_done
         self.names: dict[int, list[str]] = {}  # id(meta parameter) -> every name it has (tied: several)
@@ -207,6 +231,9 @@ class _Builder:
         index = self.block_index.get(id(module))
         if index is None:
             return
+        if self.shards is not None:
+            self._enter_sharded(module, index)
+            return
         layout, size = self.layouts[index]
         home, _ = hostmem.pinned_host_buffer(self.acc, size)
         staging = None
@@ -221,6 +248,27 @@ class _Builder:
         for mod in module.modules():
             self._bind(mod)
         self._block = (index, home, staging)
+
+    def _enter_sharded(self, module: nn.Module, index: int) -> None:
+        """Entering a block with a partition: its units' shards read, or the units bound to a whole-block
+        buffer for the init (the parameters no unit holds are bound as the parts outside the blocks)."""
+        if self.checkpoint is not None:
+            self.shards.read(index, self.checkpoint, self.names, self.made)
+            flat = None
+        else:
+            size = self.layouts[index][1]
+            if self.device.type != "cpu":
+                flat = torch.empty(size, dtype=torch.uint8, device=self.device)
+            else:
+                if self.scratch is None:
+                    self.scratch = torch.empty(max(s for _, s in self.layouts), dtype=torch.uint8)
+                flat = self.scratch[:size]
+            for p, offset in self.shards.unit_params(index):
+                view = flat[offset : offset + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+                self.made[id(p)] = nn.Parameter(view, requires_grad=p.requires_grad)
+        for mod in module.modules():
+            self._bind(mod)
+        self._block = (index, None, flat)
 
     def leave(self, module: nn.Module, init: Callable) -> None:
         """Leaving a module: its own parameters get storage (outside the blocks) and values; leaving a
@@ -263,6 +311,11 @@ class _Builder:
     def _finish_block(self) -> None:
         index, home, staging = self._block
         self._block = None
+        if self.shards is not None:
+            if staging is not None:
+                self.shards.keep(index, staging, self.made)
+            self.on_block_done()
+            return
         if staging is not None:
             home.copy_(staging)  # one transfer per block; then the parameters move to their home slices
             for meta, offset, nbytes in self.layouts[index][0]:

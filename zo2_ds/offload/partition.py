@@ -19,6 +19,7 @@ So a checkpoint holds whole tensors, the same as without partitioning.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,10 @@ from zo2_ds.offload.hostmem import pinned_host_buffer
 __all__ = [
     "Partition",
     "node_partition",
+    "materialize_partition",
+    "record_materialized_shard",
+    "take_materialized_shard",
+    "is_placeholder",
     "ReplicatedHomes",
     "PartitionedHomes",
     "home_copies",
@@ -45,7 +50,7 @@ class Partition:
 
     rank: int  # index within the node
     num_ranks: int
-    group: Any  # the node's process group
+    group: Any  # the node's process group (None where nothing is gathered: materialize)
     align_bytes: int  # the store's ALIGN_BYTES
 
     def shard_nbytes(self, nbytes: int) -> int:
@@ -94,12 +99,38 @@ def node_partition(cfg, device: torch.device) -> Partition | None:
     """The :class:`Partition` ``zo2.offload.partition`` asks for, or None (replicated masters, or a node of one
     rank). On CPU every rank of the world is one node; on an accelerator a node has ``device_count()`` ranks
     (consecutive global ranks, as the launchers number them). Every rank must call it (it makes the groups)."""
+    place = _node_place(cfg, device)
+    if place is None:
+        return None
+    import torch.distributed as dist
+
+    from zo2_ds.offload.store import ALIGN_BYTES
+
+    world, rank, per_node = dist.get_world_size(), dist.get_rank(), place[1]
+    groups = [dist.new_group(list(range(n * per_node, (n + 1) * per_node))) for n in range(world // per_node)]
+    if per_node == 1:
+        return None
+    return Partition(rank % per_node, per_node, groups[rank // per_node], ALIGN_BYTES)
+
+
+def materialize_partition(cfg, device: torch.device) -> Partition | None:
+    """This rank's place among its node's ranks as :func:`node_partition` will give it to the engine, without a
+    process group (no collective: :func:`~zo2_ds.offload.materialize.materialize` builds only this rank's
+    shards), or None. Needs torch.distributed initialized for more than one rank."""
+    from zo2_ds.offload.store import ALIGN_BYTES
+
+    place = _node_place(cfg, device)
+    if place is None or place[1] == 1:
+        return None
+    return Partition(place[0], place[1], None, ALIGN_BYTES)
+
+
+def _node_place(cfg, device: torch.device) -> tuple[int, int] | None:
+    """(this rank's index in its node, ranks per node), or None for ``partition = "none"`` or one rank."""
     if cfg.partition == "none":
         return None
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
-
-    from zo2_ds.offload.store import ALIGN_BYTES
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return None
@@ -110,10 +141,7 @@ def node_partition(cfg, device: torch.device) -> Partition | None:
             f'zo2.offload.partition="node": the world of {world} ranks is not whole nodes of {per_node} ranks; '
             'use "none"'
         )
-    groups = [dist.new_group(list(range(n * per_node, (n + 1) * per_node))) for n in range(world // per_node)]
-    if per_node == 1:
-        return None
-    return Partition(rank % per_node, per_node, groups[rank // per_node], ALIGN_BYTES)
+    return rank % per_node, per_node
 
 
 def build_shard(partition: Partition, entries, nbytes: int, acc) -> tuple[torch.Tensor, bool, list[torch.Tensor]]:
@@ -121,6 +149,11 @@ def build_shard(partition: Partition, entries, nbytes: int, acc) -> tuple[torch.
     hold the whole unit now: their bytes in the shard copied in, each parameter re-pointed at its
     :func:`placeholder` (its own storage is released here, unless someone else holds it). Returns the
     shard, whether it is page-locked, and the placeholders."""
+    if any(is_placeholder(e.param.data) for e in entries):
+        raise ValueError(
+            "zo2.offload.partition: the model was materialized with a partition whose shards do not match this "
+            "engine's units; materialize with the engine's zo2.offload granularity and cuda_graphs"
+        )
     home, pinned = pinned_host_buffer(acc, partition.shard_nbytes(nbytes))
     views = []
     for e in entries:
@@ -128,6 +161,37 @@ def build_shard(partition: Partition, entries, nbytes: int, acc) -> tuple[torch.
         e.param.data = view = placeholder(e.dtype, e.shape)
         views.append(view)
     return home, pinned, views
+
+
+# Shards :func:`~zo2_ds.offload.materialize.materialize` built, per unit module, until build_store adopts them.
+_MATERIALIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def record_materialized_shard(unit: torch.nn.Module, partition: Partition, shard: torch.Tensor) -> None:
+    """``shard`` is this rank's part of ``unit``'s flat home, whose parameters point at their placeholders."""
+    _MATERIALIZED[unit] = (partition.rank, partition.num_ranks, shard)
+
+
+def take_materialized_shard(unit: torch.nn.Module, partition: Partition, entries, nbytes: int) -> torch.Tensor | None:
+    """The shard :func:`record_materialized_shard` recorded for ``unit`` (given up: adopted once), or None.
+    Raises ValueError when it was made for another partition, or a parameter no longer points at its
+    placeholder (DeepSpeed cast it: materialize in the config's dtype)."""
+    record = _MATERIALIZED.pop(unit, None)
+    if record is None:
+        return None
+    rank, num_ranks, shard = record
+    if not all(is_placeholder(e.param.data) for e in entries):
+        raise ValueError(
+            'zo2.offload.partition="node": parameters of a materialized shard were replaced (the DeepSpeed config '
+            "casts them to another dtype?); materialize in the dtype of the DeepSpeed config"
+        )
+    if (rank, num_ranks) != (partition.rank, partition.num_ranks):
+        raise ValueError(
+            f'zo2.offload.partition="node": the model was materialized as rank {rank} of {num_ranks}, the engine '
+            f"runs as rank {partition.rank} of {partition.num_ranks}; materialize with the engine's partition"
+        )
+    assert shard.numel() == partition.shard_nbytes(nbytes), "materialize and the store lay a unit out alike"
+    return shard
 
 
 _PLACEHOLDER_BASES: dict[torch.dtype, torch.Tensor] = {}
@@ -138,6 +202,12 @@ def placeholder(dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
     partitioned unit's parameters point at between uses."""
     base = _PLACEHOLDER_BASES.setdefault(dtype, torch.zeros((), dtype=dtype))
     return base.expand(shape)
+
+
+def is_placeholder(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a :func:`placeholder` (one element broadcast to its shape)."""
+    base = _PLACEHOLDER_BASES.get(tensor.dtype)
+    return base is not None and tensor.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
 
 
 class ReplicatedHomes:

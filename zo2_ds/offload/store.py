@@ -14,6 +14,7 @@ anything is moved to the device), by :func:`build_store`:
   on the device for good;
 - a streamed block whose parameters already live in one page-locked buffer of exactly this layout (what
   :func:`zo2_ds.offload.materialize.materialize` builds) is adopted as it is: no second buffer, no copy;
+  partitioned, so is the shard of a unit ``materialize`` built with the same partition;
 - everything that is not a block parameter (embeddings, final norm, head, all buffers) moves to the device.
 """
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from zo2_ds.dtypes import DTYPES
 from zo2_ds.models import BlockList, find_blocks
+from zo2_ds.offload.adopt import adopted_home
 from zo2_ds.offload.hostmem import available_host_bytes, check_host_memory, pinned_host_buffer
 from zo2_ds.offload.partition import Partition, build_shard
 from zo2_ds.offload.units import block_order, stream_units
@@ -283,10 +285,7 @@ def build_store(
 
     # Adopted before the memory check: an adopted block needs no new host memory. Resident blocks never
     # are (their home is on the device); their pinned buffer is freed, and unpinned, once they are copied.
-    adopted = [
-        _adoptable_home(layout, size, device) if store.is_streamed(b) and partition is None else None
-        for b, (layout, size) in enumerate(layouts)
-    ]
+    adopted = [adopted_home(store, b, layout, size) for b, (layout, size) in enumerate(layouts)]
     check_host_memory(store, {b for b, home in enumerate(adopted) if home is not None})
 
     acc = get_accelerator()
@@ -326,7 +325,11 @@ def _move_home(store: BlockStore, index: int, adopted: torch.Tensor | None, acc)
     device buffer they are copied into) and record it; returns the home."""
     home = adopted
     if store.partition is not None and store.is_streamed(index):
-        home, pinned, views = build_shard(store.partition, store.entries[index], store.sizes[index], acc)
+        if adopted is not None:  # a materialized shard: the parameters point at their placeholders already
+            views = [e.param.data for e in store.entries[index]]
+            pinned = adopted.is_pinned()
+        else:
+            home, pinned, views = build_shard(store.partition, store.entries[index], store.sizes[index], acc)
         store.host_pinned.append(pinned)
         store.homes.append(home)
         store.home_views.append(views)
@@ -346,37 +349,6 @@ def _move_home(store: BlockStore, index: int, adopted: torch.Tensor | None, acc)
         e.param.data = v  # the old storage is released here (unless someone else holds it)
     store.homes.append(home)
     store.home_views.append(views)
-    return home
-
-
-def _adoptable_home(
-    layout: list[tuple[nn.Parameter, int, int]], size: int, device: torch.device
-) -> torch.Tensor | None:
-    """The flat ``size``-byte host buffer a block's parameters already live in, at exactly the offsets of
-    ``layout`` (as :mod:`zo2_ds.offload.materialize` leaves them), or None. On an accelerator the buffer must
-    also be page-locked (a pageable one is copied into a pinned home as usual).
-
-    Such a model reaches this point untouched by DeepSpeed 0.19's ``_configure_distributed_model``: its
-    fp16 / bf16 cast sets ``p.data`` only for a parameter whose dtype differs from the config's (none,
-    when the model was materialized in that dtype; a mismatch casts into new pageable tensors, which are
-    then copied as usual), it casts buffers only with ``buffer_dtype`` set, and with offload on it does not
-    move the module (``dont_change_device``, :mod:`zo2_ds.ds_compat`). The fp32 path only checks dtypes."""
-    first = layout[0][0].data
-    if first.device.type != "cpu":
-        return None
-    storage = first.untyped_storage()
-    for p, offset, _ in layout:
-        data = p.data
-        if data.device.type != "cpu" or not data.is_contiguous() or data.data_ptr() != first.data_ptr() + offset:
-            return None
-        if data.untyped_storage().data_ptr() != storage.data_ptr():
-            return None
-    start = first.data_ptr() - storage.data_ptr()
-    if start + size > storage.nbytes():
-        return None
-    home = torch.empty(0, dtype=torch.uint8).set_(storage, start, (size,))
-    if device.type != "cpu" and not home.is_pinned():
-        return None
     return home
 
 

@@ -66,8 +66,11 @@ def build(args):
     model = job.build_model(args, tokenizer, offload=offload if offload.get("enabled") else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = zo2_ds.initialize(model=task_data.wrap_model(model), model_parameters=trainable, config=ds_config)
-    hf_save = None if args.no_hf_save else (lambda folder: job.save_hf_copy(model, folder, tokenizer))
-    checkpoints = job.RunCheckpoints(engine, run_dir, args, run_info=run_info, hf_save=hf_save)
+    hf_save = (
+        None if args.no_hf_save else (lambda folder, state=None: job.save_hf_copy(model, folder, tokenizer, state))
+    )
+    collect = job.hf_state_collector(engine, model)  # partitioned masters: every rank gathers, rank 0 writes
+    checkpoints = job.RunCheckpoints(engine, run_dir, args, run_info=run_info, hf_save=hf_save, hf_collect=collect)
     return task, task_data, model, engine, checkpoints
 
 

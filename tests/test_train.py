@@ -490,8 +490,8 @@ def test_offload_reads_a_safetensors_folder_straight_into_pinned_homes(tmp_path,
 @pytest.mark.multiprocess
 def test_two_ranks_partitioned_read_their_shards_and_equal_replicated(tmp_path, local_model_and_data):
     """2 ranks with zo2.offload.partition "node" and a safetensors folder: each rank materializes only its
-    shards (train.py passes the partition); the run equals 2 replicated ranks, log and final weights (from the
-    DeepSpeed checkpoints: the HF copy, saved on rank 0 alone, cannot gather partitioned masters yet)."""
+    shards (train.py passes the partition); the run equals 2 replicated ranks: log, final weights in the
+    DeepSpeed checkpoints, and the HF copy (gathered by both ranks, written by rank 0)."""
     import copy
 
     import torch
@@ -509,7 +509,7 @@ def test_two_ranks_partitioned_read_their_shards_and_equal_replicated(tmp_path, 
         args = ["--model_name_or_path", str(model_dir), "--deepspeed_config", str(config_path)]
         args += ["--data_files", f"train={train}", f"validation={validation}", "--template", "{review} It was"]
         args += ["--label_words", "terrible", "great", "--max_eval_examples", "16", "--output_dir", str(out)]
-        args += ["--max_steps", "6", "--eval_every", "0", "--log_every", "2", "--dtype", "fp32", "--no_hf_save"]
+        args += ["--max_steps", "6", "--eval_every", "0", "--log_every", "2", "--dtype", "fp32"]
         proc = run_train(*args, nproc=2, cpu=True, timeout=180)
         check(proc)
         assert ("its 1/2 shard" in proc.stdout) == (partition == "node"), proc.stdout
@@ -521,3 +521,9 @@ def test_two_ranks_partitioned_read_their_shards_and_equal_replicated(tmp_path, 
     assert final["node"].keys() == final["none"].keys()
     for name, value in final["node"].items():
         assert torch.equal(value, final["none"][name]), name
+    from safetensors.torch import load_file
+
+    hf = {label: load_file(str(out / "checkpoint-6" / "model" / "model.safetensors")) for label, out in outs.items()}
+    assert hf["node"].keys() == hf["none"].keys() and hf["node"]
+    for name, value in hf["node"].items():
+        assert torch.equal(value, hf["none"][name]), name

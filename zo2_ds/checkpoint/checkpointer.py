@@ -74,6 +74,9 @@ class Checkpointer:
             ``save_total_limit``); None keeps all.
         hf_save: called as ``hf_save(folder)`` on rank 0 with the staging checkpoint folder, to add the
             Hugging Face copy (e.g. ``folder/model``); it becomes part of the checkpoint and its manifest.
+        hf_collect: for weights no single rank holds whole (``zo2.offload.partition``): called on every rank
+            before rank 0's ``hf_save``, which then gets its result, ``hf_save(folder, collected)`` (e.g. a
+            ``state_dict`` gathered by all ranks together); None: ``hf_save(folder)`` alone.
         run_info: JSON-able facts that must not change on resume (e.g. ``{"max_steps": 3000, "scheduler":
             {...}}``): stored in every manifest, checked by :meth:`resume`.
         fault_hook: a test hook, called as ``fault_hook(stage)`` at each of :data:`SAVE_STAGES` (e.g. to
@@ -87,7 +90,8 @@ class Checkpointer:
         *,
         save_steps: int | None = None,
         save_total_limit: int | None = None,
-        hf_save: Callable[[str], Any] | None = None,
+        hf_save: Callable[..., Any] | None = None,
+        hf_collect: Callable[[], Any] | None = None,
         run_info: dict[str, Any] | None = None,
         fault_hook: Callable[[str], None] | None = None,
     ):
@@ -99,6 +103,7 @@ class Checkpointer:
         self.save_steps = save_steps
         self.save_total_limit = save_total_limit
         self.hf_save = hf_save
+        self.hf_collect = hf_collect
         self.run_info = dict(run_info or {})
         self._fault = fault_hook or (lambda stage: None)
         self._resumed_step: int | None = None  # set by resume() until the first save (see _stale)
@@ -130,12 +135,18 @@ class Checkpointer:
         self.engine.save_checkpoint(
             str(self.run_dir.path), tag=staging_name, client_state=dict(client_state or {}), save_latest=False
         )
-        _dist.on_rank0(lambda: self._publish(staging, final, step, fingerprint, best))
+        # Every rank, when the HF copy needs them all (a collective gather of partitioned weights).
+        collected = self.hf_collect() if self.hf_save is not None and self.hf_collect is not None else None
+        _dist.on_rank0(lambda: self._publish(staging, final, step, fingerprint, best, collected))
         return str(final)
 
-    def _publish(self, staging: os.PathLike, final: os.PathLike, step: int, fingerprint: dict, best: bool) -> None:
+    def _publish(
+        self, staging: os.PathLike, final: os.PathLike, step: int, fingerprint: dict, best: bool, collected: Any
+    ) -> None:
         self._fault("hf_copy")
-        if self.hf_save is not None:
+        if self.hf_save is not None and self.hf_collect is not None:
+            self.hf_save(str(staging), collected)
+        elif self.hf_save is not None:
             self.hf_save(str(staging))
         fsync_tree(staging)
         self._fault("manifest")

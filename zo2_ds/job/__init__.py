@@ -11,7 +11,14 @@ best-dev checkpoint, the run's use of zo2_ds.checkpoint, and the run's records (
 """
 
 from zo2_ds.job.batching import ShardedBatches
-from zo2_ds.job.build import apply_adapter, build_model, build_task_data, build_tokenizer, save_hf_copy
+from zo2_ds.job.build import (
+    apply_adapter,
+    build_model,
+    build_task_data,
+    build_tokenizer,
+    hf_state_collector,
+    save_hf_copy,
+)
 from zo2_ds.job.checkpoints import RUN_FILES, RunCheckpoints, open_run_dir, run_info_of, stop_exit_code
 from zo2_ds.job.cli import DEFAULT_EVAL_EVERY, DEFAULT_LOG_EVERY, DEFAULT_MAX_STEPS, build_parser, check_args, task_of
 from zo2_ds.job.ds_config import DEFAULT_DS_CONFIG, read_ds_config, resolve_ds_config
@@ -44,6 +51,7 @@ __all__ = [
     "run_figures",
     "run_info_of",
     "save_hf_copy",
+    "hf_state_collector",
     "set_process_env",
     "stop_exit_code",
     "task_of",

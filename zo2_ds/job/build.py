@@ -29,7 +29,15 @@ from zo2_ds.tasks import (
     save_adapter,
 )
 
-__all__ = ["build_tokenizer", "build_task_data", "build_model", "has_safetensors", "apply_adapter", "save_hf_copy"]
+__all__ = [
+    "build_tokenizer",
+    "build_task_data",
+    "build_model",
+    "has_safetensors",
+    "apply_adapter",
+    "save_hf_copy",
+    "hf_state_collector",
+]
 
 
 def build_tokenizer(args: Namespace, task: Task):
@@ -125,13 +133,14 @@ def apply_adapter(model: nn.Module, args: Namespace) -> nn.Module:
     return apply_prefix_tuning(model, num_virtual_tokens=args.prefix_tokens, seed=args.seed)
 
 
-def save_hf_copy(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = None) -> str:
+def save_hf_copy(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = None, state_dict: Any = None) -> str:
     """The weights in Hugging Face format next to a DeepSpeed checkpoint, for use without zo2_ds:
     ``<folder>/adapter`` (PEFT format, ``PeftModel.from_pretrained(base, path)``) for a peft model,
-    else ``<folder>/model`` (``save_pretrained``, with the tokenizer when there is one). Returns the path."""
+    else ``<folder>/model`` (``save_pretrained``, with the tokenizer when there is one). Returns the path.
+    ``state_dict``: the model's, gathered beforehand by every rank (see :func:`hf_state_collector`)."""
     if hasattr(model, "peft_config"):
         path = os.path.join(folder, "adapter")
-        save_adapter(model, path)
+        save_adapter(model, path, state_dict=state_dict)
         return path
     from transformers.utils import logging as hf_logging
 
@@ -139,10 +148,18 @@ def save_hf_copy(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = N
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its "Writing model shards" bar at every checkpoint is noise
     try:
-        model.save_pretrained(path)
+        model.save_pretrained(path, state_dict=state_dict)
     finally:
         if bar:
             hf_logging.enable_progress_bar()
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+def hf_state_collector(engine: Any, model: nn.Module) -> Any:
+    """What every rank must run before rank 0 writes the HF copy: ``model.state_dict`` when the blocks' host
+    masters are partitioned over the ranks (``zo2.offload.partition``: reading them whole is a collective,
+    so rank 0 alone would wait for ever), else None (rank 0 reads the weights alone)."""
+    store = getattr(engine, "zo_offload_store", None)
+    return model.state_dict if store is not None and store.partition is not None else None

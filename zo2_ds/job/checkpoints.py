@@ -107,7 +107,8 @@ class RunCheckpoints:
         args: Any,
         *,
         run_info: dict[str, Any],
-        hf_save: Callable[[str], Any] | None,
+        hf_save: Callable[..., Any] | None,
+        hf_collect: Callable[[], Any] | None = None,
     ) -> None:
         self.engine, self.run_dir, self.rank = engine, run_dir, engine.global_rank
         self.checkpointer = Checkpointer(
@@ -116,6 +117,7 @@ class RunCheckpoints:
             save_steps=args.save_steps or None,  # 0: no periodic checkpoints
             save_total_limit=args.save_total_limit or None,  # 0: keep all
             hf_save=hf_save,
+            hf_collect=hf_collect,
             run_info={} if args.eval_only else run_info,  # to evaluate, any schedule will do
         )
 

@@ -96,11 +96,15 @@ def apply_prefix_tuning(
     return peft_model
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write only the adapter, in PEFT format, to the folder ``path``."""
+def save_adapter(model: nn.Module, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """Write only the adapter, in PEFT format, to the folder ``path`` (from ``state_dict``, the peft model's
+    own, when given)."""
     if not hasattr(model, "peft_config"):
         raise TypeError("save_adapter needs a peft model (from apply_lora / apply_prefix_tuning)")
-    model.save_pretrained(os.fspath(path))
+    if state_dict is None:
+        model.save_pretrained(os.fspath(path))
+    else:
+        model.save_pretrained(os.fspath(path), state_dict=state_dict)
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:

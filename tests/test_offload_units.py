@@ -235,3 +235,22 @@ def test_a_lora_model_at_layer_granularity_equals_offload_off(arch):
     on = trajectory(copy.deepcopy(model), LAYER, data, q=2)
     assert on[0].zo_offload_store.granularity == "layer"
     assert_same(off, on)
+
+
+def test_a_sub_module_called_twice_is_refused_naming_granularity():
+    """A block calling one of its streamed sub-modules twice (here gate_proj) cannot stream per sub-module."""
+
+    def model_calling_gate_proj_twice():
+        model = tiny_causal_lm("llama", layers=2)
+        mlp = model.model.layers[1].mlp
+        forward = mlp.forward
+        mlp.forward = lambda x: forward(x) + 0 * mlp.gate_proj(x).sum()
+        return model
+
+    engine, *_ = zo2_ds.initialize(model=model_calling_gate_proj_twice(), config=make_config(LAYER))
+    with pytest.raises(RuntimeError, match=r"called unit \d+ where a unit it had not called yet was due.*granularity"):
+        train(engine, batches(1, 1))
+    # Whole blocks are called once each: such a model trains when it streams whole blocks.
+    block = make_config({"enabled": True, "granularity": "block"})
+    engine, *_ = zo2_ds.initialize(model=model_calling_gate_proj_twice(), config=block)
+    train(engine, batches(1, 1))

@@ -88,17 +88,17 @@ class LockStep:
         """
         j = self._local.index
         stage = self._stage[j]
-        expected = self._expected(stage) if j or self._order is not None else block
-        if block != expected or (j == 0 and self._order is None and block in self.sequence):
-            after = f"after unit {self._expected(stage - 1)}" if stage else "first"
+        learning = j == 0 and self._order is None  # pass 0 of a run whose order is not known: it sets the order
+        if block in self.sequence if learning else block != self._expected(stage):
+            due = "a unit it had not called yet" if learning else f"unit {self._expected(stage)}"
             raise RuntimeError(
-                f"zo2.offload: pass {j} called unit {block} {after}, where unit {expected} was due; the offloader "
+                f"zo2.offload: pass {j} called unit {block} where {due} was due; the offloader "
                 'needs the model to call every streamed unit (a block, or at granularity "layer" a block\'s large '
                 "sub-module) exactly once per forward, in the same order every time (see zo2.offload.blocks_attr; "
                 'zo2.offload.granularity "block" streams whole blocks)'
             )
         with self._cond:
-            if j == 0 and self._order is None:
+            if learning:
                 self.sequence.append(block)
             self._stage[j] = stage + 1
             self._advance()

@@ -52,11 +52,11 @@ class ShardedBlocks:
         block_bytes = [size for _, size in layouts]
         _, units, block_of = stream_units(blocks, granularity, cuda_graphs=cuda_graphs, block_bytes=block_bytes)
         self.units: list[list[_Unit]] = [[] for _ in blocks]
+        offsets = [{id(p): offset for p, offset, _ in layout} for layout, _ in layouts]  # per block
         for unit, b in zip(units, block_of):
             layout, size = layouts[b] if unit is blocks[b] else flat_layout(unit.parameters())
-            offsets = {id(p): offset for p, offset, _ in layouts[b][0]}
-            start = offsets[id(layout[0][0])]
-            assert all(offsets[id(p)] == start + off for p, off, _ in layout), (
+            start = offsets[b][id(layout[0][0])]
+            assert all(offsets[b][id(p)] == start + off for p, off, _ in layout), (
                 "a unit is a contiguous part of its block"
             )
             self.units[b].append(_Unit(unit, start, layout, size))

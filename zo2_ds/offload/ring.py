@@ -54,8 +54,8 @@ class SlotRing:
         num_blocks = store.num_blocks
         # Each block's tensors on the device: in its slot, or its resident home (see set_order).
         self.dev_views: list[list[torch.Tensor]] = [[] for _ in range(num_blocks)]
-        self.set_order(self.streamed)
         self.owner: list[int | None] = [None] * num_slots  # the block whose copy is (being) put in each slot
+        self.set_order(self.streamed)
         self.exact = [True] * num_blocks  # the copy in block b's slot is its exact master (not the narrow one)
         self._uploaded = [streams.marker() for _ in range(num_blocks)]
         self._updated = [streams.marker() for _ in range(num_slots)]
@@ -71,7 +71,7 @@ class SlotRing:
         """Upload the streamed blocks in this order (the order the forward calls them), block b in slot
         ``slot_of[b]`` = its position modulo the ring; re-points ``dev_views`` (the list is kept, its items
         replaced). Only between runs, with no slot holding anything."""
-        assert sorted(streamed) == self.store.streamed and all(o is None for o in getattr(self, "owner", ()))
+        assert sorted(streamed) == self.store.streamed and all(o is None for o in self.owner)
         self.streamed = list(streamed)
         self.slot_of = {b: pos % self.num_slots for pos, b in enumerate(self.streamed)}
         store = self.store

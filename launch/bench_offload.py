@@ -9,12 +9,17 @@
     python launch/bench_offload.py --tiny                                                   # CPU, seconds
     torchrun --nproc_per_node 2 launch/bench_offload.py --models opt-6.7b --batches 1x2048 --no-in-gpu  # data parallel
     torchrun --nproc_per_node 2 launch/bench_offload.py --models opt-6.7b --batches 1x2048 --no-in-gpu --partitioned
+    torchrun --nproc_per_node 2 launch/bench_offload.py --models opt-13b --batches 1x2048 --no-in-gpu \
+        --partitioned --perturbation-parallel 2        # also: the 2 passes of a step on 2 GPUs, 1 each
+    torchrun --nproc_per_node 2 launch/bench_offload.py --models opt-66b --batches 1x2048 --no-in-gpu --no-floor \
+        --partitioned --partitioned-only --materialize # a model whose replicas the host cannot hold
 
 Per model, one random-init model per engine (fp16 on CUDA, fp32 on CPU): two plain forwards and the
 in-GPU step (``in_gpu``, unless --no-in-gpu), then the offloaded step with every block streamed
 (``offload``; ``offload_xfer_<dtype>`` per narrower --transfer-dtypes) and the optional variants
 (``offload_graphs``: zo2.offload.cuda_graphs; ``offload_resident<N>``: N blocks kept on the GPU;
-``offload_partitioned``: zo2.offload.partition "node", each rank uploading its shard of every block).
+``offload_partitioned``: zo2.offload.partition "node", each rank uploading its shard of every block;
+``offload_pp<P>``: that, and the passes of a step spread over P ranks with zo2.perturbation_parallel).
 floor = max(two plain forwards, streamed bytes / pinned host-to-device bandwidth measured here).
 Reported: median step, tokens/s, x in-GPU, x floor, peak allocated, NVML used (the whole device: CUDA
 context and allocator cache included; the context alone is ``env.cuda_context_nvml_bytes``), host RSS
@@ -66,6 +71,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resident", type=int, default=None, help="also offload_resident<N>: N blocks kept resident")
     p.add_argument("--kernels", default="auto", choices=driver.KERNEL_CHOICES, help="zo2.kernels")
     p.add_argument("--partitioned", action="store_true", help='also offload_partitioned: zo2.offload.partition "node"')
+    p.add_argument(
+        "--perturbation-parallel",
+        type=int,
+        default=1,
+        help="also offload_pp<P>: partitioned masters and zo2.perturbation_parallel P (under a launcher)",
+    )
+    p.add_argument(
+        "--partitioned-only", action="store_true", help="no replicated offload modes (a host too small for them)"
+    )
+    p.add_argument(
+        "--materialize",
+        action="store_true",
+        help="build each offloaded model from its config straight into pinned memory (zo2_ds.offload.materialize)",
+    )
     p.add_argument("--no-prefetch-next-step", action="store_true", help="zo2.offload.prefetch_next_step false")
     p.add_argument("--timeline", default=None, help="PNG of one offloaded step per mode (first model and batch)")
     args = report.run_args(p, p.parse_args(argv))
@@ -78,13 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def plot_timeline(spans: list[dict], path: Path, title: str) -> None:
-    """Upload / compute / write-back spans per block, one row each."""
+    """Upload / gather (partitioned masters) / compute / write-back spans per block, one row each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, colors = {"upload": 2, "compute": 1, "writeback": 0}, {"upload": "C0", "compute": "C2", "writeback": "C1"}
+    rows = {"upload": 3, "gather": 2, "compute": 1, "writeback": 0}
+    colors = {"upload": "C0", "gather": "C3", "compute": "C2", "writeback": "C1"}
     fig, ax = plt.subplots(figsize=(14, 3))
     for s in spans:
         width = max(s["end_ms"] - s["start_ms"], 1e-3)
@@ -102,23 +122,24 @@ def main(argv: list[str] | None = None) -> dict:
     switches = driver.resolve_switches(kernels=args.kernels, prefetch_next_step=not args.no_prefetch_next_step)
     run = driver.Settings(args.dtype, switches, warmup=args.warmup, steps=args.steps)
     env = {**report.environment(), "cuda_context_nvml_bytes": measure.cuda_context_bytes()}
-    bandwidth = measure.link_bandwidth()
+    bandwidth = {**measure.link_bandwidth(), **measure.gather_bandwidth()}
     result = {"env": env, "args": vars(args), "switches": switches, "bandwidth": bandwidth, "records": []}
     print(json.dumps(env), json.dumps(bandwidth), flush=True)
     variants = [] if args.only_in_gpu else offload.offload_variants(
         prefetch_depth=args.prefetch_depth, write_back_interval=args.write_back_interval,
         transfer_dtypes=args.transfer_dtypes, cuda_graphs=args.cuda_graphs, resident_blocks=args.resident,
         granularities=args.granularities, partitioned=args.partitioned,
+        perturbation_parallel=args.perturbation_parallel, replicated=not args.partitioned_only,
     )  # fmt: skip
     for i, name in enumerate(args.models):
         records = offload.offload_records(
             name, args.batches, variants, run, in_gpu=not args.no_in_gpu, floor=not args.no_floor,
-            bandwidth=bandwidth, timeline=bool(args.timeline) and i == 0,
+            bandwidth=bandwidth, timeline=bool(args.timeline) and i == 0, materialize=args.materialize,
             log=lambda rec: print(json.dumps(rec, default=str), flush=True),
         )  # fmt: skip
         for rec in records:
             spans = rec.pop("timeline", None)
-            if spans:
+            if spans and os.environ.get("RANK", "0") == "0":  # (every rank ran the step: it is collective)
                 png = Path(args.timeline).with_name(f"{Path(args.timeline).stem}_{rec['mode']}.png")
                 png.with_suffix(".json").write_text(json.dumps(spans))
                 plot_timeline(spans, png, f"{name} {rec['batch']} {args.dtype} {rec['mode']}: one step")

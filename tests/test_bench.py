@@ -90,19 +90,23 @@ def test_streamed_bytes_count_resident_blocks_and_narrow_copies():
 
 def test_offload_variants_and_engine_config():
     variants = offload.offload_variants(
-        transfer_dtypes=("auto", "bf16"), cuda_graphs=True, resident_blocks=2, partitioned=True
-    )
-    assert [m for m, _ in variants] == [
+        transfer_dtypes=("auto", "bf16"), cuda_graphs=True, resident_blocks=2, partitioned=True,
+        perturbation_parallel=2,
+    )  # fmt: skip
+    assert [m for m, _, _ in variants] == [
         "offload",
         "offload_xfer_bf16",
         "offload_graphs",
         "offload_resident2",
         "offload_partitioned",
+        "offload_pp2",
     ]
-    assert variants[3][1] == {"enabled": True, "num_resident_blocks": 2}
-    assert variants[4][1] == {"enabled": True, "partition": "node"}
+    assert variants[3][1:] == ({"enabled": True, "partition": "none", "num_resident_blocks": 2}, {})
+    assert variants[4][1:] == ({"enabled": True, "partition": "node"}, {})
+    assert variants[5][1:] == ({"enabled": True, "partition": "node"}, {"perturbation_parallel": 2})
     assert offload.offload_variants(prefetch_depth=0)[0][1] == {
         "enabled": True,
+        "partition": "none",
         "prefetch_depth": 0,
         "transfer_dtype": "auto",
     }

@@ -862,14 +862,14 @@ def test_offload_multi_tensor_path_under_triton_interpreter():
 
 
 def _delay_everything(engine, cycles):
-    """Delay the compute stream at each block, and each upload / write-back (through the runner's observer
-    hook, on the stream the copy is queued on), to expose missing event waits."""
+    """Delay the compute stream at each block, and each upload / gather / write-back (through the runner's
+    observer hook, on the stream the copy is queued on), to expose missing event waits."""
     runner = engine.zo_runner
     for block in runner.store.blocks.blocks:
         block.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(cycles))
 
     def delay(what, block, phase, stream):
-        if phase == "start" and what in ("upload", "writeback"):
+        if phase == "start" and what in ("upload", "gather", "writeback"):
             with torch.cuda.stream(stream):
                 torch.cuda._sleep(cycles)
 

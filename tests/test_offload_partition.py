@@ -20,12 +20,16 @@ VOCAB = 96
 CASES = [(arch, granularity) for arch in ("opt", "llama") for granularity in ("block", "layer")]
 
 
-def _engine(arch: str, granularity: str, partition: str, seed: int):
+def _engine(arch: str, granularity: str, partition: str, seed: int, delay: int = 0):
     offload = {"enabled": True, "granularity": granularity, "write_back_interval": 2, "partition": partition}
     zo2 = {"eps": 1e-3, "seed": 7, "num_perturbations": 2, "offload": offload}
     config = ds_config(grad_accum=2, lr=5e-3, zo2=zo2)
     engine, *_ = zo2_ds.initialize(model=tiny_causal_lm(arch, layers=3, seed=seed), config=config)
     engine.train()
+    if delay:  # CUDA: every stream delayed in turn (the gather's too), to expose a missing event wait
+        from test_offload import _delay_everything
+
+        _delay_everything(engine, delay)
     return engine
 
 
@@ -49,10 +53,10 @@ def _state(engine) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in engine.module.state_dict().items()}
 
 
-def _train(arch: str, granularity: str, partition: str) -> dict:
+def _train(arch: str, granularity: str, partition: str, delay: int = 0) -> dict:
     """One rank: 3 steps of q=2 with 2 micro-batches each and write_back_interval 2; the ranks start from
     different inits (the broadcast from rank 0 must fix that)."""
-    engine = _engine(arch, granularity, partition, seed=int(os.environ["RANK"]))
+    engine = _engine(arch, granularity, partition, seed=int(os.environ["RANK"]), delay=delay)
     store = engine.zo_offload_store
     losses, gs = _steps(engine, torch.Generator().manual_seed(11), 3)
     state = _state(engine)
@@ -90,17 +94,19 @@ def _resume(ckpt_dir: str) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def _worker(out_dir: str, cases: list[tuple[str, str]], resume: bool) -> None:
-    results = {(arch, gran, part): _train(arch, gran, part) for arch, gran in cases for part in ("none", "node")}
+def _worker(out_dir: str, cases: list[tuple[str, str]], resume: bool, delay: int = 0) -> None:
+    results = {(arch, gran, part): _train(arch, gran, part, delay) for arch, gran in cases for part in ("none", "node")}
     if resume:
         results["resume"] = _resume(os.path.join(out_dir, "ckpt"))
     torch.save(results, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
 
 
-def _check_partitioned(tmp_path, accelerator: str, world_size: int = 2, cases=CASES, resume: bool = True) -> None:
+def _check_partitioned(
+    tmp_path, accelerator: str, world_size: int = 2, cases=CASES, resume: bool = True, delay: int = 0
+) -> None:
     code = (
         f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_offload_partition; "
-        f"test_offload_partition._worker({str(tmp_path)!r}, {cases!r}, {resume})"
+        f"test_offload_partition._worker({str(tmp_path)!r}, {cases!r}, {resume}, {delay})"
     )
     run_ranks(code, world_size, accelerator)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
@@ -151,8 +157,17 @@ def test_three_ranks_pad_their_shards_and_equal_replicated(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_cuda_partitioned_over_nccl(tmp_path):
-    """The same on 2 GPUs: the shards are uploaded and all-gathered on the upload stream over NCCL."""
+    """The same on 2 GPUs: the shards are uploaded, and all-gathered over NCCL on the gather stream."""
     _check_partitioned(tmp_path, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.multiprocess
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cuda_partitioned_with_every_stream_delayed(tmp_path):
+    """Compute, upload, gather and write-back each delayed in turn: a missing event wait between the gather
+    stream and the others would change the bits."""
+    _check_partitioned(tmp_path, "cuda", cases=[("opt", "layer"), ("llama", "block")], resume=False, delay=2_000_000)
 
 
 def test_shards_cover_a_unit_once_at_aligned_offsets():

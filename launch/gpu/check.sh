@@ -2,7 +2,8 @@
 # The CUDA tests and the benchmarks on any CUDA machine; logs, JSON and tables to $OUT (default runs/gpu).
 #
 #   bash launch/gpu/check.sh                       # every stage (more than 10 minutes in all on one H200)
-#   STAGES="tests" bash launch/gpu/check.sh        # one stage per call: tests, step, offload, graphs, tasks, memory, materialize
+#   STAGES="tests" bash launch/gpu/check.sh        # one stage per call: tests, step, offload, graphs, tasks, memory,
+#                                                  # materialize, scaling, big (the last two on 2 GPUs)
 #   MODELS=opt-1.3b STAGES="step offload" bash launch/gpu/check.sh
 #   device tool: run(command="STAGES=tests bash launch/gpu/check.sh", carry=[".whl"])
 #
@@ -16,6 +17,10 @@
 #          run's own; OPT-175B's shape truncated to 6 and 12 blocks (MEMORY_MODELS overrides the list)
 # materialize: launch/bench_materialize.py, OPT-30B fp16 straight into pinned memory against page-locking
 #          the same bytes alone, peak host RSS throughout (~60 GB pinned twice, one after the other; 1-2 min)
+# scaling: launch/bench_scaling.py, 1 and 2 GPUs (replicated, partitioned, perturbation-parallel) per model of
+#          SCALING_MODELS (default opt-6.7b,opt-13b), a timeline PNG of one step per mode at 2 GPUs
+# big:     OPT-66B's shape on 2 GPUs, materialized straight into each rank's pinned shards, partitioned only
+#          (the host cannot hold two replicas); node host RSS against the model's bytes
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source launch/gpu/env.sh
@@ -53,7 +58,15 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
                 --out "$OUT/memory_$tag.json" >"$OUT/memory_$tag.log" 2>&1 || status=1
               echo "$(grep "^$model |" "$OUT/memory_$tag.log" | tr '\n' ';') depth ${depth:-default}"
             done ;;
-    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize)"; status=2 ;;
+    scaling) python3 launch/bench_scaling.py --models "${SCALING_MODELS:-opt-6.7b,opt-13b}" --gpus 1,2 \
+               --timeline "$OUT/scaling_timeline.png" --out "$OUT/scaling.json" >"$OUT/scaling.log" 2>&1 || status=1
+             grep -A30 "^model | gpus" "$OUT/scaling.log" ;;
+    big) python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --models opt-66b \
+           --batches 1x2048 --no-in-gpu --no-floor --partitioned --partitioned-only --materialize --steps 3 \
+           --warmup 1 --out "$OUT/opt-66b_2gpu.json" >"$OUT/opt-66b_2gpu.log" 2>&1 || status=1
+         tail -n 4 "$OUT/opt-66b_2gpu.log" ;;
+    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize, scaling, big)"
+       status=2 ;;
   esac
 done
 exit $status

@@ -8,6 +8,7 @@ on the host anyway). Steps after ``warmup`` are timed one by one and summarised 
 from __future__ import annotations
 
 import gc
+import os
 import resource
 import statistics
 import subprocess
@@ -29,6 +30,8 @@ __all__ = [
     "host_rss_bytes",
     "cuda_context_bytes",
     "link_bandwidth",
+    "gather_bandwidth",
+    "summed_over_ranks",
     "NvmlPeak",
     "HostRssPeak",
 ]
@@ -111,6 +114,19 @@ def host_rss_bytes() -> dict[str, int]:
     return {"host_rss_bytes": psutil.Process().memory_info().rss, "host_rss_peak_bytes": peak}
 
 
+def summed_over_ranks(value: int) -> int:
+    """``value`` summed over the ranks of the job (a collective when there are several; else ``value``): the
+    host memory of a node whose ranks are all this job's."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 def cuda_context_bytes() -> int | None:
     """NVML-used bytes with CUDA initialised, a cuBLAS handle made and nothing allocated: the floor of every
     NVML reading of this process. Call it before anything else touches the GPU."""
@@ -131,6 +147,29 @@ def link_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> dict[str, floa
     result = _copy_bandwidth(num_bytes, repeats)
     release_cached_memory()  # the buffers are gone: give their cache (and pinned blocks) back
     return result
+
+
+def gather_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
+    """Under a launcher on CUDA (more than one rank): an all-gather of ``num_bytes`` over every rank (each
+    contributes 1/N), the median of ``repeats``; ``allgather_gbps`` is the bytes a rank receives from the
+    others per second (1e9 bytes/s): what gathering partitioned masters moves. Empty otherwise."""
+    if not torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return {}
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="nccl")
+    world = dist.get_world_size()
+    seconds, received = _gather_seconds(dist, num_bytes // world, world, repeats)
+    release_cached_memory()
+    return {"allgather_gbps": received / seconds / 1e9, "allgather_world": world}
+
+
+def _gather_seconds(dist: Any, shard_bytes: int, world: int, repeats: int) -> tuple[float, int]:
+    out = torch.empty(shard_bytes * world, dtype=torch.uint8, device="cuda")
+    own = out[:shard_bytes].clone()
+    times = time_calls(lambda: dist.all_gather_into_tensor(out, own), 2, repeats)
+    return statistics.median(times) / 1e3, shard_bytes * (world - 1)
 
 
 def _copy_bandwidth(num_bytes: int, repeats: int) -> dict[str, float]:

@@ -47,6 +47,7 @@ SHAPES = {
         ModelShape("opt-6.7b", "opt", 4096, 32, 32, 50272, True),
         ModelShape("opt-13b", "opt", 5120, 40, 40, 50272, True),
         ModelShape("opt-30b", "opt", 7168, 48, 56, 50272, True),
+        ModelShape("opt-66b", "opt", 9216, 64, 72, 50272, True),
         ModelShape("opt-175b", "opt", 12288, 96, 96, 50272, True),
         ModelShape("llama-2-7b", "llama", 4096, 32, 32, 32000, False, ffn_size=11008, max_positions=4096),
         ModelShape("qwen2.5-7b", "qwen2", 3584, 28, 28, 152064, False, num_kv_heads=4, ffn_size=18944),

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from zo2_ds.bench import baselines, driver, measure
-from zo2_ds.bench.models import DTYPES, block_list, build_model, make_batch, parameter_bytes
+from zo2_ds.bench.models import DTYPES, SHAPES, block_list, build_model, hf_config, make_batch, parameter_bytes
 
 __all__ = ["offload_variants", "streamed_bytes_per_step", "offload_records"]
 
@@ -31,11 +31,18 @@ def offload_variants(
     resident_blocks: int | None = None,
     granularities: tuple[str, ...] = ("auto",),
     partitioned: bool = False,
-) -> list[tuple[str, dict[str, Any]]]:
-    """[(mode, zo2.offload block)]: every block streamed per transfer dtype and granularity (mode
-    ``offload``, ``offload_xfer_<dtype>``, with ``_<granularity>`` unless "auto"), then the optional variants
-    (``offload_partitioned``: zo2.offload.partition "node", the masters shared by a node's ranks)."""
+    perturbation_parallel: int = 1,
+    replicated: bool = True,
+) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """[(mode, zo2.offload block, other zo2 fields)]: every block streamed per transfer dtype and granularity
+    (mode ``offload``, ``offload_xfer_<dtype>``, with ``_<granularity>`` unless "auto"; replicated masters
+    where the installed zo2_ds has ``partition``), then the optional variants (``offload_partitioned``:
+    zo2.offload.partition "node", the masters shared by a node's ranks; ``offload_pp<P>``: that and
+    zo2.perturbation_parallel P, a step's passes spread over P ranks that see the same micro-batch). Not
+    ``replicated``: only the optional variants (a model whose replicas the host cannot hold)."""
     common: dict[str, Any] = {"enabled": True}
+    if driver.config_accepts({"offload": {"enabled": True, "partition": "none"}}):
+        common["partition"] = "none"  # whatever the default, these modes are the replicated ones
     if prefetch_depth != "auto":  # (a tree older than "auto" may be benchmarked, see launch/bench_ab.py)
         common["prefetch_depth"] = prefetch_depth
     if write_back_interval is not None:
@@ -44,16 +51,21 @@ def offload_variants(
         (
             ("offload" if xfer == "auto" else f"offload_xfer_{xfer}") + ("" if unit == "auto" else f"_{unit}"),
             {**common, "transfer_dtype": xfer, **({} if unit == "auto" else {"granularity": unit})},
+            {},
         )
         for unit in granularities
         for xfer in transfer_dtypes
+        if replicated
     ]
     if cuda_graphs:
-        variants.append(("offload_graphs", {**common, "cuda_graphs": True}))
+        variants.append(("offload_graphs", {**common, "cuda_graphs": True}, {}))
     if resident_blocks:
-        variants.append((f"offload_resident{resident_blocks}", {**common, "num_resident_blocks": resident_blocks}))
+        variants.append((f"offload_resident{resident_blocks}", {**common, "num_resident_blocks": resident_blocks}, {}))
     if partitioned:
-        variants.append(("offload_partitioned", {**common, "partition": "node"}))
+        variants.append(("offload_partitioned", {**common, "partition": "node"}, {}))
+    if perturbation_parallel > 1:
+        pp = {"perturbation_parallel": perturbation_parallel}
+        variants.append((f"offload_pp{perturbation_parallel}", {**common, "partition": "node"}, pp))
     return variants
 
 
@@ -95,12 +107,43 @@ def _in_gpu(name: str, batches: list, run: driver.Settings, floor: bool, in_gpu:
     return records, forwards_ms, {r["batch"]: r["median_ms"] for r in records}
 
 
-def _offload_one(name: str, mode: str, offload: dict, batches: list, run: driver.Settings, timeline: bool) -> list:
-    """The offloaded step per batch on a fresh model (offloading moves the blocks off the device)."""
-    model = build_model(name, run.device, DTYPES[run.dtype])
+def _offload_model(name: str, offload: dict, run: driver.Settings, materialize: bool) -> torch.nn.Module:
+    """A fresh model for an offloaded engine: built on the device (offloading then moves the blocks off it),
+    or ``materialize``d from its config straight into pinned memory as the engine lays it out (with
+    partitioned masters each rank builds only its shards)."""
+    if not materialize:
+        return build_model(name, run.device, DTYPES[run.dtype])
+    import deepspeed
+
+    from zo2_ds.offload.materialize import materialize as build
+    from zo2_ds.offload.materialize import materialize_layout
+
+    driver.single_process_env()
+    deepspeed.init_distributed()
+    config, _ = hf_config(SHAPES[name], use_cache=False)
+    layout = materialize_layout(offload)
+    return build(config, dtype=DTYPES[run.dtype], device=run.device, progress=False, **layout)
+
+
+def _offload_one(
+    name: str,
+    mode: str,
+    offload: dict,
+    zo2: dict,
+    batches: list,
+    run: driver.Settings,
+    timeline: bool,
+    materialize: bool = False,
+) -> list:
+    """The offloaded step per batch on a fresh model (see :func:`_offload_model`); ``zo2``: more fields of
+    the zo2 block."""
+    started = time.perf_counter()
+    model = _offload_model(name, offload, run, materialize)
+    build_s = time.perf_counter() - started
     model_bytes = parameter_bytes(model)
     num_blocks = len(block_list(model))
-    config = driver.engine_config(batches[0][0], run.dtype, offload=offload, switches=run.switches)
+    switches = {**run.switches, "zo2": {**run.switches["zo2"], **zo2}}
+    config = driver.engine_config(batches[0][0], run.dtype, offload=offload, switches=switches)
     started = time.perf_counter()
     engine = driver.build_engine(model, config)
     init_s = time.perf_counter() - started
@@ -117,9 +160,12 @@ def _offload_one(name: str, mode: str, offload: dict, batches: list, run: driver
         times = measure.time_calls(driver.zo_step(engine, batch), run.warmup, run.steps)
         rec = {"mode": mode, "batch": f"{b}x{s}", **measure.summarize(times, run.warmup), **measure.device_memory()}
         rec.update(measure.host_rss_bytes())
+        rec.update(ranks_host_rss_bytes=measure.summed_over_ranks(rec["host_rss_bytes"]))
+        rec.update(ranks_host_rss_peak_bytes=measure.summed_over_ranks(rec["host_rss_peak_bytes"]))
         rec.update(facts, offload=offload, streamed_bytes=streamed, model_bytes=model_bytes, num_blocks=num_blocks)
-        rec.update(ranks_sharing_masters=num_sharing)
+        rec.update(ranks_sharing_masters=num_sharing, perturbation_parallel=zo2.get("perturbation_parallel", 1))
         rec.update(engine_init_s=init_s, host_rss_over_model=rec["host_rss_bytes"] / model_bytes)
+        rec.update(model_build_s=build_s, materialized=materialize)
         if timeline and (b, s) == batches[0]:
             rec["timeline"] = driver.timeline_of_one_step(engine, driver.zo_step(engine, batch))
         records.append(rec)
@@ -132,13 +178,14 @@ def _offload_one(name: str, mode: str, offload: dict, batches: list, run: driver
 def offload_records(
     name: str,
     batches: list[tuple[int, int]],
-    variants: list[tuple[str, dict[str, Any]]],
+    variants: list[tuple[str, dict[str, Any], dict[str, Any]]],
     run: driver.Settings,
     *,
     in_gpu: bool = True,
     floor: bool = True,
     bandwidth: dict[str, float] | None = None,
     timeline: bool = False,
+    materialize: bool = False,
     log: Any = print,
 ) -> list[dict[str, Any]]:
     """Records of the in-GPU step (if ``in_gpu``) and of each offload variant, one per batch, with floors
@@ -148,8 +195,8 @@ def offload_records(
     records: list[dict[str, Any]] = []
     if in_gpu or floor:
         records, forwards_ms, in_gpu_ms = _in_gpu(name, batches, run, floor, in_gpu)
-    for mode, offload in variants:
-        records += _offload_one(name, mode, offload, batches, run, timeline)
+    for mode, offload, zo2 in variants:
+        records += _offload_one(name, mode, offload, zo2, batches, run, timeline, materialize)
     h2d = (bandwidth or {}).get("h2d_gbps")
     for rec in records:
         b, s = (int(v) for v in rec["batch"].split("x"))

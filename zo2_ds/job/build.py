@@ -11,7 +11,6 @@ import os
 from argparse import Namespace
 from typing import Any
 
-import torch
 from torch import nn
 
 from zo2_ds.tasks import (
@@ -81,10 +80,11 @@ def build_model(args: Namespace, tokenizer, *, offload: dict | None = None) -> n
         from deepspeed.accelerator import get_accelerator
 
         from zo2_ds.offload import materialize
+        from zo2_ds.offload.materialize import materialize_layout
 
         if get_accelerator().device_name() != "cpu":  # the parts outside the blocks go to this rank's device
             get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        layout = _materialize_layout(offload)
+        layout = materialize_layout(offload)
         rank0 = os.environ.get("RANK", "0") == "0"
         if rank0:
             part = layout["partition"]
@@ -95,24 +95,6 @@ def build_model(args: Namespace, tokenizer, *, offload: dict | None = None) -> n
     else:
         model = load_causal_lm(args.model_name_or_path, dtype=args.dtype)
     return apply_adapter(model, args) if args.peft else model
-
-
-def _materialize_layout(offload: dict) -> dict:
-    """materialize's arguments for the engine the ``zo2.offload`` block configures: its blocks, and with
-    ``partition`` "node" on more than one rank of a node this rank's place (each rank builds only its shards)."""
-    from deepspeed.accelerator import get_accelerator
-
-    from zo2_ds.config import parse_zo2_config
-    from zo2_ds.offload.partition import materialize_partition
-
-    cfg = parse_zo2_config({"zo2": {"offload": offload}}).offload
-    device = torch.device(get_accelerator().device_name())
-    return {
-        "blocks_attr": cfg.blocks_attr,
-        "partition": materialize_partition(cfg, device),  # torch.distributed is up: train.py inits it first
-        "granularity": cfg.granularity,
-        "cuda_graphs": cfg.cuda_graphs,
-    }
 
 
 def has_safetensors(path: str | os.PathLike) -> bool:

@@ -43,7 +43,7 @@ from zo2_ds.offload.materialize_shards import ShardedBlocks
 from zo2_ds.offload.partition import Partition
 from zo2_ds.offload.store import block_layout
 
-__all__ = ["materialize", "host_bytes_needed"]
+__all__ = ["materialize", "materialize_layout", "host_bytes_needed"]
 
 _GIB = 1024**3
 
@@ -120,6 +120,25 @@ def materialize(
         model.apply(lambda m: _move_buffers(m, device))
     model.tie_weights()
     return model
+
+
+def materialize_layout(offload: dict) -> dict:
+    """:func:`materialize`'s layout arguments for the engine the ``zo2.offload`` block ``offload`` configures:
+    its blocks and units, and with ``partition`` "node" on more than one rank of a node this rank's place
+    (each rank builds only its shards; torch.distributed must be initialized then)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from zo2_ds.config import parse_zo2_config
+    from zo2_ds.offload.partition import materialize_partition
+
+    cfg = parse_zo2_config({"zo2": {"offload": offload}}).offload
+    device = torch.device(get_accelerator().device_name())
+    return {
+        "blocks_attr": cfg.blocks_attr,
+        "partition": materialize_partition(cfg, device),
+        "granularity": cfg.granularity,
+        "cuda_graphs": cfg.cuda_graphs,
+    }
 
 
 def host_bytes_needed(

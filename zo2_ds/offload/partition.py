@@ -6,7 +6,8 @@ shards of ``shard_nbytes`` (a multiple of ALIGN_BYTES; the last shard padded), a
 
     upload of unit b   : own pinned shard -> its place in the slot (host link, 1/N of the unit)
                          all-gather of the shards into the slot (the node's ranks; NVLink on a GPU node),
-                         on the upload stream, after the copy: the slot then holds the whole unit
+                         on the gather stream, after the copy: the slot then holds the whole unit, while
+                         the upload stream copies the next unit's shard
     write-back of b    : the slot's own shard -> own pinned shard (every rank holds the same updated unit)
 
 Between uses a partitioned unit's parameters point at a zero-byte placeholder of their shape (a zero
@@ -213,8 +214,15 @@ def is_placeholder(tensor: torch.Tensor) -> bool:
 class ReplicatedHomes:
     """A unit's copies between its whole pinned home and its slot (``partition = "none"``)."""
 
+    def __init__(self, streams: Any):
+        self.streams = streams
+
     def upload(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         slot[:nbytes].copy_(home, non_blocking=True)
+
+    def complete(self, slot: torch.Tensor, nbytes: int, b: int, tracer: Any) -> Any:
+        """After :meth:`upload`: the stream on which the slot holds the whole unit (the upload stream)."""
+        return self.streams.upload
 
     def write_back(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         home.copy_(slot[:nbytes], non_blocking=True)
@@ -222,14 +230,27 @@ class ReplicatedHomes:
 
 class PartitionedHomes:
     """A unit's copies between this rank's pinned shard and the slot: the shard up, then the node's
-    all-gather; only the shard back (see the module docstring)."""
+    all-gather on the gather stream; only the shard back (see the module docstring)."""
 
-    def __init__(self, partition: Partition):
-        self.partition = partition
+    def __init__(self, partition: Partition, streams: Any):
+        self.partition, self.streams = partition, streams
+        self._copied = streams.marker()  # the last shard's host copy landed (waited for at once: one suffices)
 
     def upload(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         self.partition.own(slot, nbytes).copy_(home, non_blocking=True)
-        self.partition.gather(slot, nbytes)
+
+    def complete(self, slot: torch.Tensor, nbytes: int, b: int, tracer: Any) -> Any:
+        """After :meth:`upload` (issued on the upload stream): the node's all-gather into the slot, on the
+        gather stream behind the copy; returns the stream on which the slot then holds the whole unit. The
+        upload stream goes on to the next shard meanwhile (the host link and NVLink work at once)."""
+        streams = self.streams
+        self._copied.record(streams.upload)
+        with streams.on(streams.gather):
+            self._copied.wait(streams.gather)
+            tracer.emit("gather", b, "start", streams.gather)
+            self.partition.gather(slot, nbytes)
+            tracer.emit("gather", b, "end", streams.gather)
+        return streams.gather
 
     def write_back(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         home.copy_(self.partition.own(slot, nbytes), non_blocking=True)
@@ -273,5 +294,5 @@ def install_state_hooks(store: Any, is_home: Callable[[int], bool]) -> list[Any]
     return handles
 
 
-def home_copies(partition: Partition | None) -> ReplicatedHomes | PartitionedHomes:
-    return ReplicatedHomes() if partition is None else PartitionedHomes(partition)
+def home_copies(partition: Partition | None, streams: Any) -> ReplicatedHomes | PartitionedHomes:
+    return ReplicatedHomes(streams) if partition is None else PartitionedHomes(partition, streams)

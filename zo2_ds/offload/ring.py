@@ -12,7 +12,8 @@ device views and kernel tables are built once. Every reuse is ordered by events,
                       copy slot -> pinned master [slot read], then the narrow copy, if any     [written]
 
 With ``zo2.offload.partition`` the master is this rank's shard: the upload copies it into its place in the
-slot and all-gathers the node's shards into the slot, on the upload stream; the write-back copies only it.
+slot, and the gather stream all-gathers the node's shards into the slot behind that copy ([uploaded] is then
+recorded on the gather stream); the write-back copies only the own shard.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class SlotRing:
         self.streamed = store.streamed
         self.num_slots = num_slots
         # Whole homes, or with zo2.offload.partition this rank's shard up and the node's all-gather.
-        self.homes = home_copies(store.partition)
+        self.homes = home_copies(store.partition, streams)
         slot_bytes = max((store.slot_nbytes(b) for b in self.streamed), default=0)
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=store.device) for _ in range(num_slots)]
         num_blocks = store.num_blocks
@@ -118,11 +119,15 @@ class SlotRing:
         up = self.streams.upload
         self.tracer.emit("upload", b, "start", up)
         if exact:
-            self.homes.upload(self.store.homes[b], self.slots[self.slot_of[b]], self.store.sizes[b])
+            slot, size = self.slots[self.slot_of[b]], self.store.sizes[b]
+            self.homes.upload(self.store.homes[b], slot, size)
+            self.tracer.emit("upload", b, "end", up)
+            whole_on = self.homes.complete(slot, size, b, self.tracer)
         else:  # the slot's staging buffer was widened from before the slot was freed
             self.narrow.upload(b, self.slot_of[b])
-        self.tracer.emit("upload", b, "end", up)
-        self._uploaded[b].record(up)
+            self.tracer.emit("upload", b, "end", up)
+            whole_on = up
+        self._uploaded[b].record(whole_on)
         self.exact[b] = exact
 
     def write_back(self, b: int, compute: Any) -> None:
@@ -159,6 +164,7 @@ class SlotRing:
         up = self.streams.upload
         for slot, owner in enumerate(self.owner):
             if owner is not None and owner not in acquired:
+                self._uploaded[owner].wait(up)  # (the gather into the slot, if partitioned)
                 self._slot_free[slot].record(up)  # behind the upload into the slot
                 self.owner[slot] = None
 

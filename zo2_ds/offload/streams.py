@@ -2,7 +2,9 @@
 
 - compute: the caller's current stream (the forward's kernels, the perturbation and the lazy update);
 - upload: host -> device copies of the blocks into the GPU slots;
-- writeback: device -> host copies of updated blocks back into their pinned masters.
+- writeback: device -> host copies of updated blocks back into their pinned masters;
+- gather: with ``zo2.offload.partition``, the all-gathers of the node's shards into a slot, off the upload
+  stream so that the next shard's host copy does not queue behind this one's gather.
 
 On a synchronized device (CPU) the accelerator has no streams or events: :class:`Streams` then runs the
 same calls with every stream ``None`` and every event a no-op, so the whole schedule runs (and is tested)
@@ -41,7 +43,7 @@ class Marker:
 
 
 class Streams:
-    """Upload and write-back side streams plus the compute stream, or the no-op twin on CPU."""
+    """Upload, write-back and gather side streams plus the compute stream, or the no-op twin on CPU."""
 
     def __init__(self, enabled: bool | None = None, timing: bool = False):
         acc = get_accelerator()
@@ -51,6 +53,7 @@ class Streams:
         self.timing = timing
         self.upload = acc.Stream() if enabled else None
         self.writeback = acc.Stream() if enabled else None
+        self.gather = acc.Stream() if enabled else None
 
     def compute(self) -> Any:
         return get_accelerator().current_stream() if self.enabled else None
@@ -67,4 +70,5 @@ class Streams:
         if self.enabled:
             self.upload.synchronize()
             self.writeback.synchronize()
+            self.gather.synchronize()
             get_accelerator().current_stream().synchronize()

@@ -3,7 +3,8 @@ device bytes it holds.
 
 Observers are the documented hook into the schedule, for benchmarks and tests: ``observer(what, block,
 phase, stream)`` is called on the host as each operation is issued, with ``what`` one of "upload"
-(host -> slot, including a re-upload of the other copy), "compute" (the block's passes, from acquire to
+(host -> slot, including a re-upload of the other copy), "gather" (with ``zo2.offload.partition``: the
+node's all-gather of the other ranks' shards into the slot), "compute" (the block's passes, from acquire to
 release) and "writeback" (slot -> host master), ``phase`` "start" or "end", and ``stream`` the stream
 the operation is queued on (None on the CPU). An observer may enqueue work on that stream (a test
 delays it with ``torch.cuda._sleep`` to expose a missing event wait); it must not synchronise.

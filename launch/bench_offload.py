@@ -120,7 +120,8 @@ def plot_timeline(spans: list[dict], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     switches = driver.resolve_switches(kernels=args.kernels, prefetch_next_step=not args.no_prefetch_next_step)
-    run = driver.Settings(args.dtype, switches, warmup=args.warmup, steps=args.steps)
+    device = driver.select_device()  # cuda:LOCAL_RANK under a launcher, before anything touches CUDA
+    run = driver.Settings(args.dtype, switches, warmup=args.warmup, steps=args.steps, device=device)
     env = {**report.environment(), "cuda_context_nvml_bytes": measure.cuda_context_bytes()}
     bandwidth = {**measure.link_bandwidth(), **measure.gather_bandwidth()}
     result = {"env": env, "args": vars(args), "switches": switches, "bandwidth": bandwidth, "records": []}

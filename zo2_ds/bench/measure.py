@@ -166,7 +166,7 @@ def gather_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> dict[str, fl
 
 
 def _gather_seconds(dist: Any, shard_bytes: int, world: int, repeats: int) -> tuple[float, int]:
-    out = torch.empty(shard_bytes * world, dtype=torch.uint8, device="cuda")
+    out = torch.empty(shard_bytes * world, dtype=torch.uint8, device=torch.cuda.current_device())
     own = out[:shard_bytes].clone()
     times = time_calls(lambda: dist.all_gather_into_tensor(out, own), 2, repeats)
     return statistics.median(times) / 1e3, shard_bytes * (world - 1)

@@ -126,7 +126,8 @@ def _check_partitioned(
             assert share <= part["pinned_bytes"] < share + 256 * part["num_units"], case
         for r in range(1, world_size):
             for name, value in ranks[0][(arch, gran, "node")]["state"].items():
-                assert torch.equal(ranks[r][(arch, gran, "node")]["state"][name], value), (arch, gran, r, name)
+                other = ranks[r][(arch, gran, "node")]["state"][name]
+                assert torch.equal(other.cpu(), value.cpu()), (arch, gran, r, name)
     if not resume:
         return
     # save_checkpoint holds whole tensors: resumed partitioned or replicated, the run continues as it was.

@@ -108,10 +108,25 @@ def node_partition(cfg, device: torch.device) -> Partition | None:
     from zo2_ds.offload.store import ALIGN_BYTES
 
     world, rank, per_node = dist.get_world_size(), dist.get_rank(), place[1]
-    groups = [dist.new_group(list(range(n * per_node, (n + 1) * per_node))) for n in range(world // per_node)]
+    options = _gather_group_options(dist)
+    groups = [
+        dist.new_group(list(range(n * per_node, (n + 1) * per_node)), pg_options=options)
+        for n in range(world // per_node)
+    ]
     if per_node == 1:
         return None
     return Partition(rank % per_node, per_node, groups[rank // per_node], ALIGN_BYTES)
+
+
+def _gather_group_options(dist) -> Any:
+    """NCCL: the node group's kernels on a high-priority stream. The gathers run beside the forward's GEMMs;
+    at normal priority their kernels wait for free SMs behind them, and the next unit's compute waits for
+    the gather (H200, OPT-6.7B on 2 GPUs: the gathers took 152 ms of a 184 ms step that way)."""
+    if dist.get_backend() != "nccl":
+        return None
+    options = dist.ProcessGroupNCCL.Options()
+    options.is_high_priority_stream = True
+    return options
 
 
 def materialize_partition(cfg, device: torch.device) -> Partition | None:

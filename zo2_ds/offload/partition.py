@@ -118,11 +118,6 @@ def node_partition(cfg, device: torch.device) -> Partition | None:
     return Partition(rank % per_node, per_node, groups[rank // per_node], ALIGN_BYTES)
 
 
-# SMs (NCCL CTAs) a node's all-gather may take from the forward beside it. A 2-rank gather on NVLink needs
-# about a third of the host link's share of a unit's time; NCCL's default takes more SMs than that needs.
-GATHER_MAX_CTAS = 8
-
-
 def _gather_group_options(dist) -> Any:
     """NCCL: the node group's kernels on a high-priority stream. The gathers run beside the forward's GEMMs;
     at normal priority their kernels wait for free SMs behind them, and the next unit's compute waits for
@@ -131,9 +126,6 @@ def _gather_group_options(dist) -> Any:
         return None
     options = dist.ProcessGroupNCCL.Options()
     options.is_high_priority_stream = True
-    config = getattr(options, "config", None)  # ncclConfig_t where this torch exposes it
-    if config is not None and hasattr(config, "max_ctas"):
-        config.max_ctas = GATHER_MAX_CTAS
     return options
 
 

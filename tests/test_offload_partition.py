@@ -17,14 +17,31 @@ from zo2_ds.offload.partition import Partition
 from zo2_ds.testing import ds_config, run_ranks, tiny_causal_lm
 
 VOCAB = 96
-CASES = [(arch, granularity) for arch in ("opt", "llama") for granularity in ("block", "layer")]
+# (architecture, granularity, variant): the variant's zo2.offload settings are added to the common ones.
+CASES = [(arch, granularity, "") for arch in ("opt", "llama") for granularity in ("block", "layer")]
+VARIANTS = {
+    "": {},
+    "resident": {"num_resident_blocks": 1},  # block 0 of 3 on the device
+    "budget": {"max_gpu_memory": "block"},  # one block's bytes: one block, or one unit of each kind, resident
+}
 
 
-def _engine(arch: str, granularity: str, partition: str, seed: int):
+def _variant(name: str, model) -> dict:
+    """The zo2.offload settings of variant ``name`` for ``model`` ("block" stands for one block's bytes)."""
+    from zo2_ds.models import find_blocks
+    from zo2_ds.offload.store import block_nbytes
+
+    block = block_nbytes(find_blocks(model).blocks[0])
+    return {k: block if v == "block" else v for k, v in VARIANTS[name].items()}
+
+
+def _engine(arch: str, granularity: str, partition: str, seed: int, variant: str = ""):
+    model = tiny_causal_lm(arch, layers=3, seed=seed)
     offload = {"enabled": True, "granularity": granularity, "write_back_interval": 2, "partition": partition}
+    offload.update(_variant(variant, model))
     zo2 = {"eps": 1e-3, "seed": 7, "num_perturbations": 2, "offload": offload}
     config = ds_config(grad_accum=2, lr=5e-3, zo2=zo2)
-    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm(arch, layers=3, seed=seed), config=config)
+    engine, *_ = zo2_ds.initialize(model=model, config=config)
     engine.train()
     return engine
 
@@ -49,10 +66,10 @@ def _state(engine) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in engine.module.state_dict().items()}
 
 
-def _train(arch: str, granularity: str, partition: str) -> dict:
+def _train(arch: str, granularity: str, variant: str, partition: str) -> dict:
     """One rank: 3 steps of q=2 with 2 micro-batches each and write_back_interval 2; the ranks start from
     different inits (the broadcast from rank 0 must fix that)."""
-    engine = _engine(arch, granularity, partition, seed=int(os.environ["RANK"]))
+    engine = _engine(arch, granularity, partition, seed=int(os.environ["RANK"]), variant=variant)
     store = engine.zo_offload_store
     losses, gs = _steps(engine, torch.Generator().manual_seed(11), 3)
     state = _state(engine)
@@ -68,13 +85,14 @@ def _train(arch: str, granularity: str, partition: str) -> dict:
         "pinned_bytes": sum(store.homes[b].numel() for b in store.streamed),
         "unit_bytes": sum(store.sizes[b] for b in store.streamed),
         "num_units": len(store.streamed),
+        "num_resident": len(store.resident),
     }
 
 
-def _resume(ckpt_dir: str) -> dict[str, dict[str, torch.Tensor]]:
+def _resume(ckpt_dir: str, variant: str) -> dict[str, dict[str, torch.Tensor]]:
     """A partitioned run saved after 2 steps and continued for 1, against the same checkpoint loaded into a
     fresh partitioned engine and into a replicated one (a checkpoint holds whole tensors), each run 1 step."""
-    engine = _engine("opt", "block", "node", seed=0)
+    engine = _engine("opt", "block", "node", seed=0, variant=variant)
     gen = torch.Generator().manual_seed(5)
     _steps(engine, gen, 2)
     engine.save_checkpoint(ckpt_dir, tag="t")
@@ -83,31 +101,33 @@ def _resume(ckpt_dir: str) -> dict[str, dict[str, torch.Tensor]]:
     _steps(engine, gen, 1)
     out = {"at_save": at_save, "uninterrupted": _state(engine)}
     for partition in ("node", "none"):
-        resumed = _engine("opt", "block", partition, seed=3)
+        resumed = _engine("opt", "block", partition, seed=3, variant=variant)
         resumed.load_checkpoint(ckpt_dir, tag="t")
         _steps(resumed, torch.Generator().set_state(after_save), 1)
         out[partition] = _state(resumed)
     return out
 
 
-def _worker(out_dir: str, cases: list[tuple[str, str]], resume: bool) -> None:
-    results = {(arch, gran, part): _train(arch, gran, part) for arch, gran in cases for part in ("none", "node")}
-    if resume:
-        results["resume"] = _resume(os.path.join(out_dir, "ckpt"))
+def _worker(out_dir: str, cases: list[tuple[str, str, str]], resume: str | None) -> None:
+    results = {(*case, part): _train(*case, part) for case in cases for part in ("none", "node")}
+    if resume is not None:
+        results["resume"] = _resume(os.path.join(out_dir, "ckpt"), resume)
     torch.save(results, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
 
 
-def _check_partitioned(tmp_path, accelerator: str, world_size: int = 2, cases=CASES, resume: bool = True) -> None:
+def _check_partitioned(tmp_path, accelerator: str, world_size: int = 2, cases=CASES, resume: str | None = "") -> None:
+    """``cases`` trained partitioned and replicated on ``world_size`` ranks; with ``resume`` (a variant) also a
+    save and load of that variant."""
     code = (
         f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_offload_partition; "
-        f"test_offload_partition._worker({str(tmp_path)!r}, {cases!r}, {resume})"
+        f"test_offload_partition._worker({str(tmp_path)!r}, {cases!r}, {resume!r})"
     )
     run_ranks(code, world_size, accelerator)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
-    for arch, gran in cases:
+    for arch, gran, variant in cases:
         for r, res in enumerate(ranks):
-            rep, part = res[(arch, gran, "none")], res[(arch, gran, "node")]
-            case = (arch, gran, r)
+            rep, part = res[(arch, gran, variant, "none")], res[(arch, gran, variant, "node")]
+            case = (arch, gran, variant, r)
             assert part["losses"] == rep["losses"] and part["gs"] == rep["gs"], case
             assert part["state"].keys() == rep["state"].keys(), case
             for name, value in rep["state"].items():
@@ -118,10 +138,12 @@ def _check_partitioned(tmp_path, accelerator: str, world_size: int = 2, cases=CA
             assert rep["pinned_bytes"] == rep["unit_bytes"], case
             share = rep["unit_bytes"] / world_size
             assert share <= part["pinned_bytes"] < share + 256 * part["num_units"], case
+            assert part["num_resident"] == rep["num_resident"] and (part["num_resident"] > 0) == bool(variant), case
         for r in range(1, world_size):
-            for name, value in ranks[0][(arch, gran, "node")]["state"].items():
-                assert torch.equal(ranks[r][(arch, gran, "node")]["state"][name], value), (arch, gran, r, name)
-    if not resume:
+            key = (arch, gran, variant, "node")
+            for name, value in ranks[0][key]["state"].items():
+                assert torch.equal(ranks[r][key]["state"][name], value), (key, r, name)
+    if resume is None:
         return
     # save_checkpoint holds whole tensors: resumed partitioned or replicated, the run continues as it was.
     for r, res in enumerate(ranks):
@@ -129,7 +151,7 @@ def _check_partitioned(tmp_path, accelerator: str, world_size: int = 2, cases=CA
             for name, value in res["resume"]["uninterrupted"].items():
                 assert torch.equal(res["resume"][layout][name], value), (r, layout, name)
     # ... and on another number of ranks: this process (one rank) loads the weights the 2 ranks saved.
-    one = _engine("opt", "block", "node", seed=3)
+    one = _engine("opt", "block", "node", seed=3, variant=resume)
     one.load_checkpoint(str(tmp_path / "ckpt"), tag="t")
     for name, value in _state(one).items():
         assert torch.equal(value.cpu(), ranks[0]["resume"]["at_save"][name].cpu()), name
@@ -144,7 +166,16 @@ def test_partitioned_equals_replicated_and_pins_one_shard_per_rank(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_three_ranks_pad_their_shards_and_equal_replicated(tmp_path):
-    _check_partitioned(tmp_path, "cpu", world_size=3, cases=[("opt", "layer")], resume=False)
+    _check_partitioned(tmp_path, "cpu", world_size=3, cases=[("opt", "layer", "")], resume=None)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_resident_units_stay_whole_on_the_device_while_the_streamed_ones_are_partitioned(tmp_path):
+    """Resident units need no host master: every rank keeps them whole on the device, the rest is sharded; a
+    checkpoint holds both whole."""
+    cases = [("opt", "block", "resident"), ("llama", "layer", "budget")]
+    _check_partitioned(tmp_path, "cpu", cases=cases, resume="resident")
 
 
 @pytest.mark.cuda
@@ -173,8 +204,6 @@ def test_shards_cover_a_unit_once_at_aligned_offsets():
     "offload, words",
     [
         ({"partition": "node"}, "enabled"),
-        ({"enabled": True, "partition": "node", "num_resident_blocks": 1}, "resident"),
-        ({"enabled": True, "partition": "node", "max_gpu_memory": "1GB"}, "resident"),
         ({"enabled": True, "partition": "node", "transfer_dtype": "bf16"}, "transfer_dtype"),
     ],
 )

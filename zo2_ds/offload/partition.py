@@ -76,13 +76,18 @@ class Partition:
         all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         all_gather(padded, self.own(padded, nbytes), group=self.group)
 
-    def gather_to_host(self, home: torch.Tensor, nbytes: int, device: torch.device) -> torch.Tensor:
-        """A new host tensor holding the whole ``nbytes`` unit whose own shard is ``home`` (gathered through
-        ``device`` where the backend cannot send host tensors)."""
+    def gather_whole(self, home: torch.Tensor, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A new tensor on ``device`` holding the whole ``nbytes`` unit whose own shard is ``home`` (a
+        collective: every rank of the node calls it)."""
         flat = torch.empty(self.padded_nbytes(nbytes), dtype=torch.uint8, device=device)
         self.own(flat, nbytes).copy_(home)
         self.gather(flat, nbytes)
-        return flat[:nbytes].cpu()
+        return flat[:nbytes]
+
+    def gather_to_host(self, home: torch.Tensor, nbytes: int, device: torch.device) -> torch.Tensor:
+        """:meth:`gather_whole` onto the host (gathered through ``device`` where the backend cannot send host
+        tensors)."""
+        return self.gather_whole(home, nbytes, device).cpu()
 
     def copy_own_part(self, dst: torch.Tensor, offset: int, src: torch.Tensor) -> None:
         """Copy the bytes of ``src`` (a tensor placed at byte ``offset`` of a flat home) that fall in this

@@ -283,8 +283,9 @@ def build_store(
     store.partition = partition
     entries = store.entries
 
-    # Adopted before the memory check: an adopted block needs no new host memory. Resident blocks never
-    # are (their home is on the device); their pinned buffer is freed, and unpinned, once they are copied.
+    # Adopted before the memory check: an adopted block needs no new host memory. A resident block's home is
+    # on the device: a whole pinned one is freed, and unpinned, once copied there; one materialized as shards
+    # (a partition) is gathered there from the node's shards.
     adopted = [adopted_home(store, b, layout, size) for b, (layout, size) in enumerate(layouts)]
     check_host_memory(store, {b for b, home in enumerate(adopted) if home is not None})
 

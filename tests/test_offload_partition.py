@@ -1,7 +1,8 @@
 """zo2.offload.partition "node": the ranks of a node share one copy of the masters, one shard each.
 
-Partitioned equals replicated bit-exactly (losses, g, the parameters after a flush), each rank pins 1/N of
-the streamed units' bytes, and state_dict / load_state_dict see whole tensors. CPU, gloo, 2 ranks.
+Partitioned equals replicated bit-exactly (losses, g, the parameters after a flush), with resident units and
+a narrower transfer_dtype too; each rank pins 1/N of the streamed units' bytes, and state_dict /
+load_state_dict / checkpoints see whole tensors. CPU, gloo, 2 and 3 ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ VARIANTS = {
     "": {},
     "resident": {"num_resident_blocks": 1},  # block 0 of 3 on the device
     "budget": {"max_gpu_memory": "block"},  # one block's bytes: one block, or one unit of each kind, resident
+    "bf16": {"transfer_dtype": "bf16"},  # fp32 masters: bf16 copies cross the link between write-back steps
+    "bf16_resident": {"transfer_dtype": "bf16", "num_resident_blocks": 1},
 }
 
 
@@ -138,7 +141,8 @@ def _check_partitioned(tmp_path, accelerator: str, world_size: int = 2, cases=CA
             assert rep["pinned_bytes"] == rep["unit_bytes"], case
             share = rep["unit_bytes"] / world_size
             assert share <= part["pinned_bytes"] < share + 256 * part["num_units"], case
-            assert part["num_resident"] == rep["num_resident"] and (part["num_resident"] > 0) == bool(variant), case
+            resident = any(k in VARIANTS[variant] for k in ("num_resident_blocks", "max_gpu_memory"))
+            assert part["num_resident"] == rep["num_resident"] and (part["num_resident"] > 0) == resident, case
         for r in range(1, world_size):
             key = (arch, gran, variant, "node")
             for name, value in ranks[0][key]["state"].items():
@@ -166,7 +170,9 @@ def test_partitioned_equals_replicated_and_pins_one_shard_per_rank(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_three_ranks_pad_their_shards_and_equal_replicated(tmp_path):
-    _check_partitioned(tmp_path, "cpu", world_size=3, cases=[("opt", "layer", "")], resume=None)
+    _check_partitioned(
+        tmp_path, "cpu", world_size=3, cases=[("opt", "layer", ""), ("llama", "block", "bf16")], resume=None
+    )
 
 
 @pytest.mark.multiprocess
@@ -176,6 +182,15 @@ def test_resident_units_stay_whole_on_the_device_while_the_streamed_ones_are_par
     checkpoint holds both whole."""
     cases = [("opt", "block", "resident"), ("llama", "layer", "budget")]
     _check_partitioned(tmp_path, "cpu", cases=cases, resume="resident")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_narrow_copies_are_sharded_like_the_masters(tmp_path):
+    """transfer_dtype bf16 for fp32 masters: each rank keeps its shard of the bf16 copy, uploads it and gathers
+    the rest; equal to replicated with the same transfer_dtype, through a checkpoint too (3 ranks: above)."""
+    cases = [("opt", "block", "bf16"), ("llama", "layer", "bf16_resident")]
+    _check_partitioned(tmp_path, "cpu", cases=cases, resume="bf16_resident")
 
 
 @pytest.mark.cuda
@@ -204,7 +219,6 @@ def test_shards_cover_a_unit_once_at_aligned_offsets():
     "offload, words",
     [
         ({"partition": "node"}, "enabled"),
-        ({"enabled": True, "partition": "node", "transfer_dtype": "bf16"}, "transfer_dtype"),
     ],
 )
 def test_partition_refuses_what_it_does_not_support(offload, words):

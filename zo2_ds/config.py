@@ -100,8 +100,8 @@ class OffloadConfig(DeepSpeedConfigModel):
     of a node (all ranks on CPU, ``device_count()`` consecutive ranks on an accelerator) share one copy: each
     pins a 1/N shard of every streamed unit, uploads it and all-gathers the rest from the other ranks (see
     zo2_ds/offload/partition.py). Same bits either way. Resident units (``num_resident_blocks``,
-    ``max_gpu_memory``) are whole on every rank's device: only the streamed ones are sharded. Needs offload
-    enabled and transfer_dtype "auto"."""
+    ``max_gpu_memory``) are whole on every rank's device: only the streamed ones are sharded, and so are
+    their ``transfer_dtype`` copies. Needs offload enabled."""
 
     @model_validator(mode="after")
     def _partition_supported(self) -> OffloadConfig:
@@ -109,8 +109,6 @@ class OffloadConfig(DeepSpeedConfigModel):
             return self
         if not self.enabled:
             raise ValueError('zo2.offload.partition="node" needs zo2.offload.enabled true (it partitions the masters)')
-        if self.transfer_dtype != "auto":
-            raise ValueError('zo2.offload.partition="node" does not support zo2.offload.transfer_dtype yet: use "auto"')
         return self
 
 

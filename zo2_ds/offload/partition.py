@@ -242,7 +242,8 @@ class PartitionedHomes:
 
 def install_state_hooks(store: Any, is_home: Callable[[int], bool]) -> list[Any]:
     """The partitioned units' ``state_dict`` / ``load_state_dict`` hooks (see the module docstring); install
-    them after the hooks that flush pending updates. ``is_home(b)``: unit b's parameters point at their
+    them after the hooks that flush pending updates. A load also remakes this rank's shard of the unit's
+    transfer_dtype copy, if any, from the whole unit it was given. ``is_home(b)``: unit b's parameters point at their
     placeholders (not at a device copy, as inside a forward). Returns the handles."""
     loading: dict[int, torch.Tensor] = {}  # unit -> the whole unit a load_state_dict is writing
 
@@ -267,6 +268,8 @@ def install_state_hooks(store: Any, is_home: Callable[[int], bool]) -> list[Any]
     def keep_loaded_shard(b: int, *_: Any) -> None:
         full = loading.pop(b)
         store.homes[b].copy_(store.partition.own(full, store.sizes[b]))
+        if store.narrow is not None:  # from the whole unit loaded: no collective
+            store.narrow_from_master(b, full)
         store.point_params_home(b)
 
     handles = []

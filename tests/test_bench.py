@@ -99,7 +99,7 @@ def test_offload_variants_and_engine_config():
         "offload_resident2",
         "offload_partitioned",
     ]
-    assert variants[3][1] == {"enabled": True, "num_resident_blocks": 2}
+    assert variants[3][1] == {"enabled": True, "num_resident_blocks": 2, "partition": "none"}
     assert variants[4][1] == {"enabled": True, "partition": "node"}
     assert offload.offload_variants(prefetch_depth=0)[0][1] == {
         "enabled": True,

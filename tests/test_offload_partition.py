@@ -26,6 +26,7 @@ VARIANTS = {
     "budget": {"max_gpu_memory": "block"},  # one block's bytes: one block, or one unit of each kind, resident
     "bf16": {"transfer_dtype": "bf16"},  # fp32 masters: bf16 copies cross the link between write-back steps
     "bf16_resident": {"transfer_dtype": "bf16", "num_resident_blocks": 1},
+    "graphs": {"cuda_graphs": True},  # CUDA only (no effect on CPU): the hooks' gathers around graphed forwards
 }
 
 
@@ -80,11 +81,14 @@ def _train(arch: str, granularity: str, variant: str, partition: str) -> dict:
     changed = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
     engine.module.load_state_dict(changed)
     reloaded = _state(engine)
+    engine.destroy()  # partitioned, the weights stay sharded: state_dict still gathers them
+    destroyed = engine.module.state_dict()
     return {
         "losses": losses,
         "gs": gs,
         "state": state,
         "reload_ok": all(torch.equal(reloaded[k], v) for k, v in changed.items()),
+        "destroy_ok": all(torch.equal(destroyed[k].cpu(), v.cpu()) for k, v in changed.items()),
         "pinned_bytes": sum(store.homes[b].numel() for b in store.streamed),
         "unit_bytes": sum(store.sizes[b] for b in store.streamed),
         "num_units": len(store.streamed),
@@ -103,11 +107,12 @@ def _resume(ckpt_dir: str, variant: str) -> dict[str, dict[str, torch.Tensor]]:
     after_save = gen.get_state()
     _steps(engine, gen, 1)
     out = {"at_save": at_save, "uninterrupted": _state(engine)}
-    for partition in ("node", "none"):
+    for partition in ("node", "none", "auto"):  # "auto", the default: "node" on a node of several ranks
         resumed = _engine("opt", "block", partition, seed=3, variant=variant)
         resumed.load_checkpoint(ckpt_dir, tag="t")
         _steps(resumed, torch.Generator().set_state(after_save), 1)
         out[partition] = _state(resumed)
+        out[f"{partition}_partitioned"] = resumed.zo_offload_store.partition is not None
     return out
 
 
@@ -135,7 +140,7 @@ def _check_partitioned(tmp_path, accelerator: str, world_size: int = 2, cases=CA
             assert part["state"].keys() == rep["state"].keys(), case
             for name, value in rep["state"].items():
                 assert torch.equal(part["state"][name], value), (case, name)
-            assert part["reload_ok"] and rep["reload_ok"], case
+            assert part["reload_ok"] and rep["reload_ok"] and part["destroy_ok"] and rep["destroy_ok"], case
             # One copy per node: each of the N ranks pins 1/N of every unit's bytes (its shard rounded up to a
             # multiple of 256 bytes: less than 256 bytes more per unit).
             assert rep["pinned_bytes"] == rep["unit_bytes"], case
@@ -151,7 +156,8 @@ def _check_partitioned(tmp_path, accelerator: str, world_size: int = 2, cases=CA
         return
     # save_checkpoint holds whole tensors: resumed partitioned or replicated, the run continues as it was.
     for r, res in enumerate(ranks):
-        for layout in ("node", "none"):
+        assert [res["resume"][f"{p}_partitioned"] for p in ("node", "none", "auto")] == [True, False, True], r
+        for layout in ("node", "none", "auto"):
             for name, value in res["resume"]["uninterrupted"].items():
                 assert torch.equal(res["resume"][layout][name], value), (r, layout, name)
     # ... and on another number of ranks: this process (one rank) loads the weights the 2 ranks saved.
@@ -197,8 +203,10 @@ def test_narrow_copies_are_sharded_like_the_masters(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_cuda_partitioned_over_nccl(tmp_path):
-    """The same on 2 GPUs: the shards are uploaded and all-gathered on the upload stream over NCCL."""
-    _check_partitioned(tmp_path, "cuda")
+    """The same on 2 GPUs: the shards are uploaded and all-gathered on the upload stream over NCCL; with
+    resident units, bf16 transfers and CUDA graphs too."""
+    cases = [*CASES, ("opt", "block", "resident"), ("llama", "layer", "bf16_resident"), ("opt", "block", "graphs")]
+    _check_partitioned(tmp_path, "cuda", cases=cases, resume="bf16_resident")
 
 
 def test_shards_cover_a_unit_once_at_aligned_offsets():
@@ -215,20 +223,49 @@ def test_shards_cover_a_unit_once_at_aligned_offsets():
     assert not whole[:256].any() and not whole[1456:].any()
 
 
-@pytest.mark.parametrize(
-    "offload, words",
-    [
-        ({"partition": "node"}, "enabled"),
-    ],
-)
-def test_partition_refuses_what_it_does_not_support(offload, words):
-    with pytest.raises(ValueError, match=rf"zo2\.offload\.partition.*{words}"):
-        parse_zo2_config({"zo2": {"enabled": True, "offload": offload}})
+def test_partition_needs_offload_unless_auto():
+    assert parse_zo2_config({"zo2": {"enabled": True}}).offload.partition == "auto"
+    with pytest.raises(ValueError, match=r'zo2\.offload\.partition="node" needs zo2\.offload\.enabled'):
+        parse_zo2_config({"zo2": {"enabled": True, "offload": {"partition": "node"}}})
 
 
-def test_partition_on_one_rank_is_replicated():
+def _place(monkeypatch, partition: str, enabled: bool, world: int, rank: int, gpus_per_node: int):
+    """materialize_partition (the engine's resolution, without making groups) on a fake world of ``world``
+    ranks with ``gpus_per_node`` accelerators per node."""
+    import deepspeed.accelerator
+    import torch.distributed as dist
+
+    from zo2_ds.offload.partition import materialize_partition
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
+    accelerator = type("Accelerator", (), {"device_count": lambda self: gpus_per_node})()
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: accelerator)
+    cfg = parse_zo2_config({"zo2": {"offload": {"enabled": enabled, "partition": partition}}}).offload
+    return materialize_partition(cfg, torch.device("cuda"))
+
+
+def test_auto_partitions_a_node_of_several_ranks_and_falls_back_where_node_is_refused(monkeypatch, caplog):
+    part = _place(monkeypatch, "auto", True, world=4, rank=3, gpus_per_node=2)  # 2 nodes of 2
+    assert (part.rank, part.num_ranks) == (1, 2)
+    assert _place(monkeypatch, "auto", False, world=4, rank=3, gpus_per_node=2) is None  # offload off
+    assert _place(monkeypatch, "none", True, world=4, rank=3, gpus_per_node=2) is None
+    assert _place(monkeypatch, "auto", True, world=2, rank=1, gpus_per_node=1) is None  # nodes of one rank
+    # 3 ranks on nodes of 2 GPUs: "node" is refused naming the key, "auto" replicates and says so once.
+    with pytest.raises(ValueError, match=r'zo2\.offload\.partition="node": the world of 3 ranks is not whole'):
+        _place(monkeypatch, "node", True, world=3, rank=0, gpus_per_node=2)
+    with caplog.at_level("WARNING", logger="zo2_ds.offload.partition"):
+        for _ in range(2):
+            assert _place(monkeypatch, "auto", True, world=3, rank=0, gpus_per_node=2) is None
+    warned = [r.getMessage() for r in caplog.records if "replicated masters" in r.getMessage()]
+    assert len(warned) == 1 and "not whole nodes of 2 ranks" in warned[0], warned
+
+
+@pytest.mark.parametrize("partition", ["node", "auto"])
+def test_partition_on_one_rank_is_replicated(partition):
     """A node of one rank has nothing to share: the masters are whole, as with "none"."""
-    cfg = ds_config(zo2={"offload": {"enabled": True, "partition": "node"}})
+    cfg = ds_config(zo2={"offload": {"enabled": True, "partition": partition}})
     engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt"), config=cfg)
     store = engine.zo_offload_store
     assert store.partition is None

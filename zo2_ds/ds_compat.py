@@ -37,7 +37,7 @@ def configure_offloaded_model(engine: Any, configure: Any, model: Any) -> Any:
     DeepSpeed was asked not to) and rank 0's weights are broadcast (before the store is built, with
     ``zo2.offload.partition``: each rank then keeps its shard of them). Returns the block store."""
     from zo2_ds.offload import broadcast_module, build_store
-    from zo2_ds.offload.partition import node_partition
+    from zo2_ds.offload.partition import cannot_partition, node_partition
 
     keep_device, engine.dont_change_device = engine.dont_change_device, True
     engine._zo_defer_broadcast = True  # DeepSpeed broadcasts at the end of configure(); blocks are not placed yet
@@ -51,10 +51,10 @@ def configure_offloaded_model(engine: Any, configure: Any, model: Any) -> Any:
         from deepspeed import comm as dist
 
         if source is None or dist.get_world_size(group=source[1]) != dist.get_world_size():
-            raise ValueError(
-                'zo2.offload.partition="node" needs every rank in one data-parallel group (no model or sequence '
-                'parallelism); use "none"'
-            )
+            reason = "it needs every rank in one data-parallel group (no model or sequence parallelism)"
+            cannot_partition(engine.zo_config.offload, reason)
+            partition = None
+    if partition is not None:
         broadcast_module(engine.module, engine.device, src=source[0], group=source[1])
     offload = engine.zo_config.offload
     store = build_store(engine.module, offload, engine.device, move_rest=not keep_device, partition=partition)

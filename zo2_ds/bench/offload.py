@@ -34,7 +34,8 @@ def offload_variants(
 ) -> list[tuple[str, dict[str, Any]]]:
     """[(mode, zo2.offload block)]: every block streamed per transfer dtype and granularity (mode
     ``offload``, ``offload_xfer_<dtype>``, with ``_<granularity>`` unless "auto"), then the optional variants
-    (``offload_partitioned``: zo2.offload.partition "node", the masters shared by a node's ranks)."""
+    (``offload_partitioned``: zo2.offload.partition "node", the masters shared by a node's ranks; the other
+    variants then pin "none", a copy per rank, which the default "auto" would not be on several ranks)."""
     common: dict[str, Any] = {"enabled": True}
     if prefetch_depth != "auto":  # (a tree older than "auto" may be benchmarked, see launch/bench_ab.py)
         common["prefetch_depth"] = prefetch_depth
@@ -53,6 +54,7 @@ def offload_variants(
     if resident_blocks:
         variants.append((f"offload_resident{resident_blocks}", {**common, "num_resident_blocks": resident_blocks}))
     if partitioned:
+        variants = [(mode, {**block, "partition": "none"}) for mode, block in variants]
         variants.append(("offload_partitioned", {**common, "partition": "node"}))
     return variants
 

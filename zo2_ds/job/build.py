@@ -72,9 +72,9 @@ def build_model(args: Namespace, tokenizer, *, offload: dict | None = None) -> n
     With ``offload`` (the config's ``zo2.offload`` block, when enabled) and a local folder of safetensors
     weights, the blocks are read one tensor at a time straight into their pinned host homes
     (:func:`zo2_ds.offload.materialize`): the model never exists whole in pageable memory, and the engine
-    adopts those homes without a copy. With ``partition`` "node" and more than one rank per node each rank
-    reads and pins only its shard of every streamed unit (torch.distributed must be initialized: train.py
-    does it first)."""
+    adopts those homes without a copy. With ``partition`` "node" (or "auto", the default) and more than one
+    rank per node each rank reads and pins only its shard of every streamed unit (torch.distributed must be
+    initialized: train.py does it first)."""
     if args.model_name_or_path is None:
         model = build_tiny_opt(len(tokenizer), seed=args.seed)
     elif offload and has_safetensors(args.model_name_or_path):

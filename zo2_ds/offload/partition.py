@@ -19,6 +19,7 @@ So a checkpoint holds whole tensors, the same as without partitioning.
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,10 @@ __all__ = [
     "placeholder",
     "build_shard",
     "install_state_hooks",
+    "cannot_partition",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,9 +105,10 @@ class Partition:
 
 
 def node_partition(cfg, device: torch.device) -> Partition | None:
-    """The :class:`Partition` ``zo2.offload.partition`` asks for, or None (replicated masters, or a node of one
-    rank). On CPU every rank of the world is one node; on an accelerator a node has ``device_count()`` ranks
-    (consecutive global ranks, as the launchers number them). Every rank must call it (it makes the groups)."""
+    """The :class:`Partition` ``zo2.offload.partition`` asks for ("auto" resolved), or None (replicated masters,
+    or a node of one rank). On CPU every rank of the world is one node; on an accelerator a node has
+    ``device_count()`` ranks (consecutive global ranks, as the launchers number them). Every rank must call
+    it (it makes the groups)."""
     place = _node_place(cfg, device)
     if place is None:
         return None
@@ -131,8 +136,9 @@ def materialize_partition(cfg, device: torch.device) -> Partition | None:
 
 
 def _node_place(cfg, device: torch.device) -> tuple[int, int] | None:
-    """(this rank's index in its node, ranks per node), or None for ``partition = "none"`` or one rank."""
-    if cfg.partition == "none":
+    """(this rank's index in its node, ranks per node), or None: ``partition`` "none", "auto" with offload off,
+    one rank, or "auto" where "node" would be refused (see :func:`cannot_partition`)."""
+    if cfg.partition == "none" or not cfg.enabled:
         return None
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -142,11 +148,22 @@ def _node_place(cfg, device: torch.device) -> tuple[int, int] | None:
     world, rank = dist.get_world_size(), dist.get_rank()
     per_node = world if device.type == "cpu" else min(world, get_accelerator().device_count())
     if world % per_node:
-        raise ValueError(
-            f'zo2.offload.partition="node": the world of {world} ranks is not whole nodes of {per_node} ranks; '
-            'use "none"'
-        )
+        cannot_partition(cfg, f"the world of {world} ranks is not whole nodes of {per_node} ranks")
+        return None
     return rank % per_node, per_node
+
+
+_WARNED: set[str] = set()
+
+
+def cannot_partition(cfg, reason: str) -> None:
+    """The masters cannot be partitioned here, for ``reason``: a ValueError naming the key for an explicit
+    ``partition`` "node"; for "auto" the masters are replicated, said once per process in the log."""
+    if cfg.partition == "node":
+        raise ValueError(f'zo2.offload.partition="node": {reason}; use "none" or "auto"')
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        logger.warning('zo2.offload.partition="auto": replicated masters (one copy per rank), since %s', reason)
 
 
 def build_shard(partition: Partition, entries, nbytes: int, acc) -> tuple[torch.Tensor, bool, list[torch.Tensor]]:

@@ -134,7 +134,7 @@ class OffloadRunner:
             leave=self._leave_block,
             flush=self.flush,
             masters_changed=self.masters_changed,
-            at_home=lambda b: b not in self._acquired,
+            at_home=lambda b, acquired=self._acquired: b not in acquired,  # outlives the runner: not self
         )
 
     # -- the runner interface (zo2_ds.runner.ZORunner) ------------------------------------------------

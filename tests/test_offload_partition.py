@@ -2,7 +2,8 @@
 
 Partitioned equals replicated bit-exactly (losses, g, the parameters after a flush), with resident units and
 a narrower transfer_dtype too; each rank pins 1/N of the streamed units' bytes, and state_dict /
-load_state_dict / checkpoints see whole tensors. CPU, gloo, 2 and 3 ranks.
+load_state_dict / checkpoints see whole tensors, so a run resumes on another number of ranks (1 -> 2 bit-exact
+against the uninterrupted run, 2 -> 3 and 2 -> 1 from the weights saved). CPU, gloo, 1 to 3 ranks.
 """
 
 from __future__ import annotations
@@ -50,9 +51,12 @@ def _engine(arch: str, granularity: str, partition: str, seed: int, variant: str
     return engine
 
 
-def _steps(engine, gen: torch.Generator, num_steps: int) -> tuple[list[float], list[float]]:
-    """``num_steps`` steps of 2 micro-batches, each rank on its part of the data; losses and g."""
+def _steps(engine, gen: torch.Generator, num_steps: int, same_data: bool = False) -> tuple[list[float], list[float]]:
+    """``num_steps`` steps of 2 micro-batches, each rank on its part of the data (``same_data``: every rank on
+    the same micro-batches, whatever the number of ranks); losses and g."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if same_data:
+        rank, world = 0, 1
     losses, gs = [], []
     for _ in range(num_steps):
         for _ in range(2):
@@ -165,6 +169,70 @@ def _check_partitioned(tmp_path, accelerator: str, world_size: int = 2, cases=CA
     one.load_checkpoint(str(tmp_path / "ckpt"), tag="t")
     for name, value in _state(one).items():
         assert torch.equal(value.cpu(), ranks[0]["resume"]["at_save"][name].cpu()), name
+
+
+def _save_worker(out_dir: str, case: tuple[str, str, str], same_data: bool) -> None:
+    """2 steps, a checkpoint, 1 more step (partition "auto": "node" on several ranks, whole on one)."""
+    arch, gran, variant = case
+    engine = _engine(arch, gran, "auto", seed=0, variant=variant)
+    gen = torch.Generator().manual_seed(5)
+    _steps(engine, gen, 2, same_data)
+    engine.save_checkpoint(os.path.join(out_dir, "ckpt"), tag="t")
+    saved = {"at_save": _state(engine), "after_save": gen.get_state()}
+    _steps(engine, gen, 1, same_data)
+    saved["uninterrupted"] = _state(engine)
+    torch.save(saved, os.path.join(out_dir, f"saved{os.environ['RANK']}.pt"))
+
+
+def _load_worker(out_dir: str, case: tuple[str, str, str], same_data: bool) -> None:
+    """The checkpoint of _save_worker (another number of ranks) loaded partitioned and replicated; each then
+    runs the step the saving run ran after it."""
+    arch, gran, variant = case
+    after_save = torch.load(os.path.join(out_dir, "saved0.pt"))["after_save"]
+    out = {}
+    for partition in ("auto", "none"):
+        engine = _engine(arch, gran, partition, seed=3, variant=variant)
+        engine.load_checkpoint(os.path.join(out_dir, "ckpt"), tag="t")
+        at_load = _state(engine)
+        _steps(engine, torch.Generator().set_state(after_save), 1, same_data)
+        partitioned = engine.zo_offload_store.partition is not None
+        out[partition] = {"at_load": at_load, "after_step": _state(engine), "partitioned": partitioned}
+    torch.save(out, os.path.join(out_dir, f"loaded{os.environ['RANK']}.pt"))
+
+
+def _check_resume_on_other_ranks(tmp_path, saving: int, loading: int, case, same_data: bool) -> None:
+    """A partitioned run saved on ``saving`` ranks resumes on ``loading``: every rank loads the weights saved,
+    partitioned equals replicated after the next step, and with ``same_data`` (every rank fed the same
+    micro-batches: g is then the same on any number of ranks) both equal the run that saved."""
+    for name, world in (("_save_worker", saving), ("_load_worker", loading)):
+        code = (
+            f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_offload_partition; "
+            f"test_offload_partition.{name}({str(tmp_path)!r}, {case!r}, {same_data})"
+        )
+        run_ranks(code, world, "cpu")
+    saved = torch.load(tmp_path / "saved0.pt")
+    for r in range(loading):
+        loaded = torch.load(tmp_path / f"loaded{r}.pt")
+        assert [loaded[p]["partitioned"] for p in ("auto", "none")] == [True, False], r
+        for name, value in saved["at_save"].items():
+            for p in ("auto", "none"):
+                assert torch.equal(loaded[p]["at_load"][name], value), (r, p, name)
+            assert torch.equal(loaded["auto"]["after_step"][name], loaded["none"]["after_step"][name]), (r, name)
+            if same_data:
+                assert torch.equal(loaded["auto"]["after_step"][name], saved["uninterrupted"][name]), (r, name)
+        assert any(not torch.equal(loaded["auto"]["after_step"][k], v) for k, v in saved["at_save"].items()), r
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_saved_on_two_ranks_resumes_on_three(tmp_path):
+    _check_resume_on_other_ranks(tmp_path, 2, 3, ("llama", "layer", "bf16"), same_data=False)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_saved_on_one_rank_resumes_on_two_as_the_uninterrupted_run(tmp_path):
+    _check_resume_on_other_ranks(tmp_path, 1, 2, ("opt", "block", "resident"), same_data=True)
 
 
 @pytest.mark.multiprocess

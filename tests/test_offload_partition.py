@@ -8,6 +8,7 @@ against the uninterrupted run, 2 -> 3 and 2 -> 1 from the weights saved). CPU, g
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -106,11 +107,13 @@ def _resume(ckpt_dir: str, variant: str) -> dict[str, dict[str, torch.Tensor]]:
     engine = _engine("opt", "block", "node", seed=0, variant=variant)
     gen = torch.Generator().manual_seed(5)
     _steps(engine, gen, 2)
-    engine.save_checkpoint(ckpt_dir, tag="t")
+    with _placeholders_seen(engine) as seen:
+        engine.save_checkpoint(ckpt_dir, tag="t")
     at_save = _state(engine)
     after_save = gen.get_state()
+    out = {"at_save": at_save, "placeholders": seen}
     _steps(engine, gen, 1)
-    out = {"at_save": at_save, "uninterrupted": _state(engine)}
+    out["uninterrupted"] = _state(engine)
     for partition in ("node", "none", "auto"):  # "auto", the default: "node" on a node of several ranks
         resumed = _engine("opt", "block", partition, seed=3, variant=variant)
         resumed.load_checkpoint(ckpt_dir, tag="t")
@@ -118,6 +121,21 @@ def _resume(ckpt_dir: str, variant: str) -> dict[str, dict[str, torch.Tensor]]:
         out[partition] = _state(resumed)
         out[f"{partition}_partitioned"] = resumed.zo_offload_store.partition is not None
     return out
+
+
+@contextlib.contextmanager
+def _placeholders_seen(engine):
+    """Within: the number of placeholders in each state_dict of the model taken (e.g. by save_checkpoint)."""
+    from zo2_ds.offload.partition import is_placeholder
+
+    seen: list[int] = []
+    hook = engine.module.register_state_dict_post_hook(
+        lambda module, state, prefix, meta: seen.append(sum(is_placeholder(v) for v in state.values()))
+    )
+    try:
+        yield seen
+    finally:
+        hook.remove()
 
 
 def _worker(out_dir: str, cases: list[tuple[str, str, str]], resume: str | None) -> None:
@@ -158,6 +176,14 @@ def _check_partitioned(tmp_path, accelerator: str, world_size: int = 2, cases=CA
                 assert torch.equal(ranks[r][key]["state"][name], value), (key, r, name)
     if resume is None:
         return
+    # Only rank 0, the writer, keeps the gathered weights; its file holds them whole, as a replicated run's.
+    saved = torch.load(tmp_path / "ckpt" / "t" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert saved.keys() == ranks[0]["resume"]["at_save"].keys()
+    for name, value in ranks[0]["resume"]["at_save"].items():
+        assert torch.equal(saved[name].cpu(), value.cpu()), name
+    for r, res in enumerate(ranks):  # during the save: whole on rank 0, the other ranks' streamed units dropped
+        seen = res["resume"]["placeholders"]
+        assert len(seen) == 1 and (seen[0] == 0) == (r == 0), (r, seen)
     # save_checkpoint holds whole tensors: resumed partitioned or replicated, the run continues as it was.
     for r, res in enumerate(ranks):
         assert [res["resume"][f"{p}_partitioned"] for p in ("node", "none", "auto")] == [True, False, True], r

@@ -18,6 +18,9 @@ DeepSpeed behaviour beyond its public API (re-check these when DeepSpeed is upgr
    profiler (through ``flops_profiler_enabled()``); ``print_model_profile`` reads ``wall_clock_breakdown()``
    to print backward lines. A ZO step runs 2q forwards, which DeepSpeed would time, count and profile as 2q
    steps: :class:`ForwardSpan` makes the 2q passes one span (see ZOEngine.forward).
+4. ``DeepSpeedEngine._save_checkpoint`` builds the module's ``state_dict`` on every rank and writes it only
+   where ``engine.save_non_zero_checkpoint`` is True: :func:`writes_module_states` reads it, so that with
+   partitioned masters only that rank keeps the gathered weights (ZOEngine.save_checkpoint).
 
 The other adapter, how ``deepspeed.initialize`` comes to build a ZOEngine (the module global it looks up),
 is :mod:`zo2_ds.patch`, with its own list.
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["configure_offloaded_model", "broadcast_model", "ForwardSpan"]
+__all__ = ["configure_offloaded_model", "broadcast_model", "ForwardSpan", "writes_module_states"]
 
 
 def configure_offloaded_model(engine: Any, configure: Any, model: Any) -> Any:
@@ -72,6 +75,11 @@ def broadcast_model(engine: Any, store: Any, broadcast: Any) -> None:
         broadcast()
         return
     _broadcast_store(engine, store)
+
+
+def writes_module_states(engine: Any) -> bool:
+    """Whether this rank writes the module's weights in DeepSpeed's checkpoint (see 4.)."""
+    return bool(engine.save_non_zero_checkpoint)
 
 
 def _broadcast_source(engine: Any) -> tuple[int, Any] | None:

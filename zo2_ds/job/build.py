@@ -160,6 +160,16 @@ def save_hf_copy(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = N
 def hf_state_collector(engine: Any, model: nn.Module) -> Any:
     """What every rank must run before rank 0 writes the HF copy: ``model.state_dict`` when the blocks' host
     masters are partitioned over the ranks (``zo2.offload.partition``: reading them whole is a collective,
-    so rank 0 alone would wait for ever), else None (rank 0 reads the weights alone)."""
+    so rank 0 alone would wait for ever), with only rank 0 keeping the gathered weights; else None (rank 0
+    reads the weights alone)."""
+    from zo2_ds.offload.partition import kept_gathered
+
     store = getattr(engine, "zo_offload_store", None)
-    return model.state_dict if store is not None and store.partition is not None else None
+    if store is None or store.partition is None:
+        return None
+
+    def collect() -> dict:
+        with kept_gathered(engine.global_rank == 0):
+            return model.state_dict()
+
+    return collect

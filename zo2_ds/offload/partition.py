@@ -18,10 +18,12 @@ So a checkpoint holds whole tensors, the same as without partitioning.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ __all__ = [
     "build_shard",
     "install_state_hooks",
     "cannot_partition",
+    "kept_gathered",
 ]
 
 logger = logging.getLogger(__name__)
@@ -257,6 +260,23 @@ class PartitionedHomes:
         home.copy_(self.partition.own(slot, nbytes), non_blocking=True)
 
 
+# False inside kept_gathered(False): a partitioned unit's state_dict takes part in the gather but keeps nothing.
+_KEEP_GATHERED = contextvars.ContextVar("zo2_keep_gathered", default=True)
+
+
+@contextlib.contextmanager
+def kept_gathered(keep: bool) -> Iterator[None]:
+    """Within: a ``state_dict`` still gathers each partitioned unit (a collective: every rank of the node takes
+    part), but unless ``keep`` this rank drops the gathered unit (on the device where there is one) and
+    leaves the parameters' placeholders in the state_dict. For a save that one rank writes: the node's host
+    then holds one whole copy, the writer's, not one per rank."""
+    token = _KEEP_GATHERED.set(keep)
+    try:
+        yield
+    finally:
+        _KEEP_GATHERED.reset(token)
+
+
 def install_state_hooks(store: Any, is_home: Callable[[int], bool]) -> list[Any]:
     """The partitioned units' ``state_dict`` / ``load_state_dict`` hooks (see the module docstring); install
     them after the hooks that flush pending updates. A load also remakes this rank's shard of the unit's
@@ -267,6 +287,9 @@ def install_state_hooks(store: Any, is_home: Callable[[int], bool]) -> list[Any]
     def gathered_state(b: int, module: Any, state_dict: dict, prefix: str, local_metadata: Any) -> None:
         if not is_home(b):
             return  # a state_dict inside a forward: the parameters are the unit's device copy already
+        if not _KEEP_GATHERED.get():
+            store.partition.gather_whole(store.homes[b], store.sizes[b], store.device)  # the others' part
+            return
         full = store.partition.gather_to_host(store.homes[b], store.sizes[b], store.device)
         names = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
         for e in store.entries[b]:

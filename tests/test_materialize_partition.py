@@ -17,18 +17,20 @@ from zo2_ds.testing import ds_config, run_ranks, tiny_causal_lm
 
 VOCAB = 96
 SEED = 5
-# (architecture, granularity, source): a config (random init, every rank seeded alike) or a checkpoint folder.
+# (architecture, granularity, source, resident blocks): a config (random init, every rank seeded alike) or a
+# checkpoint folder. A resident block materialized as shards is gathered whole onto the device by the engine.
 CASES = [
-    ("opt", "block", "config"),
-    ("opt", "block", "folder"),
-    ("llama", "layer", "config"),
-    ("llama", "layer", "folder"),
+    ("opt", "block", "config", 0),
+    ("opt", "block", "folder", 1),
+    ("llama", "layer", "config", 1),
+    ("llama", "layer", "folder", 0),
 ]
 RSS_WORKER = Path(__file__).parent / "workers" / "materialize_rss_worker.py"
 
 
-def _config(granularity: str, partition: str) -> dict:
+def _config(granularity: str, partition: str, resident: int = 0) -> dict:
     offload = {"enabled": True, "granularity": granularity, "write_back_interval": 2, "partition": partition}
+    offload["num_resident_blocks"] = resident
     return ds_config(grad_accum=2, lr=5e-3, zo2={"eps": 1e-3, "seed": 7, "num_perturbations": 2, "offload": offload})
 
 
@@ -53,7 +55,7 @@ def _model(arch: str, source: str, folder: str, granularity: str, partitioned: b
     return materialize(src, device=device, progress=False, partition=partition, granularity=granularity)
 
 
-def _train(arch: str, granularity: str, source: str, folder: str, partitioned: bool) -> dict:
+def _train(arch: str, granularity: str, source: str, resident: int, folder: str, partitioned: bool) -> dict:
     """3 steps of q=2 with 2 micro-batches each, each rank on its part of the data; losses, g, the state."""
     from deepspeed.accelerator import get_accelerator
 
@@ -64,7 +66,8 @@ def _train(arch: str, granularity: str, source: str, folder: str, partitioned: b
     copy_shard = partition_module.pinned_host_buffer
     partition_module.pinned_host_buffer = None  # the engine adopts every shard: it cuts none of its own
     try:
-        engine, *_ = zo2_ds.initialize(model=model, config=_config(granularity, "node" if partitioned else "none"))
+        config = _config(granularity, "node" if partitioned else "none", resident)
+        engine, *_ = zo2_ds.initialize(model=model, config=config)
     finally:
         partition_module.pinned_host_buffer = copy_shard
     engine.train()
@@ -83,7 +86,15 @@ def _train(arch: str, granularity: str, source: str, folder: str, partitioned: b
     engine.zo_runner.flush()
     state = {k: v.to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
     pinned = sum(store.homes[b].numel() for b in store.streamed)
-    return {"losses": losses, "gs": gs, "state": state, "pinned": pinned, "units": store.streamed_bytes()}
+    resident = sorted(store.resident)
+    return {
+        "losses": losses,
+        "gs": gs,
+        "state": state,
+        "pinned": pinned,
+        "units": store.streamed_bytes(),
+        "resident": resident,
+    }
 
 
 def _worker(out_dir: str, cases: list) -> None:
@@ -95,10 +106,10 @@ def _worker(out_dir: str, cases: list) -> None:
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
     results = {}
-    for arch, gran, source in cases:
-        folder = os.path.join(out_dir, arch)
+    for case in cases:
+        folder = os.path.join(out_dir, case[0])
         for partitioned in (False, True):
-            results[(arch, gran, source, partitioned)] = _train(arch, gran, source, folder, partitioned)
+            results[(*case, partitioned)] = _train(*case, folder, partitioned)
     torch.save(results, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
 
 
@@ -181,6 +192,7 @@ def _check_trains_as_replicated(tmp_path, accelerator: str) -> None:
             for name, value in ref["state"].items():
                 assert torch.equal(part["state"][name], value), (case, r, name)
             assert ref["pinned"] == ref["units"] and part["pinned"] < ref["units"] / 2 + 256 * 12, (case, r)
+            assert part["resident"] == ref["resident"] and bool(part["resident"]) == bool(case[3]), (case, r)
 
 
 @pytest.mark.multiprocess

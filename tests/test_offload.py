@@ -1044,8 +1044,9 @@ def _run_ranks(tmp_path, name: str, accelerator: str, offload: dict, same_init: 
 
 def _check_data_parallel(tmp_path, accelerator: str) -> None:
     """Offload on equals off on every rank; g is all-reduced (one trajectory); the broadcast from rank 0 also
-    reaches the narrow transfer copies (ranks started from their own inits equal ranks started alike)."""
-    on = _run_ranks(tmp_path, "on", accelerator, {"enabled": True})
+    reaches the narrow transfer copies (ranks started from their own inits equal ranks started alike). Each
+    rank keeps its own copy of the masters (partition "none"; "node": tests/test_offload_partition.py)."""
+    on = _run_ranks(tmp_path, "on", accelerator, {"enabled": True, "partition": "none"})
     off = _run_ranks(tmp_path, "off", accelerator, {"enabled": False})
     for r in range(2):
         assert on[r]["losses"] == off[r]["losses"] and on[r]["gs"] == off[r]["gs"]
@@ -1055,12 +1056,12 @@ def _check_data_parallel(tmp_path, accelerator: str) -> None:
     for name, value in on[0]["params"].items():
         assert torch.equal(on[1]["params"][name], value), name
     # Sub-modules streamed (their layer norms on the device, broadcast with the embeddings): the same.
-    layer = _run_ranks(tmp_path, "layer", accelerator, {"enabled": True, "granularity": "layer"})
+    layer = _run_ranks(tmp_path, "layer", accelerator, {"enabled": True, "granularity": "layer", "partition": "none"})
     for r in range(2):
         assert layer[r]["losses"] == off[r]["losses"] and layer[r]["gs"] == off[r]["gs"], r
         for name, value in off[r]["params"].items():
             assert torch.equal(layer[r]["params"][name], value), (r, name)
-    narrow = {"enabled": True, "transfer_dtype": "bf16", "write_back_interval": 2}
+    narrow = {"enabled": True, "transfer_dtype": "bf16", "write_back_interval": 2, "partition": "none"}
     apart = _run_ranks(tmp_path, "narrow_apart", accelerator, narrow)
     alike = _run_ranks(tmp_path, "narrow_alike", accelerator, narrow, same_init=True)
     for r in range(2):

@@ -46,8 +46,8 @@ for k, ids in enumerate(data):
     losses.append(out_.loss.item())
     if k % 2:
         gs.append(engine.last_projected_grad)
-engine.zo_runner.flush()
-params = {n: p.detach().to("cpu", copy=True) for n, p in engine.module.named_parameters()}
+# Through state_dict: partitioned masters (offload on several ranks, partition "auto") are whole only there.
+params = {n: v.to("cpu", copy=True) for n, v in engine.module.state_dict().items()}
 torch.save({"losses": losses, "gs": gs, "params": params}, os.path.join(out, f"rank{rank}.pt"))
 """
 

@@ -95,26 +95,22 @@ class OffloadConfig(DeepSpeedConfigModel):
     """Dotted path from the model to its nn.ModuleList of repeated blocks (e.g. "model.decoder.layers"),
     for models where automatic discovery fails."""
 
-    partition: Literal["none", "node"] = "none"
+    partition: Literal["auto", "none", "node"] = "auto"
     """Data parallel: "none", every rank pins its own copy of the streamed units' masters; "node", the ranks
     of a node (all ranks on CPU, ``device_count()`` consecutive ranks on an accelerator) share one copy: each
     pins a 1/N shard of every streamed unit, uploads it and all-gathers the rest from the other ranks (see
-    zo2_ds/offload/partition.py). Same bits either way. A prototype: needs offload enabled, no resident
-    blocks, transfer_dtype "auto"."""
+    zo2_ds/offload/partition.py). Same bits either way. Resident units (``num_resident_blocks``,
+    ``max_gpu_memory``) are whole on every rank's device: only the streamed ones are sharded, and so are
+    their ``transfer_dtype`` copies. "node" needs offload enabled, a world of whole nodes and every rank in
+    one data-parallel group (no model or sequence parallelism), else it is refused. "auto": "node" when
+    offload is enabled and a node has more than one rank, else "none"; where "node" would be refused it is
+    "none", with a warning in the log. Partitioned, every forward of the model is a collective of the node's
+    ranks (each unit's upload gathers): run eval and generation on every rank, not on rank 0 alone."""
 
     @model_validator(mode="after")
     def _partition_supported(self) -> OffloadConfig:
-        if self.partition == "none":
-            return self
-        if not self.enabled:
+        if self.partition == "node" and not self.enabled:
             raise ValueError('zo2.offload.partition="node" needs zo2.offload.enabled true (it partitions the masters)')
-        if self.num_resident_blocks or self.max_gpu_memory is not None:
-            raise ValueError(
-                'zo2.offload.partition="node" does not support resident blocks yet: leave '
-                "zo2.offload.num_resident_blocks and max_gpu_memory unset"
-            )
-        if self.transfer_dtype != "auto":
-            raise ValueError('zo2.offload.partition="node" does not support zo2.offload.transfer_dtype yet: use "auto"')
         return self
 
 

@@ -18,6 +18,9 @@ DeepSpeed behaviour beyond its public API (re-check these when DeepSpeed is upgr
    profiler (through ``flops_profiler_enabled()``); ``print_model_profile`` reads ``wall_clock_breakdown()``
    to print backward lines. A ZO step runs 2q forwards, which DeepSpeed would time, count and profile as 2q
    steps: :class:`ForwardSpan` makes the 2q passes one span (see ZOEngine.forward).
+4. ``DeepSpeedEngine._save_checkpoint`` builds the module's ``state_dict`` on every rank and writes it only
+   where ``engine.save_non_zero_checkpoint`` is True: :func:`writes_module_states` reads it, so that with
+   partitioned masters only that rank keeps the gathered weights (ZOEngine.save_checkpoint).
 
 The other adapter, how ``deepspeed.initialize`` comes to build a ZOEngine (the module global it looks up),
 is :mod:`zo2_ds.patch`, with its own list.
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["configure_offloaded_model", "broadcast_model", "ForwardSpan"]
+__all__ = ["configure_offloaded_model", "broadcast_model", "ForwardSpan", "writes_module_states"]
 
 
 def configure_offloaded_model(engine: Any, configure: Any, model: Any) -> Any:
@@ -37,7 +40,7 @@ def configure_offloaded_model(engine: Any, configure: Any, model: Any) -> Any:
     DeepSpeed was asked not to) and rank 0's weights are broadcast (before the store is built, with
     ``zo2.offload.partition``: each rank then keeps its shard of them). Returns the block store."""
     from zo2_ds.offload import broadcast_module, build_store
-    from zo2_ds.offload.partition import node_partition
+    from zo2_ds.offload.partition import cannot_partition, node_partition
 
     keep_device, engine.dont_change_device = engine.dont_change_device, True
     engine._zo_defer_broadcast = True  # DeepSpeed broadcasts at the end of configure(); blocks are not placed yet
@@ -51,10 +54,10 @@ def configure_offloaded_model(engine: Any, configure: Any, model: Any) -> Any:
         from deepspeed import comm as dist
 
         if source is None or dist.get_world_size(group=source[1]) != dist.get_world_size():
-            raise ValueError(
-                'zo2.offload.partition="node" needs every rank in one data-parallel group (no model or sequence '
-                'parallelism); use "none"'
-            )
+            reason = "it needs every rank in one data-parallel group (no model or sequence parallelism)"
+            cannot_partition(engine.zo_config.offload, reason)
+            partition = None
+    if partition is not None:
         broadcast_module(engine.module, engine.device, src=source[0], group=source[1])
     offload = engine.zo_config.offload
     store = build_store(engine.module, offload, engine.device, move_rest=not keep_device, partition=partition)
@@ -72,6 +75,11 @@ def broadcast_model(engine: Any, store: Any, broadcast: Any) -> None:
         broadcast()
         return
     _broadcast_store(engine, store)
+
+
+def writes_module_states(engine: Any) -> bool:
+    """Whether this rank writes the module's weights in DeepSpeed's checkpoint (see 4.)."""
+    return bool(engine.save_non_zero_checkpoint)
 
 
 def _broadcast_source(engine: Any) -> tuple[int, Any] | None:

@@ -39,6 +39,7 @@ from deepspeed.utils import logger
 from zo2_ds import ds_compat, parallel, zo
 from zo2_ds.config import ZO2Config, parse_zo2_config
 from zo2_ds.loss import install_lean_loss, uninstall_lean_loss
+from zo2_ds.offload.partition import kept_gathered
 from zo2_ds.ops import Ops
 from zo2_ds.passes import eval_mode, kv_cache_configs, kv_cache_off, loss_of, with_loss
 from zo2_ds.perturb import ResidentRunner, UpdateGroup, trainable_params
@@ -366,7 +367,8 @@ class ZOEngine(DeepSpeedEngine):
         self.zo_runner.flush()
         state = dict(client_state or {})
         state["zo2_state"] = {"zo_skipped_steps": self.zo_skipped_steps, "config": self.zo_config.model_dump()}
-        return super().save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
+        with kept_gathered(ds_compat.writes_module_states(self)):  # partitioned masters: the writer keeps them
+            return super().save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
 
     def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any) -> Any:
         self.zo_runner.flush()

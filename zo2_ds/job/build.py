@@ -71,9 +71,9 @@ def build_model(args: Namespace, tokenizer, *, offload: dict | None = None) -> n
     With ``offload`` (the config's ``zo2.offload`` block, when enabled) and a local folder of safetensors
     weights, the blocks are read one tensor at a time straight into their pinned host homes
     (:func:`zo2_ds.offload.materialize`): the model never exists whole in pageable memory, and the engine
-    adopts those homes without a copy. With ``partition`` "node" and more than one rank per node each rank
-    reads and pins only its shard of every streamed unit (torch.distributed must be initialized: train.py
-    does it first)."""
+    adopts those homes without a copy. With ``partition`` "node" (or "auto", the default) and more than one
+    rank per node each rank reads and pins only its shard of every streamed unit (torch.distributed must be
+    initialized: train.py does it first)."""
     if args.model_name_or_path is None:
         model = build_tiny_opt(len(tokenizer), seed=args.seed)
     elif offload and has_safetensors(args.model_name_or_path):
@@ -142,6 +142,16 @@ def save_hf_copy(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = N
 def hf_state_collector(engine: Any, model: nn.Module) -> Any:
     """What every rank must run before rank 0 writes the HF copy: ``model.state_dict`` when the blocks' host
     masters are partitioned over the ranks (``zo2.offload.partition``: reading them whole is a collective,
-    so rank 0 alone would wait for ever), else None (rank 0 reads the weights alone)."""
+    so rank 0 alone would wait for ever), with only rank 0 keeping the gathered weights; else None (rank 0
+    reads the weights alone)."""
+    from zo2_ds.offload.partition import kept_gathered
+
     store = getattr(engine, "zo_offload_store", None)
-    return model.state_dict if store is not None and store.partition is not None else None
+    if store is None or store.partition is None:
+        return None
+
+    def collect() -> dict:
+        with kept_gathered(engine.global_rank == 0):
+            return model.state_dict()
+
+    return collect

@@ -3,7 +3,8 @@
 Which file owns what (see README.md in this folder):
 
 - :mod:`~zo2_ds.offload.store`: where each block's parameters live (one flat buffer per block, pinned or
-  resident), built inside ``ZOEngine._configure_distributed_model``;
+  resident), built inside ``ZOEngine._configure_distributed_model``; :mod:`~zo2_ds.offload.resident`: how many
+  stay resident;
 - :mod:`~zo2_ds.offload.partition`: the masters shared by a node's ranks, one shard each (``partition``);
 - :mod:`~zo2_ds.offload.hostmem`: page-locked host buffers of an exact size, and the host memory available;
 - :mod:`~zo2_ds.offload.materialize`: a model built block by block straight into its pinned homes (from a

@@ -18,18 +18,21 @@ __all__ = ["adopted_home"]
 
 
 def adopted_home(store: BlockStore, index: int, layout, size: int) -> torch.Tensor | None:
-    """Streamed unit ``index``'s home as materialize left it (a whole pinned home, or this rank's shard with
-    a partition), or None. Raises ValueError for a unit materialized as shards that the store would copy."""
+    """Unit ``index``'s home as materialize left it, or None: for a streamed unit its whole pinned home, or
+    this rank's shard with a partition; for a resident unit materialized as shards, its whole device home
+    gathered from the node's shards (a collective: every rank builds the same store). Raises ValueError for
+    a unit materialized as shards that the store would copy."""
     if store.partition is None and any(is_placeholder(e.param.data) for e in store.entries[index]):
         raise ValueError(
             'zo2.offload.partition="none": the model was materialized with a partition (each rank holds only its '
             'shards); set partition "node" or materialize without a partition'
         )
-    if not store.is_streamed(index):
-        return None
     if store.partition is None:
-        return _adoptable_home(layout, size, store.device)
-    return take_materialized_shard(store.units[index], store.partition, store.entries[index], size)
+        return _adoptable_home(layout, size, store.device) if store.is_streamed(index) else None
+    shard = take_materialized_shard(store.units[index], store.partition, store.entries[index], size)
+    if shard is None or store.is_streamed(index):
+        return shard
+    return store.partition.gather_whole(shard, size, store.device)
 
 
 def _adoptable_home(

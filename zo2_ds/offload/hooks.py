@@ -33,13 +33,15 @@ def install(
 ) -> list[Any]:
     """Install the hooks; ``enter(b, module, args)`` / ``leave(b, module, args, output)`` run at unit b's
     forward pre- / post-hook (always, even when the forward raises), ``flush()`` before any state_dict or
-    load, ``masters_changed([b])`` after unit b's weights were loaded (narrow copies only), ``at_home(b)``:
-    unit b's parameters point at their home (not at a device copy). Returns the handles."""
+    load, ``masters_changed([b])`` after unit b's weights were loaded (narrow copies of replicated masters
+    only), ``at_home(b)``: unit b's parameters point at their home (not at a device copy). Returns the
+    handles to remove when the runner closes."""
     handles = []
     for b, unit in enumerate(store.units):
         handles.append(unit.register_forward_pre_hook(functools.partial(enter, b)))
         handles.append(unit.register_forward_hook(functools.partial(leave, b), always_call=True))
-    for b in store.streamed if store.narrow is not None else ():
+    # Partitioned, the state hooks remake the narrow copies from the whole unit a load writes (see below).
+    for b in store.streamed if store.narrow is not None and store.partition is None else ():
         handles.append(store.units[b].register_load_state_dict_post_hook(lambda *_, b=b: masters_changed([b])))
     path = store.blocks.path.split(".") if store.blocks.path else []
     holders = [model] + [model.get_submodule(".".join(path[: i + 1])) for i in range(len(path))]
@@ -49,5 +51,7 @@ def install(
         handles.append(mod.register_state_dict_pre_hook(lambda *_: flush()))
         handles.append(mod.register_load_state_dict_pre_hook(lambda *_: flush()))
     if store.partition is not None:  # after the flushes: the masters are whole only on demand
-        handles.extend(install_state_hooks(store, at_home))
+        # Not among the handles: a partitioned model's weights are whole only through these hooks, so they
+        # stay when the runner closes (engine.destroy), for the model's life.
+        install_state_hooks(store, at_home)
     return handles

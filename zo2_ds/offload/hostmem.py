@@ -74,7 +74,7 @@ def check_host_memory(store: Any, adopted: set[int]) -> None:
     copied = [b for b in streamed if b not in adopted]
     pinned_bytes = sum(store.home_nbytes(b) for b in copied)
     if store.narrow is not None:
-        pinned_bytes += sum(store.narrow.sizes[b] for b in streamed)
+        pinned_bytes += sum(store.home_nbytes(b, narrow=True) for b in streamed)
     # Host bytes freed as each block's original storage is replaced (only what is on the CPU now).
     freed = sum(e.nbytes for b in copied for e in store.entries[b] if e.param.device.type == "cpu")
     needed = pinned_bytes - freed + (max(store.home_nbytes(b) for b in copied) if copied else 0)

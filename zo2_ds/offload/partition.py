@@ -19,9 +19,12 @@ So a checkpoint holds whole tensors, the same as without partitioning.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +45,11 @@ __all__ = [
     "placeholder",
     "build_shard",
     "install_state_hooks",
+    "cannot_partition",
+    "kept_gathered",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,13 +84,18 @@ class Partition:
         all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         all_gather(padded, self.own(padded, nbytes), group=self.group)
 
-    def gather_to_host(self, home: torch.Tensor, nbytes: int, device: torch.device) -> torch.Tensor:
-        """A new host tensor holding the whole ``nbytes`` unit whose own shard is ``home`` (gathered through
-        ``device`` where the backend cannot send host tensors)."""
+    def gather_whole(self, home: torch.Tensor, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A new tensor on ``device`` holding the whole ``nbytes`` unit whose own shard is ``home`` (a
+        collective: every rank of the node calls it)."""
         flat = torch.empty(self.padded_nbytes(nbytes), dtype=torch.uint8, device=device)
         self.own(flat, nbytes).copy_(home)
         self.gather(flat, nbytes)
-        return flat[:nbytes].cpu()
+        return flat[:nbytes]
+
+    def gather_to_host(self, home: torch.Tensor, nbytes: int, device: torch.device) -> torch.Tensor:
+        """:meth:`gather_whole` onto the host (gathered through ``device`` where the backend cannot send host
+        tensors)."""
+        return self.gather_whole(home, nbytes, device).cpu()
 
     def copy_own_part(self, dst: torch.Tensor, offset: int, src: torch.Tensor) -> None:
         """Copy the bytes of ``src`` (a tensor placed at byte ``offset`` of a flat home) that fall in this
@@ -97,9 +109,10 @@ class Partition:
 
 
 def node_partition(cfg, device: torch.device) -> Partition | None:
-    """The :class:`Partition` ``zo2.offload.partition`` asks for, or None (replicated masters, or a node of one
-    rank). On CPU every rank of the world is one node; on an accelerator a node has ``device_count()`` ranks
-    (consecutive global ranks, as the launchers number them). Every rank must call it (it makes the groups)."""
+    """The :class:`Partition` ``zo2.offload.partition`` asks for ("auto" resolved), or None (replicated masters,
+    or a node of one rank). On CPU every rank of the world is one node; on an accelerator a node has
+    ``device_count()`` ranks (consecutive global ranks, as the launchers number them). Every rank must call
+    it (it makes the groups)."""
     place = _node_place(cfg, device)
     if place is None:
         return None
@@ -142,8 +155,9 @@ def materialize_partition(cfg, device: torch.device) -> Partition | None:
 
 
 def _node_place(cfg, device: torch.device) -> tuple[int, int] | None:
-    """(this rank's index in its node, ranks per node), or None for ``partition = "none"`` or one rank."""
-    if cfg.partition == "none":
+    """(this rank's index in its node, ranks per node), or None: ``partition`` "none", "auto" with offload off,
+    one rank, or "auto" where "node" would be refused (see :func:`cannot_partition`)."""
+    if cfg.partition == "none" or not cfg.enabled:
         return None
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -153,11 +167,22 @@ def _node_place(cfg, device: torch.device) -> tuple[int, int] | None:
     world, rank = dist.get_world_size(), dist.get_rank()
     per_node = world if device.type == "cpu" else min(world, get_accelerator().device_count())
     if world % per_node:
-        raise ValueError(
-            f'zo2.offload.partition="node": the world of {world} ranks is not whole nodes of {per_node} ranks; '
-            'use "none"'
-        )
+        cannot_partition(cfg, f"the world of {world} ranks is not whole nodes of {per_node} ranks")
+        return None
     return rank % per_node, per_node
+
+
+_WARNED: set[str] = set()
+
+
+def cannot_partition(cfg, reason: str) -> None:
+    """The masters cannot be partitioned here, for ``reason``: a ValueError naming the key for an explicit
+    ``partition`` "node"; for "auto" the masters are replicated, said once per process in the log."""
+    if cfg.partition == "node":
+        raise ValueError(f'zo2.offload.partition="node": {reason}; use "none" or "auto"')
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        logger.warning('zo2.offload.partition="auto": replicated masters (one copy per rank), since %s', reason)
 
 
 def build_shard(partition: Partition, entries, nbytes: int, acc) -> tuple[torch.Tensor, bool, list[torch.Tensor]]:
@@ -271,15 +296,36 @@ class PartitionedHomes:
         home.copy_(self.partition.own(slot, nbytes), non_blocking=True)
 
 
+# False inside kept_gathered(False): a partitioned unit's state_dict takes part in the gather but keeps nothing.
+_KEEP_GATHERED = contextvars.ContextVar("zo2_keep_gathered", default=True)
+
+
+@contextlib.contextmanager
+def kept_gathered(keep: bool) -> Iterator[None]:
+    """Within: a ``state_dict`` still gathers each partitioned unit (a collective: every rank of the node takes
+    part), but unless ``keep`` this rank drops the gathered unit (on the device where there is one) and
+    leaves the parameters' placeholders in the state_dict. For a save that one rank writes: the node's host
+    then holds one whole copy, the writer's, not one per rank."""
+    token = _KEEP_GATHERED.set(keep)
+    try:
+        yield
+    finally:
+        _KEEP_GATHERED.reset(token)
+
+
 def install_state_hooks(store: Any, is_home: Callable[[int], bool]) -> list[Any]:
     """The partitioned units' ``state_dict`` / ``load_state_dict`` hooks (see the module docstring); install
-    them after the hooks that flush pending updates. ``is_home(b)``: unit b's parameters point at their
+    them after the hooks that flush pending updates. A load also remakes this rank's shard of the unit's
+    transfer_dtype copy, if any, from the whole unit it was given. ``is_home(b)``: unit b's parameters point at their
     placeholders (not at a device copy, as inside a forward). Returns the handles."""
     loading: dict[int, torch.Tensor] = {}  # unit -> the whole unit a load_state_dict is writing
 
     def gathered_state(b: int, module: Any, state_dict: dict, prefix: str, local_metadata: Any) -> None:
         if not is_home(b):
             return  # a state_dict inside a forward: the parameters are the unit's device copy already
+        if not _KEEP_GATHERED.get():
+            store.partition.gather_whole(store.homes[b], store.sizes[b], store.device)  # the others' part
+            return
         full = store.partition.gather_to_host(store.homes[b], store.sizes[b], store.device)
         names = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
         for e in store.entries[b]:
@@ -298,6 +344,8 @@ def install_state_hooks(store: Any, is_home: Callable[[int], bool]) -> list[Any]
     def keep_loaded_shard(b: int, *_: Any) -> None:
         full = loading.pop(b)
         store.homes[b].copy_(store.partition.own(full, store.sizes[b]))
+        if store.narrow is not None:  # from the whole unit loaded: no collective
+            store.narrow_from_master(b, full)
         store.point_params_home(b)
 
     handles = []

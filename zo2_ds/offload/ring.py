@@ -124,9 +124,7 @@ class SlotRing:
             self.tracer.emit("upload", b, "end", up)
             whole_on = self.homes.complete(slot, size, b, self.tracer)
         else:  # the slot's staging buffer was widened from before the slot was freed
-            self.narrow.upload(b, self.slot_of[b])
-            self.tracer.emit("upload", b, "end", up)
-            whole_on = up
+            whole_on = self.narrow.upload(b, self.slot_of[b], self.tracer)
         self._uploaded[b].record(whole_on)
         self.exact[b] = exact
 

@@ -134,7 +134,7 @@ class OffloadRunner:
             leave=self._leave_block,
             flush=self.flush,
             masters_changed=self.masters_changed,
-            at_home=lambda b: b not in self._acquired,
+            at_home=lambda b, acquired=self._acquired: b not in acquired,  # outlives the runner: not self
         )
 
     # -- the runner interface (zo2_ds.runner.ZORunner) ------------------------------------------------
@@ -200,7 +200,8 @@ class OffloadRunner:
         runner (``load_state_dict`` / ``load_checkpoint`` call it through each block's hook, after a flush):
         their transfer_dtype copies are remade from them on the host, as the flush before a save made them on
         the GPU (the same rounding), so a resumed run continues as the run that saved. Only matters with a
-        narrower ``transfer_dtype``."""
+        narrower ``transfer_dtype``. With partitioned masters a load remakes them itself; called directly, this
+        gathers each unit (a collective: every rank of the node calls it)."""
         if self.narrow.enabled:
             self.ring.drop_prefetched(self._acquired)
             for b in self.store.streamed if blocks is None else blocks:

@@ -43,7 +43,7 @@ def check_device_memory(store: BlockStore, num_slots: int, scratch_bytes: int) -
     if free is None or not store.streamed:
         return
     slot = max(store.slot_nbytes(b) for b in store.streamed)
-    stage = max(store.narrow.sizes[b] for b in store.streamed) if store.narrow is not None else 0
+    stage = max(store.slot_nbytes(b, narrow=True) for b in store.streamed) if store.narrow is not None else 0
     needed = num_slots * slot + scratch_bytes + (num_slots + 1) * stage
     if needed <= free:
         return

@@ -30,6 +30,7 @@ from zo2_ds.models import BlockList, find_blocks
 from zo2_ds.offload.adopt import adopted_home
 from zo2_ds.offload.hostmem import available_host_bytes, check_host_memory, pinned_host_buffer
 from zo2_ds.offload.partition import Partition, build_shard
+from zo2_ds.offload.resident import num_resident_units, parse_bytes
 from zo2_ds.offload.units import block_order, stream_units
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
 ]
 
 ALIGN_BYTES = 256
-_GIB = 1024**3
 
 
 @dataclass
@@ -135,57 +135,48 @@ class BlockStore:
     def streamed_bytes(self) -> int:
         return sum(self.sizes[b] for b in self.streamed)
 
-    def home_nbytes(self, index: int) -> int:
-        """Bytes of unit ``index``'s home on this rank: its flat buffer, or this rank's shard of it."""
+    def home_nbytes(self, index: int, narrow: bool = False) -> int:
+        """Bytes of unit ``index``'s home on this rank (``narrow``: of its transfer_dtype copy): its flat
+        buffer, or this rank's shard of it."""
+        size = self.narrow.sizes[index] if narrow else self.sizes[index]
         partitioned = self.partition is not None and self.is_streamed(index)
-        return self.partition.shard_nbytes(self.sizes[index]) if partitioned else self.sizes[index]
+        return self.partition.shard_nbytes(size) if partitioned else size
 
-    def slot_nbytes(self, index: int) -> int:
-        """Bytes of slot streamed unit ``index`` needs: its flat buffer (every shard, padded, when partitioned)."""
-        return self.sizes[index] if self.partition is None else self.partition.padded_nbytes(self.sizes[index])
+    def slot_nbytes(self, index: int, narrow: bool = False) -> int:
+        """Bytes of device buffer streamed unit ``index`` needs (``narrow``: for its transfer_dtype copy): its
+        flat buffer (every shard, padded, when partitioned)."""
+        size = self.narrow.sizes[index] if narrow else self.sizes[index]
+        return size if self.partition is None else self.partition.padded_nbytes(size)
 
     def views(self, index: int, flat: torch.Tensor) -> list[torch.Tensor]:
         return [e.view(flat) for e in self.entries[index]]
 
-    def narrow_from_master(self, index: int) -> None:
-        """Remake streamed block ``index``'s transfer_dtype copy from its host master (on the host)."""
+    def whole_master(self, index: int) -> torch.Tensor:
+        """Unit ``index``'s whole flat master: its home, or when partitioned a new one gathered from the node's
+        shards on the device (a collective: every rank of the node calls it)."""
+        if self.partition is None or not self.is_streamed(index):
+            return self.homes[index]
+        return self.partition.gather_whole(self.homes[index], self.sizes[index], self.device)
+
+    def narrow_from_master(self, index: int, whole: torch.Tensor | None = None) -> torch.Tensor:
+        """Remake streamed unit ``index``'s transfer_dtype copy (this rank's shard of it, when partitioned) from
+        its master: ``whole``, the unit's whole flat buffer on any device, by default :meth:`whole_master`.
+        Returns the whole narrow copy (the narrow home itself, unless partitioned)."""
         home = self.narrow.homes[index]
+        whole = self.whole_master(index) if whole is None else whole
+        if self.partition is None:
+            narrow = home
+        else:
+            narrow = torch.zeros(self.slot_nbytes(index, narrow=True), dtype=torch.uint8, device=whole.device)
         for e, n in zip(self.entries[index], self.narrow.entries[index]):
-            n.view(home).copy_(e.view(self.homes[index]))
+            n.view(narrow).copy_(e.view(whole))
+        if self.partition is not None:
+            home.copy_(self.partition.own(narrow, self.narrow.sizes[index]))
+        return narrow
 
     def point_params_home(self, index: int) -> None:
         for e, v in zip(self.entries[index], self.home_views[index]):
             e.param.data = v
-
-
-def parse_bytes(value: int | str) -> int:
-    """``8000000000``, ``"8GB"``, ``"7.5GiB"``, ``"512MB"`` -> bytes."""
-    if isinstance(value, int):
-        return value
-    text = value.strip().upper().replace(" ", "")
-    units = {
-        "TIB": 1024**4,
-        "GIB": 1024**3,
-        "MIB": 1024**2,
-        "KIB": 1024,
-        "TB": 10**12,
-        "GB": 10**9,
-        "MB": 10**6,
-        "KB": 10**3,
-        "B": 1,
-    }
-    for unit, scale in units.items():
-        if text.endswith(unit):
-            try:
-                return int(float(text[: -len(unit)]) * scale)
-            except ValueError:
-                break
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(
-            f'zo2.offload.max_gpu_memory: cannot read {value!r} as bytes (e.g. 8000000000 or "8GB")'
-        ) from None
 
 
 def block_nbytes(block: nn.Module) -> int:
@@ -215,26 +206,6 @@ def flat_layout(params) -> tuple[list[tuple[nn.Parameter, int, int]], int]:
     return out, max(offset, ALIGN_BYTES)
 
 
-def _num_resident(cfg, sizes: list[int], num_blocks: int) -> int:
-    """How many units stay on the device: ``num_resident_blocks`` blocks' worth of units, or as many of the
-    largest unit as ``max_gpu_memory`` holds."""
-    if cfg.max_gpu_memory is not None and cfg.num_resident_blocks is not None:
-        raise ValueError("zo2.offload: set max_gpu_memory or num_resident_blocks, not both")
-    if cfg.num_resident_blocks is not None:
-        return min(cfg.num_resident_blocks * len(sizes) // num_blocks, len(sizes))
-    if cfg.max_gpu_memory is None:
-        return 0
-    budget = parse_bytes(cfg.max_gpu_memory)
-    if budget < max(sizes):
-        what = "block" if len(sizes) == num_blocks else "streamed unit (the largest sub-module of a block)"
-        raise ValueError(
-            f"zo2.offload.max_gpu_memory={cfg.max_gpu_memory!r} ({budget / _GIB:.3f} GiB, {budget} bytes) is smaller "
-            f"than one {what}, the least it can keep resident: {max(sizes) / _GIB:.3f} GiB ({max(sizes)} bytes). "
-            "Raise it to at least that, or leave it unset to stream every block"
-        )
-    return min(budget // max(sizes), len(sizes))  # resident units are spread out: count the largest
-
-
 def plan_store(model: nn.Module, cfg, device: torch.device) -> tuple[BlockStore, list]:
     """The :class:`BlockStore` ``build_store`` makes for ``model``, planned but not filled: the units
     (:func:`zo2_ds.offload.units.stream_units`), each parameter's slice of its unit's home, which units stay
@@ -251,7 +222,7 @@ def plan_store(model: nn.Module, cfg, device: torch.device) -> tuple[BlockStore,
     else:
         layouts = [flat_layout(u.parameters()) for u in units]
     sizes = [size for _, size in layouts]
-    num_resident = _num_resident(cfg, sizes, len(blocks.blocks))
+    num_resident = num_resident_units(cfg, sizes, len(blocks.blocks))
     transfer = _transfer_dtype(cfg, layouts)
     entries = [[Entry(p, off, n, p.dtype, p.shape) for p, off, n in layout] for layout, _ in layouts]
     store = BlockStore(blocks, device, entries, sizes, num_resident, tuple(units), tuple(block_of), granularity)
@@ -283,27 +254,20 @@ def build_store(
     store.partition = partition
     entries = store.entries
 
-    # Adopted before the memory check: an adopted block needs no new host memory. Resident blocks never
-    # are (their home is on the device); their pinned buffer is freed, and unpinned, once they are copied.
+    # Adopted before the memory check: an adopted block needs no new host memory. A resident block's home is
+    # on the device: a whole pinned one is freed, and unpinned, once copied there; one materialized as shards
+    # (a partition) is gathered there from the node's shards.
     adopted = [adopted_home(store, b, layout, size) for b, (layout, size) in enumerate(layouts)]
     check_host_memory(store, {b for b, home in enumerate(adopted) if home is not None})
 
     acc = get_accelerator()
     was_on_device = any(e.param.device.type != "cpu" for block_entries in entries for e in block_entries)
-    for index, block_entries in enumerate(entries):
-        home = _move_home(store, index, adopted[index], acc)
+    for index in range(store.num_blocks):
+        _move_home(store, index, adopted[index], acc)
         if store.narrow is not None and store.is_streamed(index):
-            shadow = store.narrow.homes[index] = pinned_host_buffer(acc, store.narrow.sizes[index])[0]
-            store.narrow_from_master(index)  # round to the transfer dtype on the host, once
-            for e, n in zip(block_entries, store.narrow.entries[index]):
-                narrowed = n.view(shadow)
-                if n.dtype != e.dtype and not torch.isfinite(narrowed).all() and torch.isfinite(e.view(home)).all():
-                    name = next(k for k, p in model.named_parameters(remove_duplicate=False) if p is e.param)
-                    raise ValueError(
-                        f"zo2.offload.transfer_dtype={cfg.transfer_dtype!r}: {name} has values outside the range "
-                        f'of {n.dtype} (largest magnitude {e.view(home).abs().max().item():.4g}); use "bf16" '
-                        '(the range of fp32) or "auto"'
-                    )
+            store.narrow.homes[index] = pinned_host_buffer(acc, store.home_nbytes(index, narrow=True))[0]
+            whole = store.whole_master(index)  # partitioned: gathered, since each narrow shard has its own cut
+            _check_narrow_range(model, cfg, store, index, whole, store.narrow_from_master(index, whole))
 
     if was_on_device:
         acc.empty_cache()  # the blocks' device storage (a model built on the GPU) goes back to the driver
@@ -318,6 +282,20 @@ def build_store(
                 if buf is not None and buf.device != device:
                     mod._buffers[name] = buf.to(device)
     return store
+
+
+def _check_narrow_range(model: nn.Module, cfg, store: BlockStore, index: int, whole, narrowed) -> None:
+    """Raise ValueError when unit ``index``'s master (``whole``) has finite values its narrow copy
+    (``narrowed``, rounded from it once) cannot hold."""
+    for e, n in zip(store.entries[index], store.narrow.entries[index]):
+        wide = e.view(whole)
+        if n.dtype != e.dtype and not torch.isfinite(n.view(narrowed)).all() and torch.isfinite(wide).all():
+            name = next(k for k, p in model.named_parameters(remove_duplicate=False) if p is e.param)
+            raise ValueError(
+                f"zo2.offload.transfer_dtype={cfg.transfer_dtype!r}: {name} has values outside the range "
+                f'of {n.dtype} (largest magnitude {wide.abs().max().item():.4g}); use "bf16" '
+                '(the range of fp32) or "auto"'
+            )
 
 
 def _move_home(store: BlockStore, index: int, adopted: torch.Tensor | None, acc) -> torch.Tensor:

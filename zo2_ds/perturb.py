@@ -15,6 +15,10 @@ flat scratch buffer taken from a small pool, and an update group is updated by o
 an OPT-1.3B step makes ~80 launches instead of ~1170. The z of every tensor is unchanged by this
 (it is keyed by the tensor, not by the unit).
 
+Vocabulary-sized tensors outside the blocks need no whole perturbed copy (zo2_ds/vocab.py): an ``nn.Embedding``
+gathers its rows and perturbs just those; a large head computes its logits and the loss over chunks of
+vocabulary rows (``zo2.vocab_chunks``). The hooks ask :class:`~zo2_ds.vocab.VocabPaths` first.
+
 A tensor shared by several modules (tied embedding / lm_head) is perturbed at each use with the
 same z (z is keyed by the tensor's canonical name), so every use sees the same perturbed value,
 and it is updated once.

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from zo2_ds import zo
+from zo2_ds.loss import lean_causal_lm_loss, stock_causal_lm_loss
 from zo2_ds.ops import Ops
 from zo2_ds.scratch import ScratchPool
 
@@ -57,8 +58,6 @@ def is_gathered(module: nn.Module, params: Sequence[nn.Parameter]) -> bool:
 
 def chunks_head(model: nn.Module, head: nn.Module, switch: bool | str) -> bool:
     """Whether ``head`` (a unit's module) is ``model``'s output embedding and takes the chunked loss."""
-    from zo2_ds.loss import lean_causal_lm_loss, stock_causal_lm_loss
-
     if switch is False or not isinstance(head, nn.Linear) or head.bias is not None:
         return False
     get_head = getattr(model, "get_output_embeddings", None)
@@ -184,8 +183,10 @@ class VocabPaths:
     def perturb(self, module: nn.Module, args: Any, pass_hash: int, scale: float) -> list[torch.Tensor] | None:
         """The values to swap in for the unit's one tensor in this perturbed forward, or None (the whole path)."""
         state = self._state
+        if not (args and torch.is_tensor(args[0])):  # called by keyword: the hooks cannot see the input
+            return None
         key = self._gather.get(id(module))
-        if key is not None and args and torch.is_tensor(args[0]):
+        if key is not None:
             state.gather = (zo.z_seed_from_pass(pass_hash, key), scale)
             return [module.weight]  # the forward gathers clean rows; finish() perturbs them
         head = self._heads.get(id(module))

@@ -109,6 +109,9 @@ def _check_rows_and_gather(device: str, dtype: torch.dtype) -> None:
         ids = torch.randint(0, num_rows, (3, 5), device=device)
         gathered = kernels.perturbed_gather_(theta[ids].contiguous(), theta, ids, SEED, -1e-2)
         assert torch.equal(gathered, whole[ids]), (dtype, num_rows, width)
+        strided = torch.empty(5, 3, width, device=device, dtype=dtype).transpose(0, 1)  # rows not contiguous
+        strided.copy_(theta[ids])
+        assert torch.equal(Ops("per_tensor").perturbed_gather_(strided, theta, ids, SEED, -1e-2), whole[ids])
         align = 4096 // math.gcd(width, 4096)  # row starts on a z group: the one-pass slice kernel
         starts = [*range(0, num_rows, align), 5]  # 5: not on a group (the gather kernel)
         for start in starts:

@@ -104,9 +104,11 @@ class Ops:
         self, rows: torch.Tensor, theta: torch.Tensor, ids: torch.Tensor, seed: int, scale: float
     ) -> torch.Tensor:
         """In place: ``rows`` = ``theta[ids]`` becomes ``(theta + scale * z(seed))[ids]`` (an embedding lookup)."""
-        if self.fused(theta) and rows.is_contiguous():
+        if not self.fused(theta):
+            return zo.perturbed_gather_(rows, theta, ids, seed, scale)
+        if rows.is_contiguous():
             return kernels.perturbed_gather_(rows, theta, ids, seed, scale)
-        return zo.perturbed_gather_(rows, theta, ids, seed, scale)
+        return rows.copy_(kernels.perturbed_gather_(rows.contiguous(), theta, ids, seed, scale))
 
     def generate_z(self, seed: int, shape: Sequence[int] | torch.Size, device: torch.device | str) -> torch.Tensor:
         """z (fp32) as the chosen implementation draws it on ``device`` (for tests and references)."""

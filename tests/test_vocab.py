@@ -12,10 +12,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +20,7 @@ import zo2_ds
 from zo2_ds import vocab, zo
 from zo2_ds.config import ZO2Config
 from zo2_ds.perturb import ResidentRunner, trainable_params
-from zo2_ds.testing import ds_config, tiny_causal_lm
+from zo2_ds.testing import ds_config, run_checks_in_triton_interpreter, tiny_causal_lm
 
 ForCausalLMLoss = pytest.importorskip("transformers.loss.loss_utils").ForCausalLMLoss
 VOCAB = 96
@@ -249,19 +245,7 @@ def _check_kernel_paths(device: str, dtype: torch.dtype) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_kernel_paths_under_triton_interpreter():
-    code = textwrap.dedent(
-        f"""
-        import runpy, torch
-        ns = runpy.run_path({str(Path(__file__))!r})
-        ns["_check_kernel_paths"]("cpu", torch.float32)
-        print("ok")
-        """
-    )
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    env["TRITON_INTERPRET"] = "1"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    run_checks_in_triton_interpreter(__file__, 'ns["_check_kernel_paths"]("cpu", torch.float32)')
 
 
 # -- CUDA ------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     python launch/bench_offload.py --models opt-13b --no-in-gpu --cuda-graphs --out $OUT/offload_13b.json
     python launch/bench_offload.py --models opt-6.7b --resident 16 --timeline $OUT/timeline.png
     python launch/bench_offload.py --models opt-6.7b --dtype fp32 --transfer-dtypes auto,bf16
+    python launch/bench_offload.py --models qwen2.5-7b --batches 1x2048 --no-in-gpu --vocab-chunks false  # A/B
     python launch/bench_offload.py --models opt-175b@6,opt-175b@12 --batches 1x2048 --no-in-gpu \
         --granularities block,layer                            # OPT-175B's shape, 6 and 12 of its blocks
     python launch/bench_offload.py --tiny                                                   # CPU, seconds
@@ -86,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="build each offloaded model from its config straight into pinned memory (zo2_ds.offload.materialize)",
     )
     p.add_argument("--no-prefetch-next-step", action="store_true", help="zo2.offload.prefetch_next_step false")
+    p.add_argument("--vocab-chunks", default="auto", choices=("auto", "true", "false"), help="zo2.vocab_chunks")
     p.add_argument("--timeline", default=None, help="PNG of one offloaded step per mode (first model and batch)")
     args = report.run_args(p, p.parse_args(argv))
     try:
@@ -119,7 +121,10 @@ def plot_timeline(spans: list[dict], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    switches = driver.resolve_switches(kernels=args.kernels, prefetch_next_step=not args.no_prefetch_next_step)
+    vocab_chunks = {"true": True, "false": False}.get(args.vocab_chunks, "auto")
+    switches = driver.resolve_switches(
+        kernels=args.kernels, prefetch_next_step=not args.no_prefetch_next_step, vocab_chunks=vocab_chunks
+    )
     device = driver.select_device()  # cuda:LOCAL_RANK under a launcher, before anything touches CUDA
     run = driver.Settings(args.dtype, switches, warmup=args.warmup, steps=args.steps, device=device)
     env = {**report.environment(), "cuda_context_nvml_bytes": measure.cuda_context_bytes()}

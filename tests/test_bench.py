@@ -123,6 +123,9 @@ def test_switches_default_needs_no_restart_and_bad_choices_fail():
     assert not driver.config_accepts({"no_such_key": 1})
     with pytest.raises(ValueError, match="kernels: 'fast'"):
         driver.resolve_switches(kernels="fast")
+    assert driver.resolve_switches(vocab_chunks=False)["zo2"]["vocab_chunks"] is False
+    with pytest.raises(ValueError, match="vocab_chunks"):
+        driver.resolve_switches(vocab_chunks="sometimes")
 
 
 def test_step_records_measure_every_mode_against_two_forwards():

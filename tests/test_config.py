@@ -30,7 +30,7 @@ def test_defaults():
         (
             {"epsilon": 1e-3},
             r"zo2\.epsilon: unknown key; allowed keys are: enabled, eps, kernels, lean_loss, num_perturbations, "
-            r"offload, perturbation_parallel, seed$",
+            r"offload, perturbation_parallel, seed, vocab_chunks$",
         ),
         ({"eps": 0}, r"zo2\.eps: Input should be greater than 0"),
         ({"eps": "small"}, r"zo2\.eps: Input should be a valid number"),
@@ -52,6 +52,7 @@ def test_defaults():
         ),
         ({"offload": {"write_back_interval": 17}}, r"zo2\.offload\.write_back_interval: Input should be less"),
         ({"lean_loss": "no"}, r"zo2\.lean_loss: Input should be a valid boolean"),
+        ({"vocab_chunks": "yes"}, r"zo2\.vocab_chunks: Input should be a valid boolean.*; or Input should be .auto."),
         (
             {"kernels": "triton"},
             r"zo2\.kernels: Input should be 'auto', 'multi_tensor', 'per_tensor' or 'torch' \(got 'triton'\)",

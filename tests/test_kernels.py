@@ -12,6 +12,7 @@ The ``_check_*`` functions take a device and a size so the GPU tests and the int
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -98,6 +99,29 @@ def _check_perturbed_into(device: str, numel: int, dtype: torch.dtype) -> None:
     # rounding of the terms (zero with a true fma, as on GPU; the interpreter rounds the product too).
     slack = torch.finfo(dtype).tiny * _ulp(dtype) + _ulp(torch.float32) * (theta.double().abs() + scale * z.abs())
     assert ((out.double() - ref).abs() <= _ulp(dtype) * ref.abs() + slack).all()
+
+
+def _check_rows_and_gather(device: str, dtype: torch.dtype) -> None:
+    """Rows of theta + s z and rows gathered by id: the bits of perturbing the whole tensor, then slicing."""
+    for num_rows, width in ((300, 56), (40, 4096), (37, 100)):
+        theta = torch.randn(num_rows, width, device=device).to(dtype)
+        whole = kernels.perturbed_into(torch.empty_like(theta), theta, SEED, -1e-2)
+        ids = torch.randint(0, num_rows, (3, 5), device=device)
+        gathered = kernels.perturbed_gather_(theta[ids].contiguous(), theta, ids, SEED, -1e-2)
+        assert torch.equal(gathered, whole[ids]), (dtype, num_rows, width)
+        strided = torch.empty(5, 3, width, device=device, dtype=dtype).transpose(0, 1)  # rows not contiguous
+        strided.copy_(theta[ids])
+        assert torch.equal(Ops("per_tensor").perturbed_gather_(strided, theta, ids, SEED, -1e-2), whole[ids])
+        align = 4096 // math.gcd(width, 4096)  # row starts on a z group: the one-pass slice kernel
+        starts = [*range(0, num_rows, align), 5]  # 5: not on a group (the gather kernel)
+        for start in starts:
+            n = min(2 * align, num_rows - start)
+            out = torch.full((n + 1, width), float("nan"), device=device, dtype=dtype)
+            kernels.perturbed_rows_into(out[:n], theta, start, SEED, -1e-2)
+            assert torch.equal(out[:n], whole[start : start + n]), (dtype, num_rows, width, start)
+            assert torch.isnan(out[n]).all(), "nothing written past the rows"
+    with pytest.raises(ValueError, match="rows"):
+        kernels.perturbed_rows_into(torch.empty(3, 8, device=device), torch.zeros(2, 8, device=device), 0, 1, 0.1)
 
 
 def _check_apply_update(device: str, numel: int, dtype: torch.dtype, coefs_on_device: bool) -> None:
@@ -217,7 +241,9 @@ def _check_resident_runner(device: str) -> None:
             if p is not None:
                 seen.setdefault(f"{owner_names[id(mod)]}.{attr}".lstrip("."), p.detach().clone())
 
-    handles = [m.register_forward_pre_hook(grab) for m in model.modules() if m._parameters]
+    embed = model.get_input_embeddings()  # gathers its rows perturbed (zo2_ds/vocab.py): seen through its output
+    handles = [m.register_forward_pre_hook(grab) for m in model.modules() if m._parameters and m is not embed]
+    handles.append(embed.register_forward_hook(lambda mod, args, out: seen.setdefault("embedded", out.clone())))
     ids = torch.randint(0, 96, (2, 12), device=device)
     for sign in (-1, 1, -1):  # the later passes run on the pool's re-allocated storage
         seen.clear()
@@ -225,14 +251,15 @@ def _check_resident_runner(device: str) -> None:
             model(input_ids=ids)
         pooled = runner.scratch.storage_bytes()
         assert pooled and all(n == 0 for n in pooled), "scratch freed after the pass"
-        assert torch.equal(seen["lm_head.weight"], seen["model.decoder.embed_tokens.weight"]), "tied: same z"
         for tp in params:
             ref = torch.empty_like(tp.param)
             kernels.perturbed_into(ref, tp.param.data, zo.z_seed(5, 3, 1, tp.key), sign * 1e-2)
-            assert torch.equal(seen[tp.name], ref), tp.name
+            if tp.param is embed.weight:  # tied: the head's perturbed copy, and the embedding's rows, same z
+                assert torch.equal(seen["embedded"], ref[ids]), "tied: same z"
+            assert torch.equal(seen[tp.name if tp.param is not embed.weight else "lm_head.weight"], ref), tp.name
     for h in handles:
         h.remove()
-    assert all(u.table for u in runner.units), "every unit took the multi-tensor path"
+    assert all(u.table for u in runner.units if u.module is not embed), "every unit took the multi-tensor path"
     before = {tp.name: tp.param.detach().clone() for tp in params}
     runner.update(3, [0.3, -0.1], [UpdateGroup(tuple(tp.param for tp in params), 1e-3, 0.05)])
     for tp in params:
@@ -296,6 +323,20 @@ def test_zo_uses_torch_path_on_cpu():
     assert torch.equal(out, theta + 0.5 * zo.generate_z(SEED, theta.shape))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_rows_and_gather_are_slices_of_the_whole_perturbation(dtype):
+    theta = torch.randn(37, 24).to(dtype)
+    whole = zo.perturbed_into(torch.empty_like(theta), theta, SEED, 0.5)
+    ids = torch.tensor([[3, 0, 36], [3, 5, 1]])
+    assert torch.equal(zo.perturbed_gather_(theta[ids], theta, ids, SEED, 0.5), whole[ids])
+    z = zo.generate_z(SEED, theta.shape)
+    for start, n in ((0, 37), (5, 9), (36, 1)):
+        assert torch.equal(zo.perturbed_rows_into(torch.empty(n, 24, dtype=dtype), theta, start, SEED, 0.5),
+                           whole[start : start + n])  # fmt: skip
+        out = Ops("torch").perturbed_rows_into(torch.empty(n, 24, dtype=dtype), theta, start, SEED, 0.5, z)
+        assert torch.equal(out, whole[start : start + n])
+
+
 def test_z_seed_is_the_pass_hash_chain():
     """z_seed = z_seed_from_pass(z_pass_hash(seed, step, index), key); 63-bit; pinned values (the definition
     of z: changing them changes every trajectory)."""
@@ -344,6 +385,7 @@ def test_kernels_under_triton_interpreter():
             ns["_check_multi_equals_single"]("cpu", torch.float16, misaligned)
         ns["_check_multi_equals_single"]("cpu", torch.float32, False)
         ns["_check_resident_runner"]("cpu")  # zo2.kernels "multi_tensor": the kernels, on CPU tensors
+        ns["_check_rows_and_gather"]("cpu", torch.float16)
         print("ok")
         """
     )
@@ -368,6 +410,13 @@ def test_z_statistics_cuda():
 @requires_kernels
 def test_z_determinism_and_independence_cuda():
     _check_determinism_and_independence("cuda", (1 << 22) + 12345)
+
+
+@pytest.mark.cuda
+@requires_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_and_gather_cuda(dtype):
+    _check_rows_and_gather("cuda", dtype)
 
 
 @pytest.mark.cuda

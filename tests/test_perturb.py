@@ -42,21 +42,22 @@ def test_tied_weight_perturbed_at_each_use_and_restored():
     assert embed.weight is head.weight
     seen = {}
 
-    def grab(name):
-        def hook(mod, args):
-            seen.setdefault(name, mod.weight.detach().clone())  # a pre-hook returning a value replaces args
+    def grab_head(mod, args):
+        seen.setdefault("head", mod.weight.detach().clone())  # a pre-hook returning a value replaces args
 
-        return hook
+    def grab_embedded(mod, args, out):  # the embedding gathers perturbed rows (zo2_ds/vocab.py)
+        seen.setdefault("embed", out.detach().clone())
 
-    hooks = [embed.register_forward_pre_hook(grab("embed")), head.register_forward_pre_hook(grab("head"))]
+    hooks = [embed.register_forward_hook(grab_embedded), head.register_forward_pre_hook(grab_head)]
     clean = {tp.name: tp.param.detach().clone() for tp in params}
+    ids = torch.randint(0, 96, (1, 8))
     with torch.no_grad(), runner.perturbed(2, 0, +1):
-        model(input_ids=torch.randint(0, 96, (1, 8)))
+        model(input_ids=ids)
     for h in hooks:
         h.remove()
     name = next(tp.name for tp in params if tp.param is embed.weight)
     expected = clean[name] + 0.1 * zo.generate_z(zo.z_seed(3, 2, 0, zo.param_key(name)), embed.weight.shape)
-    assert torch.equal(seen["embed"], expected) and torch.equal(seen["head"], expected)
+    assert torch.equal(seen["embed"], expected[ids]) and torch.equal(seen["head"], expected)
     assert all(torch.equal(tp.param, clean[tp.name]) for tp in params), "restored exactly"
     runner.close()
 

@@ -150,13 +150,24 @@ class ZO2Config(DeepSpeedConfigModel):
     """Compute HF causal-LM losses chunk by chunk (zo2_ds.loss): the same value bit for bit as transformers'
     ``ForCausalLMLoss``, without its two fp32 copies of the logits (0.76 GiB for OPT at 1x2048)."""
 
+    vocab_chunks: bool | Literal["auto"] = "auto"
+    """Compute an HF causal-LM's head and loss over chunks of vocabulary rows in the perturbed forwards that get
+    ``labels`` (zo2_ds/vocab.py): each chunk of the head's weight is perturbed into a chunk-sized buffer and
+    reduced to an online log-sum-exp, so neither a whole perturbed copy of the head nor the logits exist (Qwen2.5-7B
+    at 1x2048 in fp16: 1.02 GiB of perturbed head and 0.58 GiB of logits). The loss then differs from
+    transformers' in rounding only, and those forwards return ``logits=None``; evaluation, generation and
+    forwards without labels keep the whole head. Applies to a bias-free linear head of a model whose loss is the
+    stock causal-LM one. "auto": heads of at least 256 MiB (OPT-6.7B and up, 7B-class models with large
+    vocabularies); true: every such head (tests); false: never."""
+
     offload: OffloadConfig = Field(default_factory=OffloadConfig)
     """CPU offloading of the transformer blocks (ZO2)."""
 
 
 def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The config keys of an error location, without pydantic's union-branch tags (e.g. 'constrained-int')."""
-    return tuple(part for part in loc if not (isinstance(part, str) and ("[" in part or "-" in part)))
+    """The config keys of an error location, without pydantic's union-branch tags (e.g. 'constrained-int', 'bool')."""
+    tags = ("bool", "int", "str", "float")
+    return tuple(part for part in loc if not (isinstance(part, str) and ("[" in part or "-" in part or part in tags)))
 
 
 def _describe(err: dict[str, Any]) -> str:

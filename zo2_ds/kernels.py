@@ -76,7 +76,9 @@ from zo2_ds.kernels_triton import (
     ROW,
     triton,
     z_seeds_kernel,
+    zo_gather_kernel,
     zo_multi_kernel,
+    zo_slice_kernel,
 )
 
 __all__ = [
@@ -90,6 +92,8 @@ __all__ = [
     "apply_update_multi_",
     "update_and_perturb_multi_",
     "z_seeds_from_pass",
+    "perturbed_rows_into",
+    "perturbed_gather_",
     "set_direct_launch",
     "direct_launches",
     "launch",
@@ -173,6 +177,49 @@ def update_and_perturb_(
             raise ValueError(f"need one coefficient per seed, got {len(seeds)} seeds and {len(coefs)} coefs")
     launch(theta, outs=tuple(outs), scales=tuple(scales), pert_seed=pert_seed, update=update)
     return theta
+
+
+def perturbed_rows_into(out: torch.Tensor, theta: torch.Tensor, start: int, seed: int, scale: float) -> torch.Tensor:
+    """``out`` = rows ``[start, start + len(out))`` of ``theta + scale * z(seed)`` for a 2-D ``theta``, bit-identical
+    to those rows of :func:`perturbed_into`'s result, without perturbing the other rows. One pass where the rows
+    start on a 4 x ROW group of z (``start * row_len`` a multiple of 4 ROW), else through the gather kernel."""
+    check_tensor(theta, "theta")
+    rows = out.shape[0]
+    if out.dim() != 2 or out.shape[1] != theta.shape[1] or start < 0 or start + rows > theta.shape[0]:
+        raise ValueError(f"out: need rows [{start}, {start} + n) of {tuple(theta.shape)}, got {tuple(out.shape)}")
+    part = theta[start : start + rows]
+    check_out(out, part, "out")
+    first = start * theta.shape[1]
+    if first % (4 * ROW):
+        out.copy_(part)
+        return perturbed_gather_(out, theta, torch.arange(start, start + rows, device=theta.device), seed, scale)
+    numel = out.numel()
+    if numel:
+        grid = (-(-numel // (4 * ROW)),)
+        zo_slice_kernel[grid](part, out, numel, first // (4 * ROW), int(seed), float(scale), ROW, PHILOX_ROUNDS,
+                              FAST_MATH, num_warps=NUM_WARPS)  # fmt: skip
+    return out
+
+
+_GATHER_BLOCK = 1024
+
+
+def perturbed_gather_(
+    rows: torch.Tensor, theta: torch.Tensor, ids: torch.Tensor, seed: int, scale: float
+) -> torch.Tensor:
+    """In place: ``rows`` holds ``theta[ids]`` (ids of any shape, rows of shape ``ids.shape + (row_len,)``) and
+    becomes ``(theta + scale * z(seed))[ids]``, bit-identical to gathering :func:`perturbed_into`'s result."""
+    check_tensor(theta, "theta")
+    check_tensor(rows, "rows")
+    row_len = theta.shape[-1]
+    if rows.shape != (*ids.shape, row_len) or rows.dtype != theta.dtype:
+        raise ValueError(f"rows: need {(*ids.shape, row_len)} {theta.dtype}, got {tuple(rows.shape)} {rows.dtype}")
+    flat_ids = ids.reshape(-1).contiguous()
+    if flat_ids.numel() and row_len:
+        grid = (flat_ids.numel(), -(-row_len // _GATHER_BLOCK))
+        zo_gather_kernel[grid](rows, flat_ids, row_len, int(seed), float(scale), _GATHER_BLOCK, ROW, PHILOX_ROUNDS,
+                               FAST_MATH, num_warps=NUM_WARPS)  # fmt: skip
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import os
 import torch
 
 __all__ = ["ROW", "PHILOX_ROUNDS", "NUM_WARPS", "INTERPRET", "FAST_MATH", "triton", "zo_kernel", "zo_multi_kernel",
-           "z_seeds_kernel"]  # fmt: skip
+           "z_seeds_kernel", "zo_slice_kernel", "zo_gather_kernel"]  # fmt: skip
 
 ROW = 1024  # part of z's definition (see zo2_ds.kernels): changing it changes every z
 # Philox4x32-7: seven rounds pass TestU01's BigCrush (Salmon et al., SC'11, "Random123"); cuRAND and torch
@@ -254,6 +254,53 @@ def zo_multi_kernel(
     _zo_group(theta_ptr, out0, out1, coef_ptr, decay_tab_ptr + t, numel, chunk, pass_hashes, key, coefs, neg_lr,
               weight_decay, pert_hash, scale0, scale1, Q, COEFS_ON_DEVICE, NUM_OUTS, True, True, ROW, ROUNDS,
               FAST_MATH)  # fmt: skip
+
+
+@_jit(do_not_specialize=["group_offset", "pert_seed"])
+def zo_slice_kernel(
+    theta_ptr, out_ptr, numel, group_offset, pert_seed, scale,
+    ROW: tl.constexpr, ROUNDS: tl.constexpr, FAST_MATH: tl.constexpr,
+):  # fmt: skip
+    """A slice of a tensor that starts at element ``group_offset * 4 * ROW`` of it (``theta_ptr`` points at the
+    slice): ``out = theta + scale * z`` with the tensor's z of those elements, group by group as `zo_kernel`
+    perturbs the whole tensor (the same helpers, so the same bits)."""
+    chunk = tl.program_id(0).to(tl.int64)
+    lane = tl.arange(0, ROW)
+    counter = (chunk + group_offset) * ROW + lane
+    o0 = chunk * (4 * ROW) + lane
+    t0 = _load_f32(theta_ptr, o0, numel, True)
+    t1 = _load_f32(theta_ptr, o0 + ROW, numel, True)
+    t2 = _load_f32(theta_ptr, o0 + 2 * ROW, numel, True)
+    t3 = _load_f32(theta_ptr, o0 + 3 * ROW, numel, True)
+    z0, z1, z2, z3 = _normal4(pert_seed, counter, ROUNDS, FAST_MATH)
+    _perturb_store(out_ptr, o0, numel, t0, z0, scale)
+    _perturb_store(out_ptr, o0 + ROW, numel, t1, z1, scale)
+    _perturb_store(out_ptr, o0 + 2 * ROW, numel, t2, z2, scale)
+    _perturb_store(out_ptr, o0 + 3 * ROW, numel, t3, z3, scale)
+
+
+@_jit(do_not_specialize=["pert_seed"])
+def zo_gather_kernel(
+    rows_ptr, ids_ptr, row_len, pert_seed, scale,
+    BLOCK: tl.constexpr, ROW: tl.constexpr, ROUNDS: tl.constexpr, FAST_MATH: tl.constexpr,
+):  # fmt: skip
+    """In place, ``rows[r] = rows[r] + scale * z[ids[r]]`` where ``rows[r]`` holds row ``ids[r]`` of a 2-D tensor
+    of rows of ``row_len`` elements and z is that tensor's z: element e = ids[r] * row_len + c takes lane
+    e % ROW of group e // (4 ROW) and the quarter (e // ROW) % 4 of its Philox call, through the same Box-Muller
+    as `_normal4` (the pair of words that quarter comes from; cos for even quarters, sin for odd)."""
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < row_len
+    e = tl.load(ids_ptr + r).to(tl.int64) * row_len + cols
+    quarter = (e // ROW) % 4
+    counter = (e // (4 * ROW)) * ROW + e % ROW
+    x0, x1, x2, x3 = tl.randint4x(pert_seed, counter, ROUNDS)
+    low = quarter < 2
+    n_cos, n_sin = _box_muller(tl.where(low, x0, x2), tl.where(low, x1, x3), FAST_MATH)
+    z = tl.where(quarter % 2 == 0, n_cos, n_sin)
+    offs = r * row_len + cols
+    theta = tl.load(rows_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(rows_ptr + offs, tl.fma(scale, z, theta).to(rows_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CHUNK_BYTES", "lean_causal_lm_loss", "install_lean_loss", "uninstall_lean_loss"]
+__all__ = ["CHUNK_BYTES", "lean_causal_lm_loss", "install_lean_loss", "uninstall_lean_loss", "stock_causal_lm_loss"]
 
 # fp32 bytes of one chunk of log-softmax rows (OPT's 50272-word vocabulary: 166 rows).
 CHUNK_BYTES = 32 << 20
@@ -72,7 +72,8 @@ def lean_causal_lm_loss(
     return loss
 
 
-def _stock_causal_lm_loss() -> Any:
+def stock_causal_lm_loss() -> Any:
+    """transformers' ``ForCausalLMLoss`` (None where transformers has no loss registry)."""
     try:
         from transformers.loss.loss_utils import LOSS_MAPPING
     except ImportError:  # a transformers without the loss registry: nothing to replace
@@ -83,7 +84,7 @@ def _stock_causal_lm_loss() -> Any:
 def install_lean_loss(module: nn.Module) -> list[nn.Module]:
     """Set :func:`lean_causal_lm_loss` as the loss of each HF model in ``module`` that uses the stock causal-LM
     loss; returns the models changed (for :func:`uninstall_lean_loss`)."""
-    stock = _stock_causal_lm_loss()
+    stock = stock_causal_lm_loss()
     if stock is None:
         return []
     changed = []

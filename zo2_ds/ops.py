@@ -91,6 +91,25 @@ class Ops:
         for scale, out in zip(scales, outs):
             zo.perturbed_into(out, theta, seed, scale)
 
+    def perturbed_rows_into(
+        self, out: torch.Tensor, theta: torch.Tensor, start: int, seed: int, scale: float, z: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``out`` = rows ``[start, start + len(out))`` of ``theta + scale * z(seed)``, the other rows untouched
+        (``z``: theta's whole z from :meth:`generate_z`, reused by the torch path; the kernels draw their own)."""
+        if self.fused(theta):
+            return kernels.perturbed_rows_into(out, theta, start, seed, scale)
+        return zo.perturbed_rows_into(out, theta, start, seed, scale, z)
+
+    def perturbed_gather_(
+        self, rows: torch.Tensor, theta: torch.Tensor, ids: torch.Tensor, seed: int, scale: float
+    ) -> torch.Tensor:
+        """In place: ``rows`` = ``theta[ids]`` becomes ``(theta + scale * z(seed))[ids]`` (an embedding lookup)."""
+        if not self.fused(theta):
+            return zo.perturbed_gather_(rows, theta, ids, seed, scale)
+        if rows.is_contiguous():
+            return kernels.perturbed_gather_(rows, theta, ids, seed, scale)
+        return rows.copy_(kernels.perturbed_gather_(rows.contiguous(), theta, ids, seed, scale))
+
     def generate_z(self, seed: int, shape: Sequence[int] | torch.Size, device: torch.device | str) -> torch.Tensor:
         """z (fp32) as the chosen implementation draws it on ``device`` (for tests and references)."""
         if self.fused(torch.empty(0, device=device)):

@@ -15,6 +15,10 @@ flat scratch buffer taken from a small pool, and an update group is updated by o
 an OPT-1.3B step makes ~80 launches instead of ~1170. The z of every tensor is unchanged by this
 (it is keyed by the tensor, not by the unit).
 
+Vocabulary-sized tensors outside the blocks need no whole perturbed copy (zo2_ds/vocab.py): an ``nn.Embedding``
+gathers its rows and perturbs just those; a large head computes its logits and the loss over chunks of
+vocabulary rows (``zo2.vocab_chunks``). The hooks ask :class:`~zo2_ds.vocab.VocabPaths` first.
+
 A tensor shared by several modules (tied embedding / lm_head) is perturbed at each use with the
 same z (z is keyed by the tensor's canonical name), so every use sees the same perturbed value,
 and it is updated once.
@@ -38,6 +42,7 @@ from zo2_ds import zo
 from zo2_ds.config import ZO2Config
 from zo2_ds.ops import Ops
 from zo2_ds.scratch import ScratchPool
+from zo2_ds.vocab import VocabPaths
 
 __all__ = ["TrainableParam", "trainable_params", "ResidentRunner", "UpdateGroup"]
 
@@ -143,6 +148,9 @@ class ResidentRunner:
         self._units_done: dict[tuple[int, int, float], int] = {}
         self._update_tables: dict[tuple[int, ...], list[tuple[list[nn.Parameter], Any]]] = {}
         self.units = self._build_units(module, group_blocks)
+        # Embeddings gathered and heads in vocabulary chunks, without a whole perturbed copy (zo2_ds/vocab.py).
+        self.vocab = VocabPaths(module, [(u.module, u.tensors) for u in self.units], config.vocab_chunks, self.ops,
+                                self.scratch)  # fmt: skip
         self._handles = []
         for unit in self.units:
             self._handles.append(unit.module.register_forward_pre_hook(self._make_pre_hook(unit)))
@@ -185,7 +193,7 @@ class ResidentRunner:
         """Bytes the largest unit outside the blocks needs in the multi-tensor scratch layout (0 if none)."""
         wanted = 0
         for unit in self.units:
-            if unit.contains_block or not unit.tensors:
+            if unit.contains_block or not unit.tensors or not self.vocab.takes_whole(unit.module):
                 continue
             wanted = max(
                 wanted,
@@ -206,7 +214,10 @@ class ResidentRunner:
                         "during its own forward, which zo2_ds does not support"
                     )
             step, index, scale = active
-            values = self._perturb_unit(unit, self._pass_hash(step, index), scale)
+            pass_hash = self._pass_hash(step, index)
+            values = self.vocab.perturb(mod, args, pass_hash, scale) if len(unit.tensors) == 1 else None
+            if values is None:
+                values = self._perturb_unit(unit, pass_hash, scale)
             for owner, attr, i in unit.slots:
                 owner._parameters[attr] = values[i]
             self._perturbed_in_pass.update(unit.param_ids)
@@ -217,6 +228,7 @@ class ResidentRunner:
         # Runs even when the forward raised (always_call=True), so a failure never leaves a
         # perturbed tensor in place of a parameter.
         def post_hook(mod: nn.Module, args: Any, output: Any) -> None:
+            self.vocab.finish(mod, args, output)
             for owner, attr, i in unit.slots:
                 owner._parameters[attr] = unit.tensors[i].param
             if unit.held is not None:
@@ -355,6 +367,7 @@ class ResidentRunner:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.vocab.close()
         self.scratch.clear()
         self._update_tables.clear()
         for unit in self.units:

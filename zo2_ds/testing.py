@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["tiny_causal_lm", "ds_config", "cpu_dist_env", "free_port", "run_ranks", "require_cuda", "TINY_ARCHS"]
+__all__ = ["tiny_causal_lm", "ds_config", "cpu_dist_env", "free_port", "run_ranks", "run_checks_in_triton_interpreter",
+           "require_cuda", "TINY_ARCHS"]  # fmt: skip
 
 TINY_ARCHS = ("opt", "gpt2", "llama", "qwen2", "mistral")
 
@@ -146,6 +147,22 @@ def run_ranks(code: str, world_size: int, accelerator: str = "cpu", timeout_s: f
     for p in procs:
         log, _ = p.communicate(timeout=timeout_s)
         assert p.returncode == 0, log[-3000:]
+
+
+def run_checks_in_triton_interpreter(test_file: str, calls: str, timeout_s: float = 900) -> None:
+    """Run ``calls`` (Python lines; ``ns`` holds the names of ``test_file``, ``torch`` is imported) in a fresh
+    process under Triton's CPU interpreter (``TRITON_INTERPRET=1`` must be set before triton is imported);
+    AssertionError with the log's tail unless it ends well."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"import runpy, torch\nns = runpy.run_path({str(test_file)!r})\n{calls}\nprint('ok')\n"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    env["TRITON_INTERPRET"] = "1"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
 def require_cuda(test: Any) -> Any:

@@ -42,6 +42,8 @@ __all__ = [
     "z_seed_from_pass",
     "generate_z",
     "perturbed_into",
+    "perturbed_rows_into",
+    "perturbed_gather_",
     "apply_update_",
     "projected_grad",
     "uses_weight_decay",
@@ -108,6 +110,28 @@ def perturbed_into(out: torch.Tensor, theta: torch.Tensor, seed: int, scale: flo
     z = generate_z(seed, theta.shape, theta.device)
     out.copy_(theta.float() + scale * z)
     return out
+
+
+def perturbed_rows_into(
+    out: torch.Tensor, theta: torch.Tensor, start: int, seed: int, scale: float, z: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``out`` = rows ``[start, start + len(out))`` of ``theta + scale * z(seed)`` (theta 2-D). torch's generator
+    is sequential, so z is drawn for the whole of theta; ``z``: that draw, when the caller keeps it for
+    several slices."""
+    z = generate_z(seed, theta.shape, theta.device) if z is None else z
+    end = start + out.shape[0]
+    out.copy_(theta[start:end].float() + scale * z[start:end])
+    return out
+
+
+def perturbed_gather_(
+    rows: torch.Tensor, theta: torch.Tensor, ids: torch.Tensor, seed: int, scale: float
+) -> torch.Tensor:
+    """In place: ``rows`` holds ``theta[ids]`` and becomes ``(theta + scale * z(seed))[ids]``, the same bits as
+    :func:`perturbed_into` followed by the gather (z is drawn whole: see :func:`perturbed_rows_into`)."""
+    z = generate_z(seed, theta.shape, theta.device)
+    rows.copy_(rows.float() + scale * z[ids])
+    return rows
 
 
 def apply_update_(

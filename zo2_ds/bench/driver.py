@@ -101,7 +101,9 @@ def config_accepts(zo2_block: dict[str, Any]) -> bool:
     return True
 
 
-def resolve_switches(kernels: str = "auto", prefetch_next_step: bool = True) -> dict[str, Any]:
+def resolve_switches(
+    kernels: str = "auto", prefetch_next_step: bool = True, vocab_chunks: bool | str = "auto"
+) -> dict[str, Any]:
     """The ``zo2`` config fields for the switches, and how they reach zo2_ds ({"route": ...}).
 
     Where the installed config lacks a field and the switch is not the default, the environment variable
@@ -120,6 +122,10 @@ def resolve_switches(kernels: str = "auto", prefetch_next_step: bool = True) -> 
         elif (key, value) in _SWITCH_ENV:
             name, env_value = _SWITCH_ENV[(key, value)]
             wanted_env[name] = env_value
+    if vocab_chunks != "auto":  # a config field only (no environment route)
+        if not config_accepts({"vocab_chunks": vocab_chunks}):
+            raise ValueError(f"vocab_chunks: the installed zo2_ds has no zo2.vocab_chunks (asked for {vocab_chunks!r})")
+        fields["vocab_chunks"] = vocab_chunks
     missing = {k: v for k, v in wanted_env.items() if os.environ.get(k) != v}
     if missing:
         if os.environ.get(_RESTARTED):

@@ -16,7 +16,10 @@ allocated there):
   peak allocated within 3% with it, 5-7% under without);
 - the logits of one pass (``t x vocab`` in the model dtype) and the lean loss's fp32 chunk with its
   log-softmax (:mod:`zo2_ds.loss`). The measured peaks are the sum of these and the activations (the last
-  pass's logits are returned to the caller, and may live on while the next step's blocks run);
+  pass's logits are returned to the caller, and may live on while the next step's blocks run). Where the head
+  is computed in vocabulary chunks (``zo2.vocab_chunks``, :mod:`zo2_ds.vocab`) there are no logits, and the
+  loss's transient is one chunk: its perturbed rows of the head (in the offloader's perturbation scratch when
+  they fit there, as they do from OPT-6.7B / Qwen2.5-7B up), its logits in the model dtype and in fp32;
 - the CUDA context with a cuBLAS handle and the allocator's slack (:data:`ALLOCATOR_SLACK_BYTES`, measured
   in fresh processes with ``expandable_segments``): NVML shows the peak allocated plus both. A process that
   used the GPU for something else first (the benchmark's in-GPU baseline) shows 0.4-0.5 GiB more in NVML:
@@ -29,7 +32,8 @@ of any ``launch/bench_*.py`` JSON. ``--check`` measures the context itself, in i
 anything else touches the GPU, uses that figure for the estimate and prints the constant beside it.
 
 The rules come from where they live: ``zo2_ds.offload.store.plan_store`` (the layout),
-``zo2_ds.loss.CHUNK_BYTES`` (the lean loss's chunk), ``zo2_ds.bench.models.hf_config`` (the shapes).
+``zo2_ds.loss.CHUNK_BYTES`` (the lean loss's chunk), ``zo2_ds.vocab.head_chunk_rows`` (the head's chunks),
+``zo2_ds.bench.models.hf_config`` (the shapes).
 
 Floors: the transfer floor is the bytes one step uploads (every streamed block once; with a narrower
 ``transfer_dtype`` the average over ``write_back_interval`` steps) over the host link's bandwidth; the
@@ -48,10 +52,11 @@ import torch
 
 from zo2_ds.config import ZO2Config, parse_zo2_config
 from zo2_ds.dtypes import DTYPES
-from zo2_ds.estimate.budget import in_gpu_scratch_bytes, offloader_parts
+from zo2_ds.estimate.budget import chunked_head_shape, in_gpu_scratch_bytes, offloader_parts
 from zo2_ds.estimate.meta_model import meta_model, model_dims
 from zo2_ds.loss import CHUNK_BYTES
 from zo2_ds.offload.store import parse_bytes
+from zo2_ds.vocab import head_chunk_rows
 
 __all__ = ["Estimate", "estimate", "parse_batch", "CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK_BYTES"]
 
@@ -142,8 +147,11 @@ def parse_batch(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def _zo2_config(offload: bool, offload_options: dict[str, Any], num_perturbations: int, kernels: str) -> ZO2Config:
+def _zo2_config(
+    offload: bool, offload_options: dict[str, Any], num_perturbations: int, kernels: str, vocab_chunks: bool | str
+) -> ZO2Config:
     block: dict[str, Any] = {"enabled": True, "num_perturbations": num_perturbations, "kernels": kernels}
+    block["vocab_chunks"] = vocab_chunks
     if offload:
         block["offload"] = {"enabled": True, **offload_options}
     return parse_zo2_config({"zo2": block})
@@ -166,6 +174,7 @@ def estimate(
     bandwidth_gbs: float = DEFAULT_BANDWIDTH_GBS,
     tflops: float = DEFAULT_TFLOPS,
     kernels: str = "auto",
+    vocab_chunks: bool | str = "auto",
     device: str = "cuda",
     blocks_attr: str | None = None,
     num_layers: int | None = None,
@@ -190,7 +199,7 @@ def estimate(
         "blocks_attr": blocks_attr,
     }
     context_bytes, context_source = _context(cuda_context_bytes, device)
-    config = _zo2_config(offload, options, num_perturbations, kernels)
+    config = _zo2_config(offload, options, num_perturbations, kernels, vocab_chunks)
     net = meta_model(model, DTYPES[dtype], num_layers)
     dims = model_dims(net)
     tokens = batch_size * seq_len
@@ -203,6 +212,12 @@ def estimate(
     else:
         parts = {"model": model_bytes, "perturbation_scratch": in_gpu_scratch_bytes(net, config)}
         host, streamed, facts = {"pinned_masters": 0, "narrow_copies": 0, "outside_blocks": 0}, 0.0, {}
+    head = chunked_head_shape(net, config)
+    if head is None:
+        logits_bytes, loss_bytes = tokens * dims["vocab"] * itemsize, _loss_chunk_bytes(tokens, dims["vocab"])
+    else:
+        lent = parts["perturbation_scratch"] if offload else 0  # the offloader lends its scratch to the chunks
+        logits_bytes, loss_bytes = 0, _head_chunk_bytes(tokens, head, itemsize, lent)
     mlp_tensors = 3 if _gated_mlp(net) else 2
     if facts.get("granularity") == "layer":
         mlp_tensors += 2 * num_perturbations - 1  # one held per waiting pass (see the module docstring)
@@ -217,8 +232,8 @@ def estimate(
         num_params=num_params,
         device_parts=parts,
         activation_bytes=mlp_tensors * tokens * dims["ffn"] * itemsize,
-        logits_bytes=tokens * dims["vocab"] * itemsize,
-        loss_chunk_bytes=_loss_chunk_bytes(tokens, dims["vocab"]),
+        logits_bytes=logits_bytes,
+        loss_chunk_bytes=loss_bytes,
         context_bytes=context_bytes,
         slack_bytes=ALLOCATOR_SLACK_BYTES if device == "cuda" else 0,
         host_parts=host,
@@ -289,6 +304,16 @@ def _loss_chunk_bytes(tokens: int, vocab: int) -> int:
     """zo2_ds.loss's largest transient: one chunk of rows in fp32 and its log-softmax."""
     rows = min(tokens, max(1, CHUNK_BYTES // (4 * vocab)))
     return 2 * rows * vocab * 4
+
+
+def _head_chunk_bytes(tokens: int, head: tuple[int, int], itemsize: int, lent_bytes: int) -> int:
+    """zo2_ds.vocab's transient: one chunk's perturbed rows of the head (none of its own where the offloader's
+    scratch of ``lent_bytes`` holds them), its logits in the model dtype and in fp32."""
+    vocab, width = head
+    rows = head_chunk_rows(tokens, vocab, width)
+    weight = rows * width * itemsize
+    logits = rows * tokens * (4 + (itemsize if itemsize != 4 else 0))
+    return (0 if weight <= lent_bytes else weight) + logits
 
 
 def _gated_mlp(net: torch.nn.Module) -> bool:

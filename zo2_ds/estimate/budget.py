@@ -26,7 +26,7 @@ from zo2_ds.offload.trace import device_bytes
 from zo2_ds.ops import Ops
 from zo2_ds.perturb import ResidentRunner, trainable_params
 
-__all__ = ["META", "OffloadLayout", "meta_store", "offloader_parts", "in_gpu_scratch_bytes"]
+__all__ = ["META", "OffloadLayout", "meta_store", "offloader_parts", "in_gpu_scratch_bytes", "chunked_head_shape"]
 
 META = torch.device("meta")
 
@@ -86,7 +86,8 @@ def offloader_parts(model: nn.Module, config: ZO2Config, on_cuda: bool) -> Offlo
         # As OffloadRunner.device_bytes(), with the streams / kernels of the target instead of this machine's.
         shares = on_cuda and config.kernels in ("auto", "multi_tensor") and bool(runner.resident.params)
         resident = sum(store.sizes[b] for b in store.resident)
-        parts = device_bytes(model, store.param_ids, META, runner.device_buffers(), resident, shares)
+        whole = runner.resident.vocab.takes_whole
+        parts = device_bytes(model, store.param_ids, META, runner.device_buffers(), resident, shares, whole)
         num_slots = runner.num_slots
     finally:
         runner.close()
@@ -113,12 +114,28 @@ def offloader_parts(model: nn.Module, config: ZO2Config, on_cuda: bool) -> Offlo
 
 def in_gpu_scratch_bytes(model: nn.Module, config: ZO2Config) -> int:
     """The in-GPU engine's perturbation scratch: the largest unit's trainable tensors in the multi-tensor
-    layout (each at a 64-element boundary), the largest block's tensors in practice."""
+    layout (each at a 64-element boundary), the largest block's tensors in practice (a gathered embedding and a
+    head in vocabulary chunks have no perturbed copy: zo2_ds/vocab.py)."""
     runner = ResidentRunner(model, trainable_params(model), config, Ops("torch"))
     try:
         return max(
-            (sum(-(-tp.param.numel() // 64) * 64 * tp.param.element_size() for tp in u.tensors) for u in runner.units),
+            (
+                sum(-(-tp.param.numel() // 64) * 64 * tp.param.element_size() for tp in u.tensors)
+                for u in runner.units
+                if runner.vocab.takes_whole(u.module)
+            ),
             default=0,
         )
+    finally:
+        runner.close()
+
+
+def chunked_head_shape(model: nn.Module, config: ZO2Config) -> tuple[int, int] | None:
+    """(vocabulary, width) of the head whose loss the runner computes in vocabulary chunks (``zo2.vocab_chunks``,
+    in training forwards with labels), or None where the whole head and its logits are computed."""
+    runner = ResidentRunner(model, trainable_params(model), config, Ops("torch"))
+    try:
+        heads = runner.vocab.chunked_heads()
+        return tuple(heads[0].weight.shape) if heads else None
     finally:
         runner.close()

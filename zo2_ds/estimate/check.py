@@ -82,6 +82,7 @@ def check(
             offload["enabled"] = True
         config = driver.engine_config(est.batch_size, est.dtype, offload=offload)
         config["zo2"]["num_perturbations"] = est.num_perturbations
+        config["zo2"]["vocab_chunks"] = options.get("vocab_chunks", "auto")
         engine = driver.build_engine(net, config)
         batch = make_batch(name, est.batch_size, est.seq_len, device)
         measure.reset_peak_memory()

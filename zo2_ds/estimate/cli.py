@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transfer_dtype", default="auto", help="auto, fp32, fp16 or bf16")
     p.add_argument("--write_back_interval", default="auto")
     p.add_argument("--num_perturbations", type=int, default=1)
+    p.add_argument(
+        "--vocab_chunks", default="auto", choices=("auto", "true", "false"), help="zo2.vocab_chunks (default auto)"
+    )
     p.add_argument("--num_gpus", type=int, default=1, help="data-parallel ranks on the host (each its own copy)")
     p.add_argument("--bandwidth_gbs", type=float, default=DEFAULT_BANDWIDTH_GBS, help="pinned host->GPU GB/s")
     p.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS, help="effective forward TFLOP/s")
@@ -72,6 +75,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "transfer_dtype": args.transfer_dtype,
         "write_back_interval": int(interval) if str(interval).isdigit() else interval,
         "num_perturbations": args.num_perturbations,
+        "vocab_chunks": {"true": True, "false": False}.get(args.vocab_chunks, args.vocab_chunks),
         "num_gpus": args.num_gpus,
         "bandwidth_gbs": args.bandwidth_gbs,
         "tflops": args.tflops,

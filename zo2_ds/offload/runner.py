@@ -223,7 +223,8 @@ class OffloadRunner:
         store = self.store
         shares = self.streams.enabled and self.ops.multi_tensor and bool(self.resident.params)
         resident = sum(store.sizes[b] for b in store.resident)
-        return device_bytes(self._module, self._in_blocks, store.device, self.device_buffers(), resident, shares)
+        whole = self.resident.vocab.takes_whole
+        return device_bytes(self._module, self._in_blocks, store.device, self.device_buffers(), resident, shares, whole)
 
     def add_observer(self, observer: Observer) -> Callable[[], None]:
         """Call ``observer(what, block, phase, stream)`` as the schedule is issued (see

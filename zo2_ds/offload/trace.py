@@ -67,6 +67,7 @@ def device_bytes(
     buffers: dict[str, list[torch.Tensor]],
     resident_bytes: int,
     outside_shares_scratch: bool,
+    perturbed_whole: Callable[[torch.nn.Module], bool] = lambda module: True,
 ) -> dict[str, int]:
     """Device memory an offloaded model holds for the whole run, by part, in bytes.
 
@@ -74,7 +75,8 @@ def device_bytes(
     "transfer_staging"); ``resident_bytes``: the resident blocks (the budget). ``outside_blocks`` counts
     embeddings, head, norms and buffers; ``outside_perturbed`` the largest unit of trainable tensors outside
     the blocks, perturbed into a pooled copy (the tied embedding / head), 0 where it goes into the
-    perturbation scratch (``outside_shares_scratch``: the multi-tensor path).
+    perturbation scratch (``outside_shares_scratch``: the multi-tensor path); ``perturbed_whole(module)`` False for
+    a module perturbed without a copy (a gathered embedding, a head in vocabulary chunks: zo2_ds/vocab.py).
     """
     outside = sum(
         p.numel() * p.element_size()
@@ -89,6 +91,7 @@ def device_bytes(
             if p.requires_grad and id(p) not in in_blocks
         )
         for mod in module.modules()
+        if perturbed_whole(mod)
     ]
     return {
         "resident_blocks": resident_bytes,

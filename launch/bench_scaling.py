@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,8 +71,11 @@ def launch(model: str, gpus: int, args: argparse.Namespace, out: Path, timeline:
     if gpus == 1:
         cmd = [sys.executable, *bench]
     else:
+        with socket.socket() as sock:  # a free port for this launch's rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port",
-               str(29500 + gpus), *bench]  # fmt: skip
+               str(port), *bench]  # fmt: skip
     env = dict(os.environ, DS_ACCELERATOR="cpu") if args.tiny else dict(os.environ)
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, env=env, check=True)

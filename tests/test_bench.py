@@ -316,3 +316,51 @@ def test_bench_materialize_on_the_gpu_page_locks_and_stays_near_the_pinned_bytes
     assert 0.9 * rec["pinned_bytes"] <= rec["peak_rss_growth_bytes"] <= 1.1 * rec["pinned_bytes"]
     assert rec["floor_rss_growth_bytes"] >= 0.9 * rec["pinned_bytes"]
     assert 0 < rec["floor_s"] and 0 < rec["time_ratio"] < 20
+
+
+def _record(mode: str, ms: float, pp: int = 1, streamed: float = 8e9) -> dict:
+    return {"mode": mode, "batch": "1x1000", "median_ms": ms, "floor_ms": 100.0, "two_forwards_ms": 50.0,
+            "transfer_floor_ms": 100.0, "streamed_bytes": streamed, "model_bytes": 10e9, "nvml_used_bytes": 1,
+            "peak_allocated_bytes": 1, "ranks_host_rss_bytes": 12e9, "ranks_host_rss_peak_bytes": 13e9,
+            "perturbation_parallel": pp}  # fmt: skip
+
+
+def test_bench_scaling_counts_the_jobs_tokens_and_models_the_links():
+    scaling = _load_launch("bench_scaling")
+    one = {"records": [_record("offload", 100.0)], "bandwidth": {"h2d_gbps": 80.0}}
+    two = {
+        "records": [_record("offload", 125.0), _record("offload_partitioned", 80.0, streamed=4e9),
+                    _record("offload_pp2", 60.0, pp=2, streamed=4e9)],
+        "bandwidth": {"h2d_gbps": 80.0, "allgather_gbps": 200.0},
+    }  # fmt: skip
+    rows = scaling.rows_of("m", 1, one, 2) + scaling.rows_of("m", 2, two, 2)
+    scaling.add_ratios(rows)
+    by_mode = {(r["gpus"], r["mode"]): r for r in rows}
+    # Two ranks' micro-batches per step, but a perturbation-parallel group of 2 shares one.
+    assert by_mode[(2, "offload")]["tokens_per_s"] == 2 * 1000 / 0.125
+    assert by_mode[(2, "offload_partitioned")]["scaling"] == (2 * 1000 / 0.080) / (1000 / 0.100)
+    assert by_mode[(2, "offload_pp2")]["tokens_per_s"] == 1000 / 0.060
+    assert by_mode[(2, "offload_pp2")]["latency"] == 0.6
+    assert by_mode[(2, "offload")]["node_rss_over_model"] == 1.2
+    model = {(m["gpus"], m["partitioned"]): m for m in scaling.scaling_model(rows, allgather_gbps=200.0)}
+    # 8 GB over an 80 GB/s link: 100 ms; split over 2 ranks 50 ms, the gather of the other 4 GB 20 ms, the
+    # compute (two forwards) 50 ms: the partitioned step is bound at 50 ms.
+    assert model[(1, False)]["predicted_step_ms"] == 100.0 and model[(2, False)]["measured_step_ms"] == 125.0
+    assert model[(2, True)]["predicted_step_ms"] == 50.0 and model[(2, True)]["measured_step_ms"] == 80.0
+    assert model[(8, True)]["link_bytes_per_rank"] == 1e9 and model[(8, True)]["nvlink_bytes_per_rank"] == 7e9
+    assert model[(8, False)]["host_bytes_per_node"] == 80e9 and model[(8, True)]["host_bytes_per_node"] == 10e9
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_bench_scaling_script_tiny_on_two_cpu_ranks(tmp_path):
+    out = tmp_path / "scaling.json"
+    args = ["launch/bench_scaling.py", "--tiny", "--gpus", "1,2", "--steps", "1", "--warmup", "1", "--out", str(out)]
+    _run_script(args, tmp_path, timeout=400)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["gpus"], r["mode"]) for r in rows] == [
+        (1, "offload"), (2, "offload"), (2, "offload_partitioned"), (2, "offload_pp2")
+    ]  # fmt: skip
+    assert rows[0]["scaling"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
+    # Partitioned: each rank's link carries half of every block.
+    assert rows[2]["streamed_bytes"] == rows[1]["streamed_bytes"] / 2

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import zo2_ds
+from zo2_ds.config import parse_zo2_config
 from zo2_ds.estimate import estimate
 from zo2_ds.estimate.cli import main
 from zo2_ds.testing import ds_config, tiny_causal_lm
@@ -120,7 +121,7 @@ def test_in_gpu_estimate_holds_the_whole_model(tmp_path):
     assert est.device_parts["model"] == held
     block = model.model.layers[0]
     assert est.device_parts["perturbation_scratch"] >= sum(p.numel() * 4 for p in block.parameters())
-    assert est.streamed_bytes_per_step == 0 and est.bound == "compute" and est.host_bytes == 0
+    assert est.streamed_bytes_per_step == 0 and est.bound == "compute" and est.host_bytes_per_node == 0
 
 
 def test_opt_175b_shape_is_estimated_on_meta_in_seconds():
@@ -366,3 +367,176 @@ def test_in_gpu_estimates_within_ten_percent_of_the_measured_peaks():
     for r in records:
         est = estimate(r["model"], batch=r["batch"], offload=False, vocab_chunks=False)  # measured before chunks
         assert 0.9 <= est.peak_allocated_bytes / r["peak_allocated_bytes"] <= 1.1, (r["model"], r["batch"])
+
+
+def _store_of_rank(model, offload: dict, rank: int, num_ranks: int):
+    """The block store and runner a rank of a node of ``num_ranks`` builds with partitioned masters (the engine's
+    build_store with this rank's Partition; nothing in it is a collective without a transfer_dtype)."""
+    from zo2_ds.offload import OffloadRunner, build_store
+    from zo2_ds.offload.partition import Partition
+    from zo2_ds.offload.store import ALIGN_BYTES
+    from zo2_ds.ops import Ops
+    from zo2_ds.perturb import trainable_params
+
+    config = parse_zo2_config({"zo2": {"enabled": True, "offload": {"enabled": True, **offload}}})
+    partition = Partition(rank, num_ranks, None, ALIGN_BYTES)
+    store = build_store(model, config.offload, torch.device("cpu"), partition=partition)
+    return store, OffloadRunner(model, trainable_params(model), store, config, ops=Ops("torch"))
+
+
+@pytest.mark.parametrize(
+    "arch, offload",
+    [
+        ("opt", {"granularity": "block", "prefetch_depth": 1}),
+        ("opt", {"granularity": "layer", "prefetch_depth": 0, "num_resident_blocks": 1}),
+        ("llama", {"granularity": "block", "prefetch_depth": 2, "num_resident_blocks": 2}),
+    ],
+)
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_partitioned_parts_equal_each_ranks_store(tmp_path, arch, offload, num_ranks):
+    """Partitioned, the estimate is every rank's: its pinned shards (ceil(1/N) of each streamed unit, rounded up
+    to 256 bytes) and its device parts (slots the padded unit, resident units whole) as the engine builds them;
+    a node's host holds one copy of the streamed units plus at most 256 bytes x N of padding each."""
+    path = _saved_config(tiny_causal_lm(arch, tied=False, layers=4, hidden=32), tmp_path)
+    est = estimate(str(path), batch="2x12", dtype="fp32", device="cpu", num_gpus=num_ranks, **offload)
+    whole = estimate(
+        str(path), batch="2x12", dtype="fp32", device="cpu", partition="none", num_gpus=num_ranks, **offload
+    )
+    assert (est.partition, est.ranks_per_node, whole.partition) == ("node", num_ranks, "none")
+    for rank in range(num_ranks):
+        store, runner = _store_of_rank(tiny_causal_lm(arch, tied=False, layers=4, hidden=32), offload, rank, num_ranks)
+        try:
+            assert est.host_parts["pinned_masters"] == sum(store.homes[b].numel() for b in store.streamed)
+            assert est.device_parts == runner.device_bytes()
+            assert est.offload_facts["num_slots"] == runner.num_slots
+        finally:
+            runner.close()
+    streamed_units = est.offload_facts["num_units"] - est.offload_facts["num_resident"]
+    padding = est.host_bytes_per_node - whole.host_bytes_per_rank
+    assert 0 <= padding <= num_ranks * 256 * streamed_units
+    assert whole.host_bytes_per_node == num_ranks * whole.host_bytes_per_rank
+    assert est.device_parts["resident_blocks"] == whole.device_parts["resident_blocks"]
+
+
+def test_partitioned_narrow_copies_are_sharded_like_the_masters(tmp_path):
+    from zo2_ds.offload.partition import Partition
+    from zo2_ds.offload.store import ALIGN_BYTES, plan_store
+
+    model = tiny_causal_lm("opt", tied=True, layers=4, hidden=32)
+    offload = {"transfer_dtype": "bf16", "num_resident_blocks": 1, "granularity": "block"}
+    est = estimate(str(_saved_config(model, tmp_path)), batch="1x8", dtype="fp32", device="cpu", num_gpus=2, **offload)
+    config = parse_zo2_config({"zo2": {"enabled": True, "offload": {"enabled": True, **offload}}})
+    plan, _ = plan_store(model, config.offload, torch.device("cpu"))  # the replicated layout of the same units
+    part = Partition(0, 2, None, ALIGN_BYTES)
+    assert est.host_parts["narrow_copies"] == sum(part.shard_nbytes(plan.narrow.sizes[b]) for b in plan.streamed)
+    assert est.host_parts["pinned_masters"] == sum(part.shard_nbytes(plan.sizes[b]) for b in plan.streamed)
+    assert est.device_parts["transfer_staging"] > 0
+
+
+def _engine_partition_ranks(monkeypatch, partition: str, offload: bool, world: int, gpus_per_node: int):
+    """The ranks sharing one copy of the masters as the engine resolves zo2.offload.partition (its
+    materialize_partition on a fake world, as test_offload_partition does), 1 for replicated."""
+    from test_offload_partition import _place
+
+    with monkeypatch.context() as patch:
+        place = _place(patch, partition, offload, world=world, rank=0, gpus_per_node=gpus_per_node)
+    return 1 if place is None else place.num_ranks
+
+
+@pytest.mark.parametrize(
+    "partition, offload, num_gpus, gpus_per_node",
+    [
+        ("auto", True, 2, None),  # one node of two: the default partitions
+        ("auto", True, 4, 2),  # two nodes of two
+        ("auto", True, 16, 8),
+        ("auto", False, 2, None),  # offload off
+        ("none", True, 2, None),
+        ("auto", True, 2, 1),  # nodes of one rank: nothing to share
+        ("node", True, 2, 1),
+        ("auto", True, 3, 2),  # not whole nodes: "auto" replicates (the engine warns), "node" is refused below
+        ("auto", True, 1, None),
+        ("node", True, 2, 8),  # fewer ranks than devices: the node is the world
+    ],
+)
+def test_partition_resolves_like_the_engine(monkeypatch, partition, offload, num_gpus, gpus_per_node):
+    est = estimate(
+        "tiny", batch="1x16", offload=offload, partition=partition, num_gpus=num_gpus, gpus_per_node=gpus_per_node
+    )
+    ranks = _engine_partition_ranks(monkeypatch, partition, offload, num_gpus, gpus_per_node or num_gpus)
+    assert (est.partition == "node") == (ranks > 1)
+    if ranks > 1:
+        assert est.ranks_per_node == ranks and est.gathered_bytes_per_step == (ranks - 1) * est.streamed_bytes_per_step
+
+
+def test_partition_refusals_name_the_key(monkeypatch):
+    with pytest.raises(ValueError, match=r'zo2\.offload\.partition="node": the world of 3 ranks is not whole nodes'):
+        estimate("tiny", partition="node", num_gpus=3, gpus_per_node=2)
+    with pytest.raises(ValueError, match=r'zo2\.offload\.partition="node": the world of 3 ranks is not whole nodes'):
+        _engine_partition_ranks(monkeypatch, "node", True, 3, 2)
+    with pytest.raises(ValueError, match='--partition: "node" partitions the offloaded masters: it needs --offload'):
+        estimate("tiny", partition="node", offload=False, num_gpus=2)
+    with pytest.raises(ValueError, match="--partition: 'nodes' is not one of"):
+        estimate("tiny", partition="nodes")
+    with pytest.raises(ValueError, match=r"zo2\.perturbation_parallel=3 must divide the number of ranks \(2\)"):
+        estimate("tiny", num_gpus=2, perturbation_parallel=3)
+    with pytest.raises(ValueError, match=r"zo2\.perturbation_parallel=4 must divide the 2 x num_perturbations = 2"):
+        estimate("tiny", num_gpus=4, perturbation_parallel=4)
+    for name in ("gpus_per_node", "nvlink_gbs"):
+        with pytest.raises(ValueError, match=f"--{name}: 0 must be positive"):
+            estimate("tiny", num_gpus=2, **{name: 0})
+
+
+def test_partitioned_and_perturbation_parallel_floors():
+    """OPT-6.7B at 1x2048 per rank (the results page's 2-GPU rows): partitioned, each rank's link carries half of
+    every unit and NVLink the other half; the step's floor is the largest of link, NVLink and compute; a
+    perturbation group of two halves each rank's forwards and counts its micro-batch once."""
+    one = estimate("opt-6.7b", batch="1x2048")
+    two = estimate("opt-6.7b", batch="1x2048", num_gpus=2, nvlink_gbs=260.0)
+    units = one.streamed_bytes_per_step
+    assert (two.partition, two.gpus_per_node) == ("node", 2)
+    assert two.streamed_bytes_per_step == two.gathered_bytes_per_step == units / 2  # its units split evenly
+    assert two.host_bytes_per_rank == units / 2 and two.host_bytes_per_node == one.host_bytes_per_node == units
+    assert two.transfer_floor_ms == pytest.approx(one.transfer_floor_ms / 2)
+    assert two.nvlink_floor_ms == pytest.approx(units / 2 / 260e9 * 1e3)
+    assert two.compute_floor_ms == one.compute_floor_ms and two.tokens_per_step == 2 * one.tokens_per_step == 4096
+    assert two.step_floor_ms == max(two.transfer_floor_ms, two.nvlink_floor_ms, two.compute_floor_ms)
+    assert two.device_parts == one.device_parts  # every unit's bytes divide evenly: the slots hold no padding
+    assert estimate("opt-6.7b", batch="1x2048", num_gpus=2, nvlink_gbs=20.0).bound == "nvlink"
+    replicated = estimate("opt-6.7b", batch="1x2048", num_gpus=2, partition="none")
+    assert replicated.streamed_bytes_per_step == units and replicated.gathered_bytes_per_step == 0
+    assert replicated.host_bytes_per_node == 2 * units and replicated.nvlink_floor_ms == 0
+    two_nodes = estimate("opt-6.7b", batch="1x2048", num_gpus=2, gpus_per_node=1)  # one rank per node
+    assert two_nodes.partition == "none" and two_nodes.host_bytes_per_node == units
+    pp2 = estimate("opt-6.7b", batch="1x2048", num_gpus=2, perturbation_parallel=2)
+    assert pp2.passes_per_rank == 1 and pp2.compute_floor_ms == pytest.approx(one.compute_floor_ms / 2)
+    assert pp2.tokens_per_step == 2048 and pp2.streamed_bytes_per_step == units / 2
+    assert pp2.tokens_per_s_at_floor == pytest.approx(2048 / pp2.step_floor_ms * 1e3)
+    # Sub-module streaming ("layer"): one waiting pass fewer, one t x ffn tensor fewer.
+    assert one.activation_bytes - pp2.activation_bytes == 2048 * 16384 * 2
+    q2 = estimate("opt-6.7b", batch="1x2048", num_perturbations=2, num_gpus=4, perturbation_parallel=2)
+    assert q2.passes_per_rank == 2 and q2.compute_floor_ms == one.compute_floor_ms and q2.tokens_per_step == 4096
+
+
+def test_cli_prints_and_dumps_the_partitioned_estimate(capsys):
+    assert main(["opt-6.7b", "--num_gpus", "2", "--perturbation_parallel", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 GPUs (1 node of 2), masters partitioned over each node, perturbation groups of 2" in out
+    assert "Host memory (per rank: its 1/2 shards)" in out and "Host memory (per node of 2 ranks)" in out
+    assert "(one copy of the streamed masters)" in out and "nvlink" in out and "(1 forward)" in out
+    argv = ["opt-6.7b", "--num_gpus", "4", "--gpus_per_node", "2", "--partition", "none", "--nvlink_gbs", "100"]
+    assert main([*argv, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["partition"], result["ranks_per_node"], result["nvlink_gbs"]) == ("none", 2, 100.0)
+    assert result["host_bytes_per_node"] == 2 * result["host_bytes_per_rank"] > 0
+    for key in ("gathered_bytes_per_step", "nvlink_floor_ms", "step_floor_ms", "tokens_per_step", "passes_per_rank"):
+        assert key in result, key
+    with pytest.raises(SystemExit):  # argparse: not a choice
+        main(["tiny", "--num_gpus", "2", "--partition", "nodes"])
+    assert "--partition: invalid choice: 'nodes'" in capsys.readouterr().err
+
+
+def test_check_refuses_what_one_process_cannot_run():
+    from zo2_ds.estimate.check import check
+
+    with pytest.raises(ValueError, match="--check builds one engine in one process"):
+        check("tiny", num_gpus=2, steps=1)

@@ -35,11 +35,23 @@ The rules come from where they live: ``zo2_ds.offload.store.plan_store`` (the la
 ``zo2_ds.loss.CHUNK_BYTES`` (the lean loss's chunk), ``zo2_ds.vocab.head_chunk_rows`` (the head's chunks),
 ``zo2_ds.bench.models.hf_config`` (the shapes).
 
-Floors: the transfer floor is the bytes one step uploads (every streamed block once; with a narrower
-``transfer_dtype`` the average over ``write_back_interval`` steps) over the host link's bandwidth; the
-compute floor is the FLOPs of the 2q forwards (2 x parameters x tokens each) over ``tflops``. With
-``num_gpus`` > 1 (data parallel) every figure is per GPU with the batch per GPU, except the host memory:
-every rank pins its own copy of the masters.
+Several GPUs (``num_gpus``, ``gpus_per_node``): every figure is per GPU, with the batch per GPU, except the
+host memory, given per rank and per node. ``partition`` resolves as the engine resolves
+``zo2.offload.partition`` (:func:`zo2_ds.offload.partition.node_size`: "auto" is "node" with offload on and
+more than one rank per node). Partitioned, each rank pins its shard of every streamed unit and of its
+``transfer_dtype`` copy (``Partition.shard_nbytes``: 1/N, rounded up to 256 bytes), uploads it and gathers
+the other N - 1 shards from the node's ranks over NVLink; resident units are whole on every GPU, the slots
+hold the padded whole unit, and a node's host holds one copy of the masters (plus the padding). Replicated,
+every rank pins and uploads a whole copy. ``perturbation_parallel`` P: each rank of a group of P runs 2q / P
+of the step's forwards on the group's one micro-batch, so the job's tokens per step count each group once.
+
+Floors, per rank and step: the transfer floor is the bytes its host link uploads (every streamed unit once,
+or its shard of it; with a narrower ``transfer_dtype`` the average over ``write_back_interval`` steps) over
+``bandwidth_gbs``; the NVLink floor the bytes it gathers (N - 1 shards of every streamed unit) over
+``nvlink_gbs`` (default: the all-gather measured on two H200s, ``launch/results/README.md``, "Offload across
+GPUs"); the compute floor the FLOPs of its 2q / P forwards (2 x parameters x tokens each) over ``tflops``.
+The step's floor is the largest of the three: the gathers run on a stream of their own, beside the uploads and
+the forwards (measured, the forward beside the gathers runs slower: the floor is a bound, not a forecast).
 """
 
 from __future__ import annotations
@@ -52,11 +64,12 @@ import torch
 
 from zo2_ds.config import ZO2Config, parse_zo2_config
 from zo2_ds.dtypes import DTYPES
-from zo2_ds.estimate.budget import chunked_head_shape, in_gpu_scratch_bytes, offloader_parts
-from zo2_ds.estimate.meta_model import meta_model, model_dims
-from zo2_ds.loss import CHUNK_BYTES
+from zo2_ds.estimate.budget import in_gpu_scratch_bytes, offloader_parts
+from zo2_ds.estimate.meta_model import meta_model
+from zo2_ds.estimate.transient import transient_bytes
+from zo2_ds.offload.partition import node_size
 from zo2_ds.offload.store import parse_bytes
-from zo2_ds.vocab import head_chunk_rows
+from zo2_ds.parallel import check_sizes
 
 __all__ = ["Estimate", "estimate", "parse_batch", "CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK_BYTES"]
 
@@ -68,11 +81,12 @@ CUDA_CONTEXT_BYTES = 1263337472
 ALLOCATOR_SLACK_BYTES = _GIB // 4
 DEFAULT_BANDWIDTH_GBS = 55.0  # pinned host -> device, H100 / H200 (REFERENCE.md: 55.2 / 55.5 GB/s)
 DEFAULT_TFLOPS = 500.0  # fp16 forward, effective 2 N tokens / t (H200: 424-572 TFLOP/s for OPT-1.3B..13B)
+DEFAULT_NVLINK_GBS = 260.0  # NCCL all-gather received per rank, 2 x H200 (launch/results/README.md: 257-266 GB/s)
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """One run's estimate; every ``*_bytes`` in bytes (per GPU unless named host)."""
+    """One run's estimate; every ``*_bytes`` in bytes, per GPU (rank) unless named host or node."""
 
     model: str
     batch_size: int
@@ -88,15 +102,21 @@ class Estimate:
     loss_chunk_bytes: int
     context_bytes: int
     slack_bytes: int
-    # Per rank: pinned_masters and narrow_copies for the whole run; outside_blocks (embeddings, head, norms)
-    # only while the model is built on the host, until the engine moves them to the GPU.
+    # Per rank: pinned_masters and narrow_copies for the whole run (its shards of them when partitioned);
+    # outside_blocks (embeddings, head, norms) only while the model is built on the host, until the engine
+    # moves them to the GPU.
     host_parts: dict[str, int]
-    streamed_bytes_per_step: float
+    streamed_bytes_per_step: float  # over this rank's host link
     bandwidth_gbs: float
-    flops_per_step: float
+    flops_per_step: float  # this rank's forwards
     tflops: float
     offload_facts: dict[str, Any] = field(default_factory=dict)  # num_blocks, num_units, granularity, num_slots, ...
     context_source: str = "constant"  # of context_bytes: "constant" (CUDA_CONTEXT_BYTES), "given" or "none" (CPU)
+    gpus_per_node: int = 1
+    partition: str = "none"  # as resolved: "node" (the masters shared by a node's ranks) or "none" (replicated)
+    perturbation_parallel: int = 1
+    gathered_bytes_per_step: float = 0.0  # the other ranks' shards, all-gathered into this rank's slots
+    nvlink_gbs: float = DEFAULT_NVLINK_GBS
 
     @property
     def exact_bytes(self) -> int:
@@ -113,29 +133,65 @@ class Estimate:
         return self.peak_allocated_bytes + self.context_bytes + self.slack_bytes
 
     @property
-    def host_bytes(self) -> int:
-        """Host memory of all ranks of this host for the pinned masters and copies (each rank its own)."""
-        return self.num_gpus * (self.host_parts["pinned_masters"] + self.host_parts["narrow_copies"])
+    def ranks_per_node(self) -> int:
+        return min(self.num_gpus, self.gpus_per_node)
+
+    @property
+    def host_bytes_per_rank(self) -> int:
+        """Host memory of one rank's pinned masters and copies (its shards of them when partitioned)."""
+        return self.host_parts["pinned_masters"] + self.host_parts["narrow_copies"]
+
+    @property
+    def host_bytes_per_node(self) -> int:
+        """Host memory of all ranks of a node for the pinned masters and copies: one copy when partitioned
+        (plus the last shards' padding), one per rank when replicated."""
+        return self.ranks_per_node * self.host_bytes_per_rank
+
+    @property
+    def passes_per_rank(self) -> int:
+        """The forwards one rank runs per step: the 2q passes, spread over a perturbation group."""
+        return 2 * self.num_perturbations // self.perturbation_parallel
+
+    @property
+    def tokens_per_step(self) -> int:
+        """The job's tokens per step: one micro-batch per perturbation group (a group of one: per rank)."""
+        return self.num_gpus // self.perturbation_parallel * self.batch_size * self.seq_len
 
     @property
     def transfer_floor_ms(self) -> float:
         return self.streamed_bytes_per_step / (self.bandwidth_gbs * 1e9) * 1e3
 
     @property
+    def nvlink_floor_ms(self) -> float:
+        return self.gathered_bytes_per_step / (self.nvlink_gbs * 1e9) * 1e3
+
+    @property
     def compute_floor_ms(self) -> float:
         return self.flops_per_step / (self.tflops * 1e12) * 1e3
 
     @property
+    def step_floor_ms(self) -> float:
+        return max(self.transfer_floor_ms, self.nvlink_floor_ms, self.compute_floor_ms)
+
+    @property
     def bound(self) -> str:
-        """Which floor bounds the step: "transfer" or "compute"."""
-        return "transfer" if self.transfer_floor_ms > self.compute_floor_ms else "compute"
+        """Which floor bounds the step: "transfer" (the host link), "nvlink" (the gather) or "compute"."""
+        floors = {"compute": self.compute_floor_ms, "nvlink": self.nvlink_floor_ms, "transfer": self.transfer_floor_ms}
+        return max(floors, key=floors.get)
+
+    @property
+    def tokens_per_s_at_floor(self) -> float:
+        return self.tokens_per_step / self.step_floor_ms * 1e3
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for name in ("exact_bytes", "peak_allocated_bytes", "nvml_bytes", "host_bytes"):
+        for name in ("exact_bytes", "peak_allocated_bytes", "nvml_bytes", "ranks_per_node"):
             out[name] = getattr(self, name)
-        for name in ("transfer_floor_ms", "compute_floor_ms", "bound"):
+        for name in ("host_bytes_per_rank", "host_bytes_per_node", "passes_per_rank", "tokens_per_step"):
             out[name] = getattr(self, name)
+        for name in ("transfer_floor_ms", "nvlink_floor_ms", "compute_floor_ms", "step_floor_ms", "bound"):
+            out[name] = getattr(self, name)
+        out["tokens_per_s_at_floor"] = self.tokens_per_s_at_floor
         return out
 
 
@@ -148,12 +204,12 @@ def parse_batch(text: str) -> tuple[int, int]:
 
 
 def _zo2_config(
-    offload: bool, offload_options: dict[str, Any], num_perturbations: int, kernels: str, vocab_chunks: bool | str
+    offload: bool, options: dict[str, Any], num_perturbations: int, perturbation_parallel: int, **zo2: Any
 ) -> ZO2Config:
-    block: dict[str, Any] = {"enabled": True, "num_perturbations": num_perturbations, "kernels": kernels}
-    block["vocab_chunks"] = vocab_chunks
+    block: dict[str, Any] = {"enabled": True, "num_perturbations": num_perturbations, **zo2}
+    block["perturbation_parallel"] = perturbation_parallel
     if offload:
-        block["offload"] = {"enabled": True, **offload_options}
+        block["offload"] = {"enabled": True, **options}
     return parse_zo2_config({"zo2": block})
 
 
@@ -171,7 +227,11 @@ def estimate(
     write_back_interval: int | str = "auto",
     num_perturbations: int = 1,
     num_gpus: int = 1,
+    gpus_per_node: int | None = None,
+    partition: str = "auto",
+    perturbation_parallel: int = 1,
     bandwidth_gbs: float = DEFAULT_BANDWIDTH_GBS,
+    nvlink_gbs: float = DEFAULT_NVLINK_GBS,
     tflops: float = DEFAULT_TFLOPS,
     kernels: str = "auto",
     vocab_chunks: bool | str = "auto",
@@ -185,10 +245,14 @@ def estimate(
     ``num_layers``: keep only that many blocks (e.g. the OPT-175B shape truncated to 6, as measured).
     ``device`` "cuda" counts the budget as a CUDA run makes it; "cpu" as a CPU run (the tests compare with
     CPU engines). ``cuda_context_bytes``: your machine's CUDA context (int or "1.3GiB"; default an H100's,
-    :data:`CUDA_CONTEXT_BYTES`). Raises ValueError naming the bad argument and what is allowed.
+    :data:`CUDA_CONTEXT_BYTES`). ``num_gpus`` data-parallel ranks, ``gpus_per_node`` of them per node (default:
+    all on one); ``partition`` and ``perturbation_parallel``: ``zo2.offload.partition`` and
+    ``zo2.perturbation_parallel``. Raises ValueError naming the bad argument and what is allowed.
     """
     batch_size, seq_len = parse_batch(batch) if isinstance(batch, str) else batch
-    _check_arguments(dtype, device, num_gpus=num_gpus, bandwidth_gbs=bandwidth_gbs, tflops=tflops)
+    gpus_per_node = num_gpus if gpus_per_node is None else gpus_per_node
+    positive = {"num_gpus": num_gpus, "gpus_per_node": gpus_per_node, "bandwidth_gbs": bandwidth_gbs}
+    _check_arguments(dtype, device, partition, offload, **positive, nvlink_gbs=nvlink_gbs, tflops=tflops)
     options = {
         "prefetch_depth": prefetch_depth,
         "granularity": granularity,
@@ -197,30 +261,24 @@ def estimate(
         "transfer_dtype": transfer_dtype,
         "write_back_interval": write_back_interval,
         "blocks_attr": blocks_attr,
+        "partition": partition,
     }
     context_bytes, context_source = _context(cuda_context_bytes, device)
-    config = _zo2_config(offload, options, num_perturbations, kernels, vocab_chunks)
+    zo2 = {"kernels": kernels, "vocab_chunks": vocab_chunks}
+    config = _zo2_config(offload, options, num_perturbations, perturbation_parallel, **zo2)
+    check_sizes(perturbation_parallel, num_gpus, 2 * num_perturbations)
+    ranks = (node_size(config.offload, num_gpus, gpus_per_node) or 1) if offload else 1
     net = meta_model(model, DTYPES[dtype], num_layers)
-    dims = model_dims(net)
-    tokens = batch_size * seq_len
-    itemsize = DTYPES[dtype].itemsize
-    num_params = sum(p.numel() for p in net.parameters())
-    model_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
-    model_bytes += sum(b.numel() * b.element_size() for b in net.buffers())
     if offload:
-        parts, host, streamed, facts = _offloaded(net, config, device == "cuda")
+        parts, host, streamed, facts = _offloaded(net, config, device == "cuda", ranks)
     else:
+        model_bytes = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
         parts = {"model": model_bytes, "perturbation_scratch": in_gpu_scratch_bytes(net, config)}
         host, streamed, facts = {"pinned_masters": 0, "narrow_copies": 0, "outside_blocks": 0}, 0.0, {}
-    head = chunked_head_shape(net, config)
-    if head is None:
-        logits_bytes, loss_bytes = tokens * dims["vocab"] * itemsize, _loss_chunk_bytes(tokens, dims["vocab"])
-    else:
-        lent = parts["perturbation_scratch"] if offload else 0  # the offloader lends its scratch to the chunks
-        logits_bytes, loss_bytes = 0, _head_chunk_bytes(tokens, head, itemsize, lent)
-    mlp_tensors = 3 if _gated_mlp(net) else 2
-    if facts.get("granularity") == "layer":
-        mlp_tensors += 2 * num_perturbations - 1  # one held per waiting pass (see the module docstring)
+    tokens, passes = batch_size * seq_len, 2 * num_perturbations // perturbation_parallel
+    granularity, itemsize = facts.get("granularity"), DTYPES[dtype].itemsize
+    activations, logits, loss = transient_bytes(net, config, parts, tokens, itemsize, passes, granularity)
+    num_params = sum(p.numel() for p in net.parameters())
     return Estimate(
         model=model,
         batch_size=batch_size,
@@ -231,26 +289,35 @@ def estimate(
         num_gpus=num_gpus,
         num_params=num_params,
         device_parts=parts,
-        activation_bytes=mlp_tensors * tokens * dims["ffn"] * itemsize,
-        logits_bytes=logits_bytes,
-        loss_chunk_bytes=loss_bytes,
+        activation_bytes=activations,
+        logits_bytes=logits,
+        loss_chunk_bytes=loss,
         context_bytes=context_bytes,
         slack_bytes=ALLOCATOR_SLACK_BYTES if device == "cuda" else 0,
         host_parts=host,
         streamed_bytes_per_step=streamed,
         bandwidth_gbs=float(bandwidth_gbs),
-        flops_per_step=2 * num_perturbations * 2.0 * num_params * tokens,
+        flops_per_step=passes * 2.0 * num_params * tokens,
         tflops=float(tflops),
         offload_facts=facts,
         context_source=context_source,
+        gpus_per_node=gpus_per_node,
+        partition="node" if ranks > 1 else "none",
+        perturbation_parallel=perturbation_parallel,
+        gathered_bytes_per_step=(ranks - 1) * streamed,  # every rank's shard of a unit is the same size
+        nvlink_gbs=float(nvlink_gbs),
     )
 
 
-def _check_arguments(dtype: str, device: str, **positive: float) -> None:
+def _check_arguments(dtype: str, device: str, partition: str, offload: bool, **positive: float) -> None:
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"--dtype: {dtype!r} is not one of 'fp32', 'fp16', 'bf16'")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device: {device!r} is not one of 'cuda', 'cpu'")
+    if partition not in ("auto", "none", "node"):
+        raise ValueError(f"--partition: {partition!r} is not one of 'auto', 'none', 'node'")
+    if partition == "node" and not offload:
+        raise ValueError('--partition: "node" partitions the offloaded masters: it needs --offload')
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name}: {value!r} must be positive")
@@ -274,11 +341,12 @@ def _context(cuda_context_bytes: int | str | None, device: str) -> tuple[int, st
 
 
 def _offloaded(
-    net: torch.nn.Module, config: ZO2Config, on_cuda: bool
+    net: torch.nn.Module, config: ZO2Config, on_cuda: bool, partition_ranks: int
 ) -> tuple[dict[str, int], dict[str, int], float, dict[str, int]]:
-    """The offloader's device parts, the host parts, the bytes one step uploads (the average over
-    ``write_back_interval`` steps with a narrower ``transfer_dtype``) and the ring's facts."""
-    layout = offloader_parts(net, config, on_cuda)
+    """The offloader's device parts, the host parts, the bytes one step uploads over this rank's link (the
+    average over ``write_back_interval`` steps with a narrower ``transfer_dtype``) and the ring's facts, on a
+    rank of a node whose ``partition_ranks`` ranks share one copy of the masters (1: replicated)."""
+    layout = offloader_parts(net, config, on_cuda, partition_ranks)
     parts = dict(layout.device_bytes)
     host = {
         "pinned_masters": layout.host_masters_bytes,
@@ -298,24 +366,3 @@ def _offloaded(
         "write_back_interval": k,
     }
     return parts, host, streamed, facts
-
-
-def _loss_chunk_bytes(tokens: int, vocab: int) -> int:
-    """zo2_ds.loss's largest transient: one chunk of rows in fp32 and its log-softmax."""
-    rows = min(tokens, max(1, CHUNK_BYTES // (4 * vocab)))
-    return 2 * rows * vocab * 4
-
-
-def _head_chunk_bytes(tokens: int, head: tuple[int, int], itemsize: int, lent_bytes: int) -> int:
-    """zo2_ds.vocab's transient: one chunk's perturbed rows of the head (none of its own where the offloader's
-    scratch of ``lent_bytes`` holds them), its logits in the model dtype and in fp32."""
-    vocab, width = head
-    rows = head_chunk_rows(tokens, vocab, width)
-    weight = rows * width * itemsize
-    logits = rows * tokens * (4 + (itemsize if itemsize != 4 else 0))
-    return (0 if weight <= lent_bytes else weight) + logits
-
-
-def _gated_mlp(net: torch.nn.Module) -> bool:
-    """Llama-style MLP (gate, up, down: three t x ffn tensors at its peak) rather than fc1 / act / fc2."""
-    return any(name.endswith("gate_proj") for name, _ in net.named_modules())

@@ -20,8 +20,9 @@ from torch import nn
 
 from zo2_ds.config import ZO2Config
 from zo2_ds.offload import pending as rules
+from zo2_ds.offload.partition import Partition
 from zo2_ds.offload.runner import OffloadRunner
-from zo2_ds.offload.store import BlockStore, block_layout, plan_store
+from zo2_ds.offload.store import ALIGN_BYTES, BlockStore, block_layout, plan_store
 from zo2_ds.offload.trace import device_bytes
 from zo2_ds.ops import Ops
 from zo2_ds.perturb import ResidentRunner, trainable_params
@@ -31,20 +32,26 @@ __all__ = ["META", "OffloadLayout", "meta_store", "offloader_parts", "in_gpu_scr
 META = torch.device("meta")
 
 
-def meta_store(model: nn.Module, offload) -> BlockStore:
+def meta_store(model: nn.Module, offload, partition_ranks: int = 1) -> BlockStore:
     """The :class:`BlockStore` that ``build_store(model, offload, ...)`` would make, with every home a meta
-    tensor (nothing allocated, nothing copied, no host-memory check). ``offload``: the ``zo2.offload`` config."""
+    tensor (nothing allocated, nothing copied, no host-memory check). ``offload``: the ``zo2.offload`` config;
+    ``partition_ranks`` > 1: the store of a rank of a node of that many ranks sharing one copy of the masters
+    (``zo2.offload.partition`` "node"): each streamed unit's home (and narrow copy) is the rank's shard, its slot
+    the padded whole (:class:`~zo2_ds.offload.partition.Partition`'s rules, as ``build_store`` applies them)."""
     store, _ = plan_store(model, offload, META)
-    entries, sizes = store.entries, store.sizes
+    if partition_ranks > 1:  # every rank's shard is the same size: rank 0 stands for any
+        store.partition = Partition(0, partition_ranks, None, ALIGN_BYTES)
     if store.narrow is not None:
         store.narrow.homes[:] = [
-            _meta_bytes(size) if store.is_streamed(b) else None for b, size in enumerate(store.narrow.sizes)
+            _meta_bytes(store.home_nbytes(b, narrow=True)) if store.is_streamed(b) else None
+            for b in range(store.num_blocks)
         ]
-    for index, block_entries in enumerate(entries):
-        home = _meta_bytes(sizes[index])
+    for index, block_entries in enumerate(store.entries):
+        home = _meta_bytes(store.home_nbytes(index))
         store.homes.append(home)
         store.host_pinned.append(store.is_streamed(index))
-        store.home_views.append([e.view(home) for e in block_entries])
+        # The parameters' views are of the whole unit (a shard holds no whole parameter).
+        store.home_views.append([e.view(_meta_bytes(store.sizes[index])) for e in block_entries])
     return store
 
 
@@ -56,11 +63,13 @@ def _meta_bytes(nbytes: int) -> torch.Tensor:
 class OffloadLayout:
     """What the offloader would hold, in bytes: on the device by part (``device_bytes``, the keys of
     ``OffloadRunner.device_bytes()``) and on the host (``host_pinned_bytes``: the pinned masters of the
-    streamed blocks plus their ``transfer_dtype`` copies); and what one step moves."""
+    streamed blocks plus their ``transfer_dtype`` copies, this rank's shards of them when partitioned); and
+    what one step moves over this rank's host link (the node's all-gather brings ``partition_ranks - 1`` times
+    as much)."""
 
     device_bytes: dict[str, int]
     host_pinned_bytes: int
-    host_masters_bytes: int  # the pinned masters alone
+    host_masters_bytes: int  # the pinned masters alone (this rank's)
     host_narrow_bytes: int  # their transfer_dtype copies
     num_blocks: int
     num_units: int  # what streams: the blocks, or at granularity "layer" their large sub-modules
@@ -69,18 +78,20 @@ class OffloadLayout:
     num_slots: int
     block_bytes: int  # the largest block's flat buffer
     unit_bytes: int  # the largest unit's (a slot)
-    streamed_exact_bytes: int  # one upload of every streamed block as its master
+    streamed_exact_bytes: int  # one upload of every streamed block as its master (this rank's shards)
     streamed_narrow_bytes: int  # ... as its transfer_dtype copy (= exact without one)
     write_back_interval: int
+    partition_ranks: int  # ranks sharing one copy of the masters (1: replicated)
 
 
-def offloader_parts(model: nn.Module, config: ZO2Config, on_cuda: bool) -> OffloadLayout:
-    """The offloader's parts for ``model`` (built on the meta device) under the ``zo2`` ``config``.
+def offloader_parts(model: nn.Module, config: ZO2Config, on_cuda: bool, partition_ranks: int = 1) -> OffloadLayout:
+    """The offloader's parts for ``model`` (built on the meta device) under the ``zo2`` ``config``, on one rank of
+    a node whose ``partition_ranks`` ranks share one copy of the masters (1: replicated; see :func:`meta_store`).
 
     ``on_cuda``: count the budget as a CUDA run does (the fused multi-tensor kernels perturb the tied
     embedding / head into the block scratch, and ``write_back_interval`` "auto" is 4), else as a CPU run.
     """
-    store = meta_store(model, config.offload)
+    store = meta_store(model, config.offload, partition_ranks)
     runner = OffloadRunner(model, trainable_params(model), store, config, ops=Ops("torch"))
     try:
         # As OffloadRunner.device_bytes(), with the streams / kernels of the target instead of this machine's.
@@ -92,8 +103,8 @@ def offloader_parts(model: nn.Module, config: ZO2Config, on_cuda: bool) -> Offlo
     finally:
         runner.close()
     streamed = store.streamed
-    masters = sum(store.sizes[b] for b in streamed)
-    narrow = sum(store.narrow.sizes[b] for b in streamed) if store.narrow is not None else 0
+    masters = sum(store.home_nbytes(b) for b in streamed)
+    narrow = sum(store.home_nbytes(b, narrow=True) for b in streamed) if store.narrow is not None else 0
     return OffloadLayout(
         device_bytes=parts,
         host_pinned_bytes=masters + narrow,
@@ -109,6 +120,7 @@ def offloader_parts(model: nn.Module, config: ZO2Config, on_cuda: bool) -> Offlo
         streamed_exact_bytes=masters,
         streamed_narrow_bytes=narrow or masters,
         write_back_interval=rules.resolve_interval(config.offload.write_back_interval, on_cuda),
+        partition_ranks=partition_ranks,
     )
 
 

@@ -59,7 +59,12 @@ def check(
     )
     if cuda_context_bytes is None and measured_context is not None:
         est = dataclasses.replace(est, context_source="measured")
-    if not on_cuda and est.exact_bytes + est.host_bytes > _CPU_CHECK_LIMIT_BYTES:
+    if est.partition == "node" or est.perturbation_parallel > 1:
+        raise ValueError(
+            "--check builds one engine in one process: it cannot check partitioned masters or perturbation groups "
+            "(give --partition none and --perturbation_parallel 1, or --num_gpus 1)"
+        )
+    if not on_cuda and est.exact_bytes + est.host_bytes_per_rank > _CPU_CHECK_LIMIT_BYTES:
         raise ValueError(
             f"--check: {model} would be built on this machine's CPU ({est.num_params / 1e9:.1f}B parameters); "
             "run --check on a CUDA machine, or pick a small shape here (tiny, tiny-llama, opt-125m)"

@@ -8,7 +8,14 @@ import json
 import sys
 from typing import Any
 
-from zo2_ds.estimate import CUDA_CONTEXT_BYTES, DEFAULT_BANDWIDTH_GBS, DEFAULT_TFLOPS, Estimate, estimate
+from zo2_ds.estimate import (
+    CUDA_CONTEXT_BYTES,
+    DEFAULT_BANDWIDTH_GBS,
+    DEFAULT_NVLINK_GBS,
+    DEFAULT_TFLOPS,
+    Estimate,
+    estimate,
+)
 
 __all__ = ["main", "format_estimate", "parse_args"]
 
@@ -44,8 +51,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--vocab_chunks", default="auto", choices=("auto", "true", "false"), help="zo2.vocab_chunks (default auto)"
     )
-    p.add_argument("--num_gpus", type=int, default=1, help="data-parallel ranks on the host (each its own copy)")
+    p.add_argument("--num_gpus", type=int, default=1, help="data-parallel ranks (default 1)")
+    p.add_argument("--gpus_per_node", type=int, default=None, help="ranks per node (default: all on one node)")
+    p.add_argument(
+        "--partition",
+        default="auto",
+        choices=("auto", "none", "node"),
+        help="zo2.offload.partition: node = a node's ranks share one copy of the masters, a shard each; "
+        "none = a copy per rank; auto (default) = node with offload on and several ranks per node",
+    )
+    p.add_argument(
+        "--perturbation_parallel",
+        type=int,
+        default=1,
+        help="zo2.perturbation_parallel: ranks that split a step's 2q forwards on one micro-batch (default 1)",
+    )
     p.add_argument("--bandwidth_gbs", type=float, default=DEFAULT_BANDWIDTH_GBS, help="pinned host->GPU GB/s")
+    p.add_argument(
+        "--nvlink_gbs",
+        type=float,
+        default=DEFAULT_NVLINK_GBS,
+        help="all-gather GB/s received per rank, partitioned (default: measured on 2 H200s)",
+    )
     p.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS, help="effective forward TFLOP/s")
     p.add_argument(
         "--cuda_context_bytes",
@@ -77,7 +104,11 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "num_perturbations": args.num_perturbations,
         "vocab_chunks": {"true": True, "false": False}.get(args.vocab_chunks, args.vocab_chunks),
         "num_gpus": args.num_gpus,
+        "gpus_per_node": args.gpus_per_node,
+        "partition": args.partition,
+        "perturbation_parallel": args.perturbation_parallel,
         "bandwidth_gbs": args.bandwidth_gbs,
+        "nvlink_gbs": args.nvlink_gbs,
         "tflops": args.tflops,
         "cuda_context_bytes": args.cuda_context_bytes,
     }
@@ -89,12 +120,7 @@ def _gib(nbytes: float) -> str:
 
 def format_estimate(est: Estimate) -> str:
     """The estimate as a table by part, then the totals, the host memory and the floors."""
-    mode = "offloaded" if est.offload else "in GPU"
-    lines = [
-        f"{est.model}, {est.batch_size}x{est.seq_len}, {est.dtype}, {mode}, q={est.num_perturbations}, "
-        f"{est.num_params / 1e9:.2f}B parameters"
-        + (f", {est.num_gpus} GPUs (figures per GPU)" if est.num_gpus > 1 else ""),
-    ]
+    lines = [_heading(est)]
     if est.offload_facts:
         lines.append("  " + ", ".join(f"{k} {v}" for k, v in est.offload_facts.items()))
     lines.append("GPU memory (exact: what the engine allocates for the run)")
@@ -110,20 +136,54 @@ def format_estimate(est: Estimate) -> str:
     lines.append(f"  {'CUDA context':<24}{_gib(est.context_bytes)}  ({_CONTEXT_SOURCES[est.context_source]})")
     lines.append(f"  {'allocator slack':<24}{_gib(est.slack_bytes)}")
     lines.append(f"  {'= NVML':<24}{_gib(est.nvml_bytes)}  ({est.nvml_bytes / 1e9:.2f} GB)")
-    lines.append("Host memory (per rank)")
+    return "\n".join(lines + _host_lines(est) + _floor_lines(est))
+
+
+def _heading(est: Estimate) -> str:
+    mode = "offloaded" if est.offload else "in GPU"
+    text = (
+        f"{est.model}, {est.batch_size}x{est.seq_len}, {est.dtype}, {mode}, q={est.num_perturbations}, "
+        f"{est.num_params / 1e9:.2f}B parameters"
+    )
+    if est.num_gpus > 1:
+        nodes = -(-est.num_gpus // est.ranks_per_node)
+        text += f", {est.num_gpus} GPUs ({nodes} node{'s' if nodes > 1 else ''} of {est.ranks_per_node})"
+        if est.offload:
+            text += ", masters partitioned over each node" if est.partition == "node" else ", masters replicated"
+        if est.perturbation_parallel > 1:
+            text += f", perturbation groups of {est.perturbation_parallel}"
+        text += "; figures per GPU"
+    return text
+
+
+def _host_lines(est: Estimate) -> list[str]:
+    shard = f": its 1/{est.ranks_per_node} shards" if est.partition == "node" else ""
+    lines = [f"Host memory (per rank{shard})"]
     lines += [f"  {part:<24}{_gib(n)}" for part, n in est.host_parts.items()]
     if est.num_gpus > 1:
-        lines.append(f"  {'pinned, all ranks':<24}{_gib(est.host_bytes)}")
-    lines.append("Step floors")
-    lines.append(
-        f"  transfer  {est.streamed_bytes_per_step / 1e9:8.2f} GB / {est.bandwidth_gbs:g} GB/s = "
-        f"{est.transfer_floor_ms:9.1f} ms"
-    )
-    lines.append(
-        f"  compute   {est.flops_per_step / 1e12:8.2f} TFLOP / {est.tflops:g} TFLOP/s = {est.compute_floor_ms:9.1f} ms"
-    )
-    lines.append(f"  bound: {est.bound} ({max(est.transfer_floor_ms, est.compute_floor_ms):.1f} ms per step)")
-    return "\n".join(lines)
+        copies = "one copy" if est.partition == "node" else f"{est.ranks_per_node} copies"
+        lines.append(f"Host memory (per node of {est.ranks_per_node} ranks)")
+        lines.append(f"  {'pinned, all ranks':<24}{_gib(est.host_bytes_per_node)}  ({copies} of the streamed masters)")
+    return lines
+
+
+def _floor_lines(est: Estimate) -> list[str]:
+    floors = [("transfer", est.streamed_bytes_per_step / 1e9, "GB", est.bandwidth_gbs, "GB/s", est.transfer_floor_ms)]
+    if est.partition == "node":
+        floors.append(("nvlink", est.gathered_bytes_per_step / 1e9, "GB", est.nvlink_gbs, "GB/s", est.nvlink_floor_ms))
+    floors.append(("compute", est.flops_per_step / 1e12, "TFLOP", est.tflops, "TFLOP/s", est.compute_floor_ms))
+    notes = {"transfer": "this rank's host link", "nvlink": "the other ranks' shards, all-gathered"}
+    notes["compute"] = f"{est.passes_per_rank} forward{'s' if est.passes_per_rank > 1 else ''}"
+    lines = ["Step floors (per rank)"]
+    for name, amount, unit, rate, rate_unit, ms in floors:
+        lines.append(
+            f"  {name:<9}{amount:8.2f} {unit:<5} / {f'{rate:g} {rate_unit}':<13} = {ms:8.1f} ms  ({notes[name]})"
+        )
+    lines.append(f"  bound: {est.bound} ({est.step_floor_ms:.1f} ms per step)")
+    per_group = ", one micro-batch per perturbation group" if est.perturbation_parallel > 1 else ""
+    rate = est.tokens_per_s_at_floor / 1e3
+    lines.append(f"  tokens per step {est.tokens_per_step} (the job's{per_group}): {rate:.1f}K tokens/s at the floor")
+    return lines
 
 
 def _logs_to_stderr() -> None:

@@ -35,6 +35,7 @@ from zo2_ds.offload.hostmem import pinned_host_buffer
 __all__ = [
     "Partition",
     "node_partition",
+    "node_size",
     "materialize_partition",
     "record_materialized_shard",
     "take_materialized_shard",
@@ -155,8 +156,7 @@ def materialize_partition(cfg, device: torch.device) -> Partition | None:
 
 
 def _node_place(cfg, device: torch.device) -> tuple[int, int] | None:
-    """(this rank's index in its node, ranks per node), or None: ``partition`` "none", "auto" with offload off,
-    one rank, or "auto" where "node" would be refused (see :func:`cannot_partition`)."""
+    """(this rank's index in its node, ranks per node), or None: see :func:`node_size`."""
     if cfg.partition == "none" or not cfg.enabled:
         return None
     import torch.distributed as dist
@@ -165,11 +165,22 @@ def _node_place(cfg, device: torch.device) -> tuple[int, int] | None:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return None
     world, rank = dist.get_world_size(), dist.get_rank()
-    per_node = world if device.type == "cpu" else min(world, get_accelerator().device_count())
-    if world % per_node:
-        cannot_partition(cfg, f"the world of {world} ranks is not whole nodes of {per_node} ranks")
+    per_node = node_size(cfg, world, world if device.type == "cpu" else get_accelerator().device_count())
+    return None if per_node is None else (rank % per_node, per_node)
+
+
+def node_size(cfg, world_size: int, devices_per_node: int) -> int | None:
+    """The ranks of a node that share one copy of the masters under ``cfg`` (the ``zo2.offload`` config) in a world
+    of ``world_size`` ranks on nodes of ``devices_per_node`` devices (consecutive ranks per node), or None for
+    replicated masters: ``partition`` "none", offload off, one rank, or "auto" where "node" would be refused (see
+    :func:`cannot_partition`). 1 where a node has one rank. No collective: ``zo2_ds.estimate`` resolves with it."""
+    if cfg.partition == "none" or not cfg.enabled or world_size == 1:
         return None
-    return rank % per_node, per_node
+    per_node = min(world_size, devices_per_node)
+    if world_size % per_node:
+        cannot_partition(cfg, f"the world of {world_size} ranks is not whole nodes of {per_node} ranks")
+        return None
+    return per_node
 
 
 _WARNED: set[str] = set()

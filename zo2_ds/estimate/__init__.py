@@ -2,6 +2,8 @@
 
     python -m zo2_ds.estimate opt-13b --batch 1x2048                 # a zo2_ds.bench shape, offloaded
     python -m zo2_ds.estimate path/to/config.json --no-offload --json
+    python -m zo2_ds.estimate opt-13b --num_gpus 2                   # one node of 2: partitioned masters
+    python -m zo2_ds.estimate opt-13b --num_gpus 16 --gpus_per_node 8 --perturbation_parallel 2
     python -m zo2_ds.estimate --check opt-13b --batch 1x2048         # on a CUDA machine: against a real run
 
 What the offloader holds on the device is *exact*: the model is built on the meta device and the

@@ -274,9 +274,7 @@ def estimate(
     if offload:
         parts, host, streamed, facts = _offloaded(net, config, device == "cuda", ranks)
     else:
-        model_bytes = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
-        parts = {"model": model_bytes, "perturbation_scratch": in_gpu_scratch_bytes(net, config)}
-        host, streamed, facts = {"pinned_masters": 0, "narrow_copies": 0, "outside_blocks": 0}, 0.0, {}
+        parts, host, streamed, facts = _in_gpu(net, config), dict.fromkeys(_HOST_PARTS, 0), 0.0, {}
     tokens, passes = batch_size * seq_len, 2 * num_perturbations // perturbation_parallel
     granularity, itemsize = facts.get("granularity"), DTYPES[dtype].itemsize
     activations, logits, loss = transient_bytes(net, config, parts, tokens, itemsize, passes, granularity)
@@ -340,6 +338,15 @@ def _context(cuda_context_bytes: int | str | None, device: str) -> tuple[int, st
             f'--cuda_context_bytes: {cuda_context_bytes!r} is not a byte count (e.g. 1400000000, "1.3GiB" or "1.4GB")'
         )
     return value, "given"
+
+
+_HOST_PARTS = ("pinned_masters", "narrow_copies", "outside_blocks")
+
+
+def _in_gpu(net: torch.nn.Module, config: ZO2Config) -> dict[str, int]:
+    """The in-GPU engine's device parts: the whole model and its perturbation scratch."""
+    model_bytes = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()))
+    return {"model": model_bytes, "perturbation_scratch": in_gpu_scratch_bytes(net, config)}
 
 
 def _offloaded(

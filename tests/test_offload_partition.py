@@ -347,6 +347,9 @@ def _place(monkeypatch, partition: str, enabled: bool, world: int, rank: int, gp
 
 
 def test_auto_partitions_a_node_of_several_ranks_and_falls_back_where_node_is_refused(monkeypatch, caplog):
+    import zo2_ds.offload.partition as partition
+
+    monkeypatch.setattr(partition, "_WARNED", set())  # said once per process: maybe already, by another test
     part = _place(monkeypatch, "auto", True, world=4, rank=3, gpus_per_node=2)  # 2 nodes of 2
     assert (part.rank, part.num_ranks) == (1, 2)
     assert _place(monkeypatch, "auto", False, world=4, rank=3, gpus_per_node=2) is None  # offload off

@@ -364,3 +364,13 @@ def test_bench_scaling_script_tiny_on_two_cpu_ranks(tmp_path):
     assert rows[0]["scaling"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
     # Partitioned: each rank's link carries half of every block.
     assert rows[2]["streamed_bytes"] == rows[1]["streamed_bytes"] / 2
+
+
+def test_host_rss_peak_starts_afresh_after_a_reset():
+    """A mode's host peak (bench offload records) is its own, not an earlier mode's in the same process."""
+    big = torch.ones(64 << 20, dtype=torch.float32)  # 256 MiB, touched
+    before = measure.host_rss_bytes()["host_rss_peak_bytes"]
+    del big  # (a mapping of its own: unmapped when freed)
+    if not measure.reset_host_rss_peak():
+        pytest.skip("this kernel does not let a process reset its VmHWM")
+    assert measure.host_rss_bytes()["host_rss_peak_bytes"] < before - (128 << 20)

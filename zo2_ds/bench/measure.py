@@ -28,6 +28,7 @@ __all__ = [
     "device_memory",
     "nvml_used_bytes",
     "host_rss_bytes",
+    "reset_host_rss_peak",
     "cuda_context_bytes",
     "link_bandwidth",
     "gather_bandwidth",
@@ -107,11 +108,26 @@ def nvml_used_bytes() -> int | None:
 
 
 def host_rss_bytes() -> dict[str, int]:
-    """This process's resident host memory now, and its peak so far."""
+    """This process's resident host memory now, and its peak since :func:`reset_host_rss_peak` (where the
+    kernel allows the reset; else since the process began)."""
     import psutil
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    try:
+        peak = _proc_status_bytes("VmHWM")
+    except (OSError, KeyError):  # not Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     return {"host_rss_bytes": psutil.Process().memory_info().rss, "host_rss_peak_bytes": peak}
+
+
+def reset_host_rss_peak() -> bool:
+    """Start :func:`host_rss_bytes`' peak afresh (VmHWM := VmRSS); False where the kernel does not let this
+    process do it (the peak then covers the whole process)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def summed_over_ranks(value: int) -> int:

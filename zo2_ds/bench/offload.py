@@ -137,6 +137,7 @@ def _offload_one(
 ) -> list:
     """The offloaded step per batch on a fresh model (see :func:`_offload_model`); ``zo2``: more fields of
     the zo2 block."""
+    peak_of_mode = measure.reset_host_rss_peak()  # the host peak of this mode, build and init included
     started = time.perf_counter()
     model = _offload_model(name, offload, run, materialize)
     build_s = time.perf_counter() - started
@@ -165,7 +166,7 @@ def _offload_one(
         rec.update(facts, offload=offload, streamed_bytes=streamed, model_bytes=model_bytes, num_blocks=num_blocks)
         rec.update(ranks_sharing_masters=num_sharing, perturbation_parallel=zo2.get("perturbation_parallel", 1))
         rec.update(engine_init_s=init_s, host_rss_over_model=rec["host_rss_bytes"] / model_bytes)
-        rec.update(model_build_s=build_s, materialized=materialize)
+        rec.update(model_build_s=build_s, materialized=materialize, host_rss_peak_of_mode=peak_of_mode)
         if timeline and (b, s) == batches[0]:
             rec["timeline"] = driver.timeline_of_one_step(engine, driver.zo_step(engine, batch))
         records.append(rec)

@@ -283,8 +283,8 @@ def kept_gathered(keep: bool) -> Iterator[None]:
 def install_state_hooks(store: Any, is_home: Callable[[int], bool]) -> list[Any]:
     """The partitioned units' ``state_dict`` / ``load_state_dict`` hooks (see the module docstring); install
     them after the hooks that flush pending updates. A load also remakes this rank's shard of the unit's
-    transfer_dtype copy, if any, from the whole unit it was given. ``is_home(b)``: unit b's parameters point at their
-    placeholders (not at a device copy, as inside a forward). Returns the handles."""
+    transfer_dtype copy, if any, from the whole unit it was given. ``is_home(b)``: unit b's parameters point
+    at their placeholders (not at a device copy, as inside a forward). Returns the handles."""
     loading: dict[int, torch.Tensor] = {}  # unit -> the whole unit a load_state_dict is writing
 
     def gathered_state(b: int, module: Any, state_dict: dict, prefix: str, local_metadata: Any) -> None:

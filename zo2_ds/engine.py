@@ -39,7 +39,6 @@ from deepspeed.utils import logger
 from zo2_ds import ds_compat, parallel, zo
 from zo2_ds.config import ZO2Config, parse_zo2_config
 from zo2_ds.loss import install_lean_loss, uninstall_lean_loss
-from zo2_ds.offload.partition import kept_gathered
 from zo2_ds.ops import Ops
 from zo2_ds.passes import eval_mode, kv_cache_configs, kv_cache_off, loss_of, with_loss
 from zo2_ds.perturb import ResidentRunner, UpdateGroup, trainable_params
@@ -364,6 +363,8 @@ class ZOEngine(DeepSpeedEngine):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: dict | None = None, **kwargs: Any) -> Any:
+        from zo2_ds.offload.partition import kept_gathered
+
         self.zo_runner.flush()
         state = dict(client_state or {})
         state["zo2_state"] = {"zo_skipped_steps": self.zo_skipped_steps, "config": self.zo_config.model_dump()}

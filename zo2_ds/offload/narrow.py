@@ -3,12 +3,13 @@
 A streamed block comes up either as its exact master (into its slot) or as its narrow copy into its slot's
 staging buffer, widened into the slot by the compute stream when the block is acquired (so the staging
 buffer is free when the slot is); a write-back also narrows the slot into one more staging buffer (compute
-stream, right after the update) and copies that to the block's narrow host copy. With partitioned masters
-(:mod:`~zo2_ds.offload.partition`) the narrow host copy is this rank's shard of it, moved as the master's
-shard is: up into its part of the staging buffer, then the node's all-gather of the staging buffer; back,
-only its part of the write-back stage. No conversion kernel runs
+stream, right after the update) and copies that to the block's narrow host copy. No conversion kernel runs
 on a copy stream: there it would wait for free SMs behind the forward's GEMMs and hold up every copy
 queued behind it (H100, fp32 OPT-6.7B with bf16 transfers: 1.48x the transfer floor that way).
+
+With partitioned masters (:mod:`~zo2_ds.offload.partition`) the narrow host copy is this rank's shard of
+it, moved as the master's shard is (the same ``home_copies``): up into its part of the staging buffer, then
+the node's all-gather of the staging buffer; back, only its part of the write-back stage.
 
 :class:`NoNarrowCopies` is the twin for the usual case (every block crosses in its own dtype): the ring
 calls the same methods, which do nothing, so no caller writes ``if narrow:``.

@@ -187,11 +187,14 @@ _WARNED: set[str] = set()
 
 
 def cannot_partition(cfg, reason: str) -> None:
-    """The masters cannot be partitioned here, for ``reason``: a ValueError naming the key for an explicit
-    ``partition`` "node"; for "auto" the masters are replicated, said once per process in the log."""
+    """The masters cannot be partitioned here, for ``reason`` (torch.distributed is up): a ValueError naming the
+    key for an explicit ``partition`` "node"; for "auto" the masters are replicated, said once in the log (by
+    global rank 0)."""
+    import torch.distributed as dist
+
     if cfg.partition == "node":
         raise ValueError(f'zo2.offload.partition="node": {reason}; use "none" or "auto"')
-    if reason not in _WARNED:
+    if reason not in _WARNED and dist.get_rank() == 0:
         _WARNED.add(reason)
         logger.warning('zo2.offload.partition="auto": replicated masters (one copy per rank), since %s', reason)
 
@@ -327,8 +330,8 @@ def kept_gathered(keep: bool) -> Iterator[None]:
 def install_state_hooks(store: Any, is_home: Callable[[int], bool]) -> list[Any]:
     """The partitioned units' ``state_dict`` / ``load_state_dict`` hooks (see the module docstring); install
     them after the hooks that flush pending updates. A load also remakes this rank's shard of the unit's
-    transfer_dtype copy, if any, from the whole unit it was given. ``is_home(b)``: unit b's parameters point at their
-    placeholders (not at a device copy, as inside a forward). Returns the handles."""
+    transfer_dtype copy, if any, from the whole unit it was given. ``is_home(b)``: unit b's parameters point
+    at their placeholders (not at a device copy, as inside a forward). Returns the handles."""
     loading: dict[int, torch.Tensor] = {}  # unit -> the whole unit a load_state_dict is writing
 
     def gathered_state(b: int, module: Any, state_dict: dict, prefix: str, local_metadata: Any) -> None:

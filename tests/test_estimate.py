@@ -468,6 +468,22 @@ def test_partition_resolves_like_the_engine(monkeypatch, partition, offload, num
         assert est.ranks_per_node == ranks and est.gathered_bytes_per_step == (ranks - 1) * est.streamed_bytes_per_step
 
 
+def test_auto_falls_back_without_torch_distributed(monkeypatch, caplog):
+    """The estimator runs without a process group: "auto" on a world that is not whole nodes replicates, and
+    says so, without asking torch.distributed for a rank."""
+    import torch.distributed as dist
+
+    import zo2_ds.offload.partition as partition
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "get_rank", lambda *a, **k: pytest.fail("get_rank without a process group"))
+    monkeypatch.setattr(partition, "_WARNED", set())
+    with caplog.at_level("WARNING", logger="zo2_ds.offload.partition"):
+        est = estimate("tiny", batch="1x16", partition="auto", num_gpus=3, gpus_per_node=2)
+    assert est.partition == "none"
+    assert any("not whole nodes of 2 ranks" in r.getMessage() for r in caplog.records)
+
+
 def test_partition_refusals_name_the_key(monkeypatch):
     with pytest.raises(ValueError, match=r'zo2\.offload\.partition="node": the world of 3 ranks is not whole nodes'):
         estimate("tiny", partition="node", num_gpus=3, gpus_per_node=2)

@@ -34,7 +34,7 @@ class NoNarrowCopies:
     enabled = False
     buffers: list[torch.Tensor] = []
 
-    def upload(self, b: int, slot: int, tracer: Any) -> Any:
+    def upload(self, b: int, slot: int) -> tuple[torch.Tensor, int]:
         raise AssertionError("no narrow copies to upload")  # upload_is_exact is always True without them
 
     def widen(self, b: int, slot: int, slot_flat: torch.Tensor, dev_views: list[torch.Tensor]) -> None:
@@ -61,13 +61,12 @@ class NarrowCopies:
         self.buffers = [torch.empty(stage_bytes, dtype=torch.uint8, device=store.device) for _ in range(num_slots + 1)]
         self._wb_stage_free = streams.marker()  # the write-back stage's last narrow copy has left it
 
-    def upload(self, b: int, slot: int, tracer: Any) -> Any:
-        """On the upload stream: block b's narrow host copy into the slot's staging buffer (widened at acquire);
-        partitioned, then the node's gather of the staging buffer on the gather stream. Returns the stream on
-        which the staging buffer holds the whole copy."""
+    def upload(self, b: int, slot: int) -> tuple[torch.Tensor, int]:
+        """On the upload stream: block b's narrow host copy (this rank's shard, if partitioned) into the slot's
+        staging buffer, widened at acquire. Returns the staging buffer and the copy's bytes (the ring then
+        completes it: the node's gather, if partitioned)."""
         self.homes.upload(self.narrow.homes[b], self.buffers[slot], self.narrow.sizes[b])
-        tracer.emit("upload", b, "end", self.streams.upload)
-        return self.homes.complete(self.buffers[slot], self.narrow.sizes[b], b, tracer)
+        return self.buffers[slot], self.narrow.sizes[b]
 
     def widen(self, b: int, slot: int, slot_flat: torch.Tensor, dev_views: list[torch.Tensor]) -> None:
         """On the compute stream: the staged narrow copy into the slot (every acquire follows its upload)."""

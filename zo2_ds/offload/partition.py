@@ -187,14 +187,15 @@ _WARNED: set[str] = set()
 
 
 def cannot_partition(cfg, reason: str) -> None:
-    """The masters cannot be partitioned here, for ``reason`` (torch.distributed is up): a ValueError naming the
-    key for an explicit ``partition`` "node"; for "auto" the masters are replicated, said once in the log (by
-    global rank 0)."""
+    """The masters cannot be partitioned here, for ``reason``: a ValueError naming the key for an explicit
+    ``partition`` "node"; for "auto" the masters are replicated, said once in the log (by global rank 0, or by
+    this process where torch.distributed is not up: the estimator)."""
     import torch.distributed as dist
 
     if cfg.partition == "node":
         raise ValueError(f'zo2.offload.partition="node": {reason}; use "none" or "auto"')
-    if reason not in _WARNED and dist.get_rank() == 0:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if reason not in _WARNED and rank == 0:
         _WARNED.add(reason)
         logger.warning('zo2.offload.partition="auto": replicated masters (one copy per rank), since %s', reason)
 

@@ -119,13 +119,13 @@ class SlotRing:
         up = self.streams.upload
         self.tracer.emit("upload", b, "start", up)
         if exact:
-            slot, size = self.slots[self.slot_of[b]], self.store.sizes[b]
-            self.homes.upload(self.store.homes[b], slot, size)
-            self.tracer.emit("upload", b, "end", up)
-            whole_on = self.homes.complete(slot, size, b, self.tracer)
-        else:  # the slot's staging buffer was widened from before the slot was freed
-            whole_on = self.narrow.upload(b, self.slot_of[b], self.tracer)
-        self._uploaded[b].record(whole_on)
+            dst, size = self.slots[self.slot_of[b]], self.store.sizes[b]
+            self.homes.upload(self.store.homes[b], dst, size)
+        else:  # into the slot's staging buffer, widened from before the slot was freed
+            dst, size = self.narrow.upload(b, self.slot_of[b])
+        self.tracer.emit("upload", b, "end", up)
+        # Partitioned: the node's gather of the other shards into dst, on the gather stream.
+        self._uploaded[b].record(self.homes.complete(dst, size, b, self.tracer))
         self.exact[b] = exact
 
     def write_back(self, b: int, compute: Any) -> None:

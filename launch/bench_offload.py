@@ -45,6 +45,7 @@ COLUMNS = "model batch mode median_ms:.1f tokens_per_s:.0f ratio_to_two_forwards
 COLUMNS += "ratio_to_floor:.2f peak_allocated_bytes:gib nvml_used_bytes:gib host_rss_over_model:.2f"
 TRANSFER_DTYPES = ("auto", "fp32", "fp16", "bf16")
 GRANULARITIES = ("auto", "block", "layer")
+GATHERS = ("auto", "copy_engine", "collective")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="build each offloaded model from its config straight into pinned memory (zo2_ds.offload.materialize)",
     )
+    p.add_argument(
+        "--gathers", default="auto",
+        help="comma-separated zo2.offload.gather values (auto, copy_engine, collective) for the partitioned modes",
+    )  # fmt: skip
     p.add_argument("--no-prefetch-next-step", action="store_true", help="zo2.offload.prefetch_next_step false")
     p.add_argument("--vocab-chunks", default="auto", choices=("auto", "true", "false"), help="zo2.vocab_chunks")
     p.add_argument("--timeline", default=None, help="PNG of one offloaded step per mode (first model and batch)")
@@ -93,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         args.transfer_dtypes = tuple(report.parse_names(args.transfer_dtypes, TRANSFER_DTYPES, "--transfer-dtypes"))
         args.granularities = tuple(report.parse_names(args.granularities, GRANULARITIES, "--granularities"))
+        args.gathers = tuple(report.parse_names(args.gathers, GATHERS, "--gathers"))
     except ValueError as exc:
         p.error(str(exc))
     return args
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         prefetch_depth=args.prefetch_depth, write_back_interval=args.write_back_interval,
         transfer_dtypes=args.transfer_dtypes, cuda_graphs=args.cuda_graphs, resident_blocks=args.resident,
         granularities=args.granularities, partitioned=args.partitioned,
-        perturbation_parallel=args.perturbation_parallel, replicated=not args.partitioned_only,
+        perturbation_parallel=args.perturbation_parallel, replicated=not args.partitioned_only, gathers=args.gathers,
     )  # fmt: skip
     for i, name in enumerate(args.models):
         records = offload.offload_records(
@@ -149,6 +155,14 @@ def main(argv: list[str] | None = None) -> dict:
                 png = Path(args.timeline).with_name(f"{Path(args.timeline).stem}_{rec['mode']}.png")
                 png.with_suffix(".json").write_text(json.dumps(spans))
                 plot_timeline(spans, png, f"{name} {rec['batch']} {args.dtype} {rec['mode']}: one step")
+                lead = driver.host_lead(spans)
+                if lead:  # the device waiting for the host shows as a lead near zero
+                    rec["timeline_host_lead"] = lead
+                    print(
+                        f"{rec['mode']}: compute starts queued {lead['median_lead_ms']:.2f} ms (median) before the "
+                        f"device reached them; {lead['share_waiting_for_host']:.0%} within 0.05 ms",
+                        flush=True,
+                    )
         result["records"] += records
         report.write_json(args.out, result)
     if env["world_size"] == 1 or os.environ.get("RANK") == "0":

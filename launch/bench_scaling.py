@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--perturbation-parallel", type=int, default=2, help="P of the offload_pp<P> rows (1: none)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gathers", default="auto", help="comma-separated zo2.offload.gather values, partitioned modes")
     p.add_argument("--timeline", default=None, help="PNG of one step per mode, rank 0, first model at most GPUs")
     p.add_argument("--tiny", action="store_true", help="the tiny model on CPU ranks (gloo): checks the plumbing")
     p.add_argument("--out", default="runs/scaling.json")
@@ -62,7 +63,7 @@ def launch(model: str, gpus: int, args: argparse.Namespace, out: Path, timeline:
     bench = [str(HERE / "bench_offload.py"), "--no-in-gpu", "--steps", str(args.steps), "--warmup", str(args.warmup)]
     bench += ["--tiny"] if args.tiny else ["--models", model, "--batches", args.batch]
     if gpus > 1:
-        bench += ["--partitioned"]
+        bench += ["--partitioned", "--gathers", args.gathers]
         if args.perturbation_parallel > 1 and gpus % args.perturbation_parallel == 0:
             bench += ["--perturbation-parallel", str(args.perturbation_parallel)]
     if timeline:

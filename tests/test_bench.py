@@ -110,6 +110,11 @@ def test_offload_variants_and_engine_config():
         "prefetch_depth": 0,
         "transfer_dtype": "auto",
     }
+    gathers = offload.offload_variants(partitioned=True, replicated=False, gathers=("auto", "collective"))
+    assert [(m, o) for m, o, _ in gathers] == [
+        ("offload_partitioned", {"enabled": True, "partition": "node"}),
+        ("offload_partitioned_collective", {"enabled": True, "partition": "node", "gather": "collective"}),
+    ]
     config = driver.engine_config(16, "fp16", offload=variants[0][1])
     assert config["zo2"]["offload"]["enabled"] and config["fp16"]["enabled"]
     assert "offload" not in driver.engine_config(1, "fp32")["zo2"]
@@ -374,3 +379,14 @@ def test_host_rss_peak_starts_afresh_after_a_reset():
     if not measure.reset_host_rss_peak():
         pytest.skip("this kernel does not let a process reset its VmHWM")
     assert measure.host_rss_bytes()["host_rss_peak_bytes"] < before - (128 << 20)
+
+
+def test_host_lead_tells_a_device_waiting_for_the_host():
+    # Device starts 2 ms after issue (host ahead) for one unit, 0.01 ms for three (the device waited).
+    spans = [{"what": "compute", "block": b, "start_ms": 5.0 + b, "start_issued_ms": 5.0 + b - lead, "end_ms": 9.0}
+             for b, lead in enumerate([2.0, 0.01, 0.01, 0.02])]  # fmt: skip
+    spans.append({"what": "upload", "block": 0, "start_ms": 1.0, "start_issued_ms": 0.0, "end_ms": 2.0})
+    lead = driver.host_lead(spans)
+    assert lead["share_waiting_for_host"] == 0.75 and lead["min_lead_ms"] == pytest.approx(0.01)
+    assert lead["median_lead_ms"] == pytest.approx(0.02)
+    assert driver.host_lead([{"what": "compute", "block": 0, "start_ms": 1.0, "end_ms": 2.0}]) is None

@@ -39,9 +39,9 @@ def test_defaults():
         ({"enabled": "yes"}, r"zo2\.enabled: Input should be a valid boolean"),
         (
             {"offload": {"enable": True}},
-            r"zo2\.offload\.enable: unknown key; allowed keys are: blocks_attr, cuda_graphs, enabled, granularity, "
-            r"max_gpu_memory, num_resident_blocks, partition, prefetch_depth, prefetch_next_step, transfer_dtype, "
-            r"write_back_interval$",
+            r"zo2\.offload\.enable: unknown key; allowed keys are: blocks_attr, cuda_graphs, enabled, gather, "
+            r"granularity, max_gpu_memory, num_resident_blocks, partition, prefetch_depth, prefetch_next_step, "
+            r"transfer_dtype, write_back_interval$",
         ),
         ({"offload": {"prefetch_depth": -1}}, r"zo2\.offload\.prefetch_depth: Input should be greater than or equal"),
         ({"offload": {"transfer_dtype": "fp8"}}, r"zo2\.offload\.transfer_dtype: Input should be 'auto', 'fp32'"),

@@ -17,7 +17,7 @@ import torch
 import zo2_ds
 from zo2_ds.config import parse_zo2_config
 from zo2_ds.estimate import estimate
-from zo2_ds.estimate.cli import main
+from zo2_ds.estimate.cli import format_estimate, main
 from zo2_ds.testing import ds_config, tiny_causal_lm
 
 CUDA = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
@@ -556,3 +556,16 @@ def test_check_refuses_what_one_process_cannot_run():
 
     with pytest.raises(ValueError, match="--check builds one engine in one process"):
         check("tiny", num_gpus=2, steps=1)
+
+
+def test_nccl_communicators_count_on_cuda_runs_of_several_ranks():
+    from zo2_ds.estimate import NCCL_COMMUNICATOR_BYTES
+
+    one = estimate("tiny", batch="1x16")
+    two = estimate("tiny", batch="1x16", num_gpus=2)
+    pp = estimate("tiny", batch="1x16", num_gpus=2, perturbation_parallel=2)
+    cpu = estimate("tiny", batch="1x16", num_gpus=2, device="cpu")
+    assert (one.communicator_bytes, cpu.communicator_bytes) == (0, 0)
+    assert two.communicator_bytes == NCCL_COMMUNICATOR_BYTES and pp.communicator_bytes == 2 * NCCL_COMMUNICATOR_BYTES
+    assert two.nvml_bytes - two.communicator_bytes == two.peak_allocated_bytes + two.context_bytes + two.slack_bytes
+    assert "NCCL communicators" in format_estimate(two) and "NCCL communicators" not in format_estimate(one)

@@ -30,6 +30,7 @@ VARIANTS = {
     "bf16_resident": {"transfer_dtype": "bf16", "num_resident_blocks": 1},
     "graphs": {"cuda_graphs": True},  # CUDA only (no effect on CPU): the hooks' gathers around graphed forwards
     "delayed": {},  # CUDA: compute, upload, gather and write-back each delayed in turn (a missing event wait shows)
+    "collective": {"gather": "collective"},  # CUDA: NCCL's all-gather, not the copy engines "auto" picks there
 }
 
 
@@ -103,6 +104,7 @@ def _train(arch: str, granularity: str, variant: str, partition: str) -> dict:
         "unit_bytes": sum(store.sizes[b] for b in store.streamed),
         "num_units": len(store.streamed),
         "num_resident": len(store.resident),
+        "copy_engine": store.partition is not None and store.partition.copy_engine,
     }
 
 
@@ -302,11 +304,17 @@ def test_narrow_copies_are_sharded_like_the_masters(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_cuda_partitioned_over_nccl(tmp_path):
-    """The same on 2 GPUs: the shards are uploaded, and all-gathered over NCCL on the gather stream; with
-    resident units, bf16 transfers, CUDA graphs and every stream delayed in turn too."""
+    """The same on 2 GPUs: the shards are uploaded, and gathered on the gather stream, over the copy engines
+    ("auto" on peer GPUs) and over NCCL ("collective"); with resident units, bf16 transfers, CUDA graphs and
+    every stream delayed in turn too."""
     cases = [*CASES, ("opt", "block", "resident"), ("llama", "layer", "bf16_resident"), ("opt", "block", "graphs")]
-    cases += [("opt", "layer", "delayed"), ("llama", "block", "delayed")]
+    cases += [("opt", "layer", "delayed"), ("llama", "block", "delayed"), ("opt", "layer", "collective")]
+    cases += [("llama", "block", "collective")]
     _check_partitioned(tmp_path, "cuda", cases=cases, resume="bf16_resident")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    peers = torch.cuda.can_device_access_peer(0, 1)
+    for case in cases:  # the copy engines where "auto" may pick them (peer GPUs), NCCL where asked
+        assert [res[(*case, "node")]["copy_engine"] for res in ranks] == [peers and case[2] != "collective"] * 2, case
 
 
 def test_shards_cover_a_unit_once_at_aligned_offsets():
@@ -373,3 +381,25 @@ def test_partition_on_one_rank_is_replicated(partition):
     store = engine.zo_offload_store
     assert store.partition is None
     assert [h.numel() for h in store.homes] == store.sizes
+
+
+def test_copy_engine_gather_is_refused_where_it_cannot_run_and_auto_falls_back():
+    from zo2_ds.offload.partition import _copy_engine
+
+    cpu = torch.device("cpu")
+    cfg = parse_zo2_config({"zo2": {"enabled": True, "offload": {"enabled": True, "gather": "copy_engine"}}}).offload
+    with pytest.raises(ValueError, match=r'zo2\.offload\.gather="copy_engine": the device is cpu, not cuda'):
+        _copy_engine(cfg, cpu, group=None)
+    for gather in ("auto", "collective"):
+        cfg = parse_zo2_config({"zo2": {"enabled": True, "offload": {"enabled": True, "gather": gather}}}).offload
+        assert _copy_engine(cfg, cpu, group=None) is False
+    with pytest.raises(ValueError, match=r"zo2\.offload\.gather"):
+        parse_zo2_config({"zo2": {"enabled": True, "offload": {"enabled": True, "gather": "nvlink"}}})
+
+
+def test_a_failed_rendezvous_is_a_reason_not_an_error():
+    from zo2_ds.offload.peer import copy_engine_unavailable, rendezvous_fails
+
+    assert copy_engine_unavailable(torch.device("cpu"), None) == "the device is cpu, not cuda"
+    reason = rendezvous_fails(torch.device("cpu"), None)  # no symmetric memory on a CPU tensor
+    assert reason is not None and reason.startswith("symmetric memory failed here (")

@@ -107,6 +107,15 @@ class OffloadConfig(DeepSpeedConfigModel):
     "none", with a warning in the log. Partitioned, every forward of the model is a collective of the node's
     ranks (each unit's upload gathers): run eval and generation on every rank, not on rank 0 alone."""
 
+    gather: Literal["auto", "copy_engine", "collective"] = "auto"
+    """With partitioned masters on GPUs, how a node's ranks gather each unit's shards into their slots.
+    "copy_engine": the slots live in symmetric memory (torch.distributed._symmetric_memory) and each rank
+    copies the other shards straight out of its peers' slots, on the GPU's copy engines (no SMs taken from
+    the forward beside it), between two device-side barriers; needs every GPU of the node to be a peer of the
+    others (NVLink or PCIe P2P). "collective": the process group's all-gather (NCCL's kernels on GPUs, gloo
+    on CPU). "auto": "copy_engine" where the node's GPUs are peers and symmetric memory is available, else
+    "collective". Same bits either way."""
+
     @model_validator(mode="after")
     def _partition_supported(self) -> OffloadConfig:
         if self.partition == "node" and not self.enabled:

@@ -19,7 +19,8 @@
 # materialize: launch/bench_materialize.py, OPT-30B fp16 straight into pinned memory against page-locking
 #          the same bytes alone, peak host RSS throughout (~60 GB pinned twice, one after the other; 1-2 min)
 # scaling: launch/bench_scaling.py, 1 and 2 GPUs (replicated, partitioned, perturbation-parallel) per model of
-#          SCALING_MODELS (default opt-6.7b,opt-13b), a timeline PNG of one step per mode at 2 GPUs
+#          SCALING_MODELS (default opt-6.7b,opt-13b), partitioned once per zo2.offload.gather of GATHERS (default
+#          auto,collective: copy engines against NCCL), PP (default 2; 1: none), a timeline PNG per mode at 2 GPUs
 # big:     OPT-66B's shape on 2 GPUs, materialized straight into each rank's pinned shards, partitioned only
 #          (the host cannot hold two replicas); node host RSS against the model's bytes
 set -uo pipefail
@@ -60,6 +61,7 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
               echo "$(grep "^$model |" "$OUT/memory_$tag.log" | tr '\n' ';') depth ${depth:-default}"
             done ;;
     scaling) python3 launch/bench_scaling.py --models "${SCALING_MODELS:-opt-6.7b,opt-13b}" --gpus 1,2 \
+               --gathers "${GATHERS:-auto,collective}" --perturbation-parallel "${PP:-2}" \
                --timeline "$OUT/scaling_timeline.png" --out "$OUT/scaling.json" >"$OUT/scaling.log" 2>&1 || status=1
              grep -A30 "^model | gpus" "$OUT/scaling.log" ;;
     big) python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --models opt-66b \

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "finish",
     "offload_facts",
     "timeline_of_one_step",
+    "host_lead",
 ]
 
 KERNEL_CHOICES = ("auto", "multi_tensor", "per_tensor", "torch")
@@ -210,27 +212,46 @@ def offload_facts(engine: Any) -> dict[str, Any]:
 def timeline_of_one_step(engine: Any, step: Callable[[], None]) -> list[dict[str, Any]]:
     """[{what, block, start_ms, end_ms}] of one offloaded step from the runner's CUDA events, where the
     installed offloader records them (``recording_timeline()``, or an older checkout's ``timeline`` list of
-    (what, block, edge, event)); else []."""
+    (what, block, edge, event)); else []. Where the timeline has host issue times, each span also has
+    ``start_issued_ms`` / ``end_issued_ms``: when the host queued that edge, on the same origin (the device
+    is idle at the origin, so it reaches the origin as the host records it). An edge the device reached
+    within a few microseconds of its issue found the device waiting for the host."""
     runner = getattr(engine, "zo_runner", None)
     recording = getattr(runner, "recording_timeline", None)
     if not torch.cuda.is_available() or not (callable(recording) or hasattr(runner, "timeline")):
         return []
     origin = torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
+    issued: list[float] = []
     if callable(recording):
         with recording() as timeline:
             origin.record()
+            host_origin = time.perf_counter()
             step()
             torch.cuda.synchronize()
-        events = timeline.events
+        events, issued = timeline.events, getattr(timeline, "issued", [])
     else:
         runner.timeline = []
         origin.record()
+        host_origin = time.perf_counter()
         step()
         torch.cuda.synchronize()
         events, runner.timeline = runner.timeline, None
     spans: dict[tuple[str, int], dict[str, Any]] = {}
-    for what, block, edge, event in events:
+    for i, (what, block, edge, event) in enumerate(events):
         span = spans.setdefault((what, block), {"what": what, "block": block})
         span[f"{edge}_ms"] = origin.elapsed_time(event)
+        if i < len(issued):
+            span[f"{edge}_issued_ms"] = (issued[i] - host_origin) * 1e3
     return [s for s in spans.values() if "start_ms" in s and "end_ms" in s]
+
+
+def host_lead(spans: list[dict[str, Any]], what: str = "compute") -> dict[str, float] | None:
+    """How far ahead of the device the host queued the starts of ``what`` spans (ms: device start minus host
+    issue), median and the share of starts the device reached within 0.05 ms of their issue (it was waiting
+    for the host there); None without issue times."""
+    leads = sorted(s["start_ms"] - s["start_issued_ms"] for s in spans if s["what"] == what and "start_issued_ms" in s)
+    if not leads:
+        return None
+    starved = sum(lead < 0.05 for lead in leads) / len(leads)
+    return {"median_lead_ms": leads[len(leads) // 2], "min_lead_ms": leads[0], "share_waiting_for_host": starved}

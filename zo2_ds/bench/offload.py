@@ -33,13 +33,15 @@ def offload_variants(
     partitioned: bool = False,
     perturbation_parallel: int = 1,
     replicated: bool = True,
+    gathers: tuple[str, ...] = ("auto",),
 ) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """[(mode, zo2.offload block, other zo2 fields)]: every block streamed per transfer dtype and granularity
     (mode ``offload``, ``offload_xfer_<dtype>``, with ``_<granularity>`` unless "auto"; replicated masters
     where the installed zo2_ds has ``partition``), then the optional variants (``offload_partitioned``:
     zo2.offload.partition "node", the masters shared by a node's ranks; ``offload_pp<P>``: that and
     zo2.perturbation_parallel P, a step's passes spread over P ranks that see the same micro-batch). Not
-    ``replicated``: only the optional variants (a model whose replicas the host cannot hold)."""
+    ``replicated``: only the optional variants (a model whose replicas the host cannot hold). ``gathers``: the
+    partitioned modes once per zo2.offload.gather (``_<gather>`` appended unless "auto")."""
     common: dict[str, Any] = {"enabled": True}
     if driver.config_accepts({"offload": {"enabled": True, "partition": "none"}}):
         common["partition"] = "none"  # whatever the default, these modes are the replicated ones
@@ -61,11 +63,14 @@ def offload_variants(
         variants.append(("offload_graphs", {**common, "cuda_graphs": True}, {}))
     if resident_blocks:
         variants.append((f"offload_resident{resident_blocks}", {**common, "num_resident_blocks": resident_blocks}, {}))
-    if partitioned:
-        variants.append(("offload_partitioned", {**common, "partition": "node"}, {}))
-    if perturbation_parallel > 1:
-        pp = {"perturbation_parallel": perturbation_parallel}
-        variants.append((f"offload_pp{perturbation_parallel}", {**common, "partition": "node"}, pp))
+    for gather in gathers:
+        node = {**common, "partition": "node", **({} if gather == "auto" else {"gather": gather})}
+        suffix = "" if gather == "auto" else f"_{gather}"
+        if partitioned:
+            variants.append((f"offload_partitioned{suffix}", node, {}))
+        if perturbation_parallel > 1:
+            pp = {"perturbation_parallel": perturbation_parallel}
+            variants.append((f"offload_pp{perturbation_parallel}{suffix}", node, pp))
     return variants
 
 

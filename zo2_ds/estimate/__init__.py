@@ -73,7 +73,14 @@ from zo2_ds.offload.partition import node_size
 from zo2_ds.offload.store import parse_bytes
 from zo2_ds.parallel import check_sizes
 
-__all__ = ["Estimate", "estimate", "parse_batch", "CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK_BYTES"]
+__all__ = [
+    "Estimate",
+    "estimate",
+    "parse_batch",
+    "CUDA_CONTEXT_BYTES",
+    "ALLOCATOR_SLACK_BYTES",
+    "NCCL_COMMUNICATOR_BYTES",
+]
 
 _GIB = 1024**3
 # NVML-used bytes with CUDA initialised, a cuBLAS handle made and nothing allocated: 1.18 GiB on the H100
@@ -81,6 +88,12 @@ _GIB = 1024**3
 CUDA_CONTEXT_BYTES = 1263337472
 # NVML - peak allocated - context in fresh processes (OPT-13B/30B offloaded, expandable_segments): 0.20-0.30 GiB.
 ALLOCATOR_SLACK_BYTES = _GIB // 4
+# NVML bytes of one NCCL communicator a rank uses in training, 2 ranks on 2 H200s (NVLink): 2 replicated ranks
+# used 4.31 GB per GPU against 2.99 GB for one GPU alone (OPT-6.7B offloaded, 1x2048,
+# launch/results/copy_engine_gather_h200x2.json): the world group's, which the step's scalar all-reduce needs.
+# A perturbation group adds its own (measured +1.00 GB); the copy-engine gather needs none (the collective
+# gather's node group: +1.60 GB). Not measured for more ranks.
+NCCL_COMMUNICATOR_BYTES = 1_323_000_000
 DEFAULT_BANDWIDTH_GBS = 55.0  # pinned host -> device, H100 / H200 (REFERENCE.md: 55.2 / 55.5 GB/s)
 DEFAULT_TFLOPS = 500.0  # fp16 forward, effective 2 N tokens / t (H200: 424-572 TFLOP/s for OPT-1.3B..13B)
 DEFAULT_NVLINK_GBS = 260.0  # NCCL all-gather received per rank, 2 x H200 (launch/results/README.md: 257-266 GB/s)
@@ -119,6 +132,7 @@ class Estimate:
     perturbation_parallel: int = 1
     gathered_bytes_per_step: float = 0.0  # the other ranks' shards, all-gathered into this rank's slots
     nvlink_gbs: float = DEFAULT_NVLINK_GBS
+    communicator_bytes: int = 0  # NCCL's, on a CUDA run of several ranks (NCCL_COMMUNICATOR_BYTES each)
 
     @property
     def exact_bytes(self) -> int:
@@ -131,8 +145,9 @@ class Estimate:
 
     @property
     def nvml_bytes(self) -> int:
-        """What NVML (``nvidia-smi``) would show for the process: peak allocated + context + slack."""
-        return self.peak_allocated_bytes + self.context_bytes + self.slack_bytes
+        """What NVML (``nvidia-smi``) would show for the process: peak allocated + context + slack + NCCL's
+        communicators."""
+        return self.peak_allocated_bytes + self.context_bytes + self.slack_bytes + self.communicator_bytes
 
     @property
     def ranks_per_node(self) -> int:
@@ -306,7 +321,15 @@ def estimate(
         perturbation_parallel=perturbation_parallel,
         gathered_bytes_per_step=(ranks - 1) * streamed,  # every rank's shard of a unit is the same size
         nvlink_gbs=float(nvlink_gbs),
+        communicator_bytes=_communicators(device, num_gpus, perturbation_parallel) * NCCL_COMMUNICATOR_BYTES,
     )
+
+
+def _communicators(device: str, num_gpus: int, perturbation_parallel: int) -> int:
+    """NCCL communicators a rank sets up in training: the world's (several ranks), a perturbation group's."""
+    if device != "cuda" or num_gpus == 1:
+        return 0
+    return 1 + (perturbation_parallel > 1)
 
 
 def _check_arguments(dtype: str, device: str, partition: str, offload: bool, **positive: float) -> None:

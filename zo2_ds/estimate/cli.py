@@ -135,6 +135,8 @@ def format_estimate(est: Estimate) -> str:
     lines.append(f"  {'= peak allocated':<24}{_gib(est.peak_allocated_bytes)}")
     lines.append(f"  {'CUDA context':<24}{_gib(est.context_bytes)}  ({_CONTEXT_SOURCES[est.context_source]})")
     lines.append(f"  {'allocator slack':<24}{_gib(est.slack_bytes)}")
+    if est.communicator_bytes:
+        lines.append(f"  {'NCCL communicators':<24}{_gib(est.communicator_bytes)}  (measured on 2 H200 ranks)")
     lines.append(f"  {'= NVML':<24}{_gib(est.nvml_bytes)}  ({est.nvml_bytes / 1e9:.2f} GB)")
     return "\n".join(lines + _host_lines(est) + _floor_lines(est))
 

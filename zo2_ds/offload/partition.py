@@ -7,7 +7,9 @@ shards of ``shard_nbytes`` (a multiple of ALIGN_BYTES; the last shard padded), a
     upload of unit b   : own pinned shard -> its place in the slot (host link, 1/N of the unit)
                          all-gather of the shards into the slot (the node's ranks; NVLink on a GPU node),
                          on the gather stream, after the copy: the slot then holds the whole unit, while
-                         the upload stream copies the next unit's shard
+                         the upload stream copies the next unit's shard (zo2.offload.gather: NCCL's
+                         all-gather, or on peer GPUs copies out of the peers' slots on the copy engines,
+                         zo2_ds/offload/peer.py)
     write-back of b    : the slot's own shard -> own pinned shard (every rank holds the same updated unit)
 
 Between uses a partitioned unit's parameters point at a zero-byte placeholder of their shape (a zero
@@ -61,6 +63,7 @@ class Partition:
     num_ranks: int
     group: Any  # the node's process group (None where nothing is gathered: materialize)
     align_bytes: int  # the store's ALIGN_BYTES
+    copy_engine: bool = False  # the ring's slots gather over copy engines (zo2_ds/offload/peer.py)
 
     def shard_nbytes(self, nbytes: int) -> int:
         """Bytes of each rank's shard of a ``nbytes`` flat home (a multiple of ``align_bytes``, so each shard
@@ -129,7 +132,39 @@ def node_partition(cfg, device: torch.device) -> Partition | None:
     ]
     if per_node == 1:
         return None
-    return Partition(rank % per_node, per_node, groups[rank // per_node], ALIGN_BYTES)
+    group = groups[rank // per_node]
+    return Partition(rank % per_node, per_node, group, ALIGN_BYTES, _copy_engine(cfg, device, group))
+
+
+def _copy_engine(cfg, device: torch.device, group: Any) -> bool:
+    """Whether the node gathers over copy engines (``zo2.offload.gather``; all ranks agree: a collective).
+    An explicit "copy_engine" that some rank cannot do is a ValueError naming the key on every rank."""
+    if cfg.gather == "collective" or (cfg.gather == "auto" and device.type != "cuda"):
+        return False
+    import torch.distributed as dist
+
+    from zo2_ds.offload.peer import copy_engine_unavailable, rendezvous_fails
+
+    reason = copy_engine_unavailable(device, group)
+    if device.type == "cuda" and dist.get_backend() == "nccl":
+        # Over the world, whose communicator the step's g all-reduce needs anyway (the node group's is then
+        # made only by a save's gathers, not at initialize). Twice: every rank able locally, then mapped.
+        for check in (None, rendezvous_fails):
+            if reason is None and check is not None:
+                reason = check(device, group)
+            able = torch.tensor([0 if reason else 1], dtype=torch.int32, device=device)
+            dist.all_reduce(able, op=dist.ReduceOp.MIN)
+            if not able.item():
+                reason = reason or "another rank cannot (its own log or error says why)"
+                break
+    if reason is None:
+        return True
+    if cfg.gather == "copy_engine":
+        raise ValueError(f'zo2.offload.gather="copy_engine": {reason}; use "collective" or "auto"')
+    if reason not in _WARNED and dist.get_rank() == 0:
+        _WARNED.add(reason)
+        logger.warning('zo2.offload.gather="auto": the collective all-gather, since %s', reason)
+    return False
 
 
 def _gather_group_options(dist) -> Any:
@@ -272,12 +307,16 @@ class ReplicatedHomes:
     def __init__(self, streams: Any):
         self.streams = streams
 
+    def empty(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A slot of ``nbytes`` on ``device``."""
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
     def upload(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         slot[:nbytes].copy_(home, non_blocking=True)
 
-    def complete(self, slot: torch.Tensor, nbytes: int, b: int, tracer: Any) -> Any:
-        """After :meth:`upload`: the stream on which the slot holds the whole unit (the upload stream)."""
-        return self.streams.upload
+    def complete(self, slot: torch.Tensor, nbytes: int, b: int, tracer: Any, uploaded: Any) -> None:
+        """After :meth:`upload`: ``uploaded`` (a marker) recorded where the slot holds the whole unit."""
+        uploaded.record(self.streams.upload)
 
     def write_back(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         home.copy_(slot[:nbytes], non_blocking=True)
@@ -285,27 +324,43 @@ class ReplicatedHomes:
 
 class PartitionedHomes:
     """A unit's copies between this rank's pinned shard and the slot: the shard up, then the node's
-    all-gather on the gather stream; only the shard back (see the module docstring)."""
+    all-gather on the gather stream (over copy engines into the slots :meth:`empty` made, where the partition
+    says so: zo2_ds/offload/peer.py); only the shard back (see the module docstring)."""
 
-    def __init__(self, partition: Partition, streams: Any):
+    def __init__(self, partition: Partition, streams: Any, device: torch.device | None = None):
         self.partition, self.streams = partition, streams
         self._copied = streams.marker()  # the last shard's host copy landed (waited for at once: one suffices)
+        self.peers = None  # slots in symmetric memory: the ring's (given a device), not the narrow staging's
+        if partition.copy_engine and streams.enabled and device is not None:
+            from zo2_ds.offload.peer import PeerSlots
+
+            self.peers = PeerSlots(partition, device, streams)
+
+    def empty(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A slot of ``nbytes`` on ``device`` (in symmetric memory for copy-engine gathers: a collective)."""
+        if self.peers is None:
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return self.peers.empty(nbytes)
 
     def upload(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         self.partition.own(slot, nbytes).copy_(home, non_blocking=True)
 
-    def complete(self, slot: torch.Tensor, nbytes: int, b: int, tracer: Any) -> Any:
+    def complete(self, slot: torch.Tensor, nbytes: int, b: int, tracer: Any, uploaded: Any) -> None:
         """After :meth:`upload` (issued on the upload stream): the node's all-gather into the slot, on the
-        gather stream behind the copy; returns the stream on which the slot then holds the whole unit. The
-        upload stream goes on to the next shard meanwhile (the host link and NVLink work at once)."""
+        gather stream behind the copy; ``uploaded`` (a marker) is recorded there once the slot holds the whole
+        unit. The upload stream goes on to the next shard meanwhile (the host link and NVLink work at once)."""
         streams = self.streams
         self._copied.record(streams.upload)
         with streams.on(streams.gather):
             self._copied.wait(streams.gather)
             tracer.emit("gather", b, "start", streams.gather)
+            if self.peers is not None and self.peers.owns(slot):
+                self.peers.gather(slot, nbytes, uploaded)
+                tracer.emit("gather", b, "end", streams.gather)
+                return
             self.partition.gather(slot, nbytes)
             tracer.emit("gather", b, "end", streams.gather)
-        return streams.gather
+            uploaded.record(streams.gather)
 
     def write_back(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         home.copy_(self.partition.own(slot, nbytes), non_blocking=True)
@@ -372,5 +427,6 @@ def install_state_hooks(store: Any, is_home: Callable[[int], bool]) -> list[Any]
     return handles
 
 
-def home_copies(partition: Partition | None, streams: Any) -> ReplicatedHomes | PartitionedHomes:
-    return ReplicatedHomes(streams) if partition is None else PartitionedHomes(partition, streams)
+def home_copies(partition: Partition | None, streams: Any, device: torch.device | None = None,
+                ) -> ReplicatedHomes | PartitionedHomes:  # fmt: skip
+    return ReplicatedHomes(streams) if partition is None else PartitionedHomes(partition, streams, device)

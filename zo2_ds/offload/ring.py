@@ -13,7 +13,8 @@ device views and kernel tables are built once. Every reuse is ordered by events,
 
 With ``zo2.offload.partition`` the master is this rank's shard: the upload copies it into its place in the
 slot, and the gather stream all-gathers the node's shards into the slot behind that copy ([uploaded] is then
-recorded on the gather stream); the write-back copies only the own shard.
+recorded on the gather stream; over copy engines where the partition says so: zo2_ds/offload/peer.py); the
+write-back copies only the own shard.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ class SlotRing:
         self.streamed = store.streamed
         self.num_slots = num_slots
         # Whole homes, or with zo2.offload.partition this rank's shard up and the node's all-gather.
-        self.homes = home_copies(store.partition, streams)
+        self.homes = home_copies(store.partition, streams, store.device)
         slot_bytes = max((store.slot_nbytes(b) for b in self.streamed), default=0)
-        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=store.device) for _ in range(num_slots)]
+        self.slots = [self.homes.empty(slot_bytes, store.device) for _ in range(num_slots)]
         num_blocks = store.num_blocks
         # Each block's tensors on the device: in its slot, or its resident home (see set_order).
         self.dev_views: list[list[torch.Tensor]] = [[] for _ in range(num_blocks)]
@@ -125,7 +126,7 @@ class SlotRing:
             dst, size = self.narrow.upload(b, self.slot_of[b])
         self.tracer.emit("upload", b, "end", up)
         # Partitioned: the node's gather of the other shards into dst, on the gather stream.
-        self._uploaded[b].record(self.homes.complete(dst, size, b, self.tracer))
+        self.homes.complete(dst, size, b, self.tracer, self._uploaded[b])
         self.exact[b] = exact
 
     def write_back(self, b: int, compute: Any) -> None:

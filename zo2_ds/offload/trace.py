@@ -13,6 +13,7 @@ With no observer the hook costs one check per call.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,10 +38,13 @@ class Tracer:
 class Timeline:
     """An observer recording a timed CUDA event at each start and end: ``events`` is a list of
     (what, block, phase, event); ``event.elapsed_time`` gives the times once the device is synchronised.
-    Records nothing on the CPU (no streams). Use it through ``OffloadRunner.recording_timeline()``."""
+    ``issued[i]`` is the host's ``time.perf_counter()`` when event i was recorded: the device reaching an
+    event just as the host issued it means it was waiting for the host. Records nothing on the CPU (no
+    streams). Use it through ``OffloadRunner.recording_timeline()``."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, int, str, Any]] = []
+        self.issued: list[float] = []
 
     def __call__(self, what: str, block: int, phase: str, stream: Any) -> None:
         if stream is None:
@@ -50,6 +54,7 @@ class Timeline:
         event = get_accelerator().Event(enable_timing=True)
         event.record(stream)
         self.events.append((what, block, phase, event))
+        self.issued.append(time.perf_counter())
 
 
 def _distinct(params: Iterable[Any]) -> list[torch.Tensor]:

@@ -56,11 +56,12 @@ def rendezvous_fails(device: torch.device, group: Any) -> str | None:
     None. A machine may have peer GPUs and still refuse the mappings (a container without IPC, a driver that
     lacks the virtual-memory calls); the caller agrees over the ranks before any slot is made."""
     try:
+        import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
         probe = symm_mem.empty(4096, dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(probe, group)
-        handle.get_buffer((handle.rank + 1) % handle.world_size, (4096,), torch.uint8)
+        handle.get_buffer((dist.get_rank(group) + 1) % dist.get_world_size(group), (4096,), torch.uint8)
     except Exception as err:  # noqa: BLE001 - any failure means: use the collective
         return f"symmetric memory failed here ({type(err).__name__}: {err})"
     return None

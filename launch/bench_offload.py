@@ -69,7 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="zo2.offload.granularity per mode, of auto,block,layer (e.g. block,layer)",
     )
-    p.add_argument("--cuda-graphs", action="store_true", help="also the offload_graphs mode")
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="also offload_graphs (and offload_partitioned_graphs with --partitioned)",
+    )
     p.add_argument("--resident", type=int, default=None, help="also offload_resident<N>: N blocks kept resident")
     p.add_argument("--kernels", default="auto", choices=driver.KERNEL_CHOICES, help="zo2.kernels")
     p.add_argument("--partitioned", action="store_true", help='also offload_partitioned: zo2.offload.partition "node"')

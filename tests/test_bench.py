@@ -99,11 +99,13 @@ def test_offload_variants_and_engine_config():
         "offload_graphs",
         "offload_resident2",
         "offload_partitioned",
+        "offload_partitioned_graphs",
         "offload_pp2",
     ]
     assert variants[3][1:] == ({"enabled": True, "partition": "none", "num_resident_blocks": 2}, {})
     assert variants[4][1:] == ({"enabled": True, "partition": "node"}, {})
-    assert variants[5][1:] == ({"enabled": True, "partition": "node"}, {"perturbation_parallel": 2})
+    assert variants[5][1:] == ({"enabled": True, "partition": "node", "cuda_graphs": True}, {})
+    assert variants[6][1:] == ({"enabled": True, "partition": "node"}, {"perturbation_parallel": 2})
     assert offload.offload_variants(prefetch_depth=0)[0][1] == {
         "enabled": True,
         "partition": "none",

@@ -7,6 +7,7 @@ on the host anyway). Steps after ``warmup`` are timed one by one and summarised 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import resource
@@ -168,7 +169,9 @@ def link_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> dict[str, floa
 def gather_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> dict[str, float]:
     """Under a launcher on CUDA (more than one rank): an all-gather of ``num_bytes`` over every rank (each
     contributes 1/N), the median of ``repeats``; ``allgather_gbps`` is the bytes a rank receives from the
-    others per second (1e9 bytes/s): what gathering partitioned masters moves. Empty otherwise."""
+    others per second (1e9 bytes/s): what gathering partitioned masters moves. Empty otherwise. It runs in
+    a process group of its own, destroyed after, so that NCCL's buffers for it do not stay in the NVML
+    figures of the runs measured next (the world group's communicator would keep them)."""
     if not torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return {}
     import deepspeed
@@ -176,15 +179,21 @@ def gather_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> dict[str, fl
 
     deepspeed.init_distributed(dist_backend="nccl")
     world = dist.get_world_size()
-    seconds, received = _gather_seconds(dist, num_bytes // world, world, repeats)
+    group = dist.new_group(list(range(world)))
+    try:
+        seconds, received = _gather_seconds(dist, num_bytes // world, world, repeats, group)
+    finally:
+        torch.cuda.synchronize()
+        with contextlib.suppress(Exception):  # a torch that cannot destroy a subgroup: it stays, as before
+            dist.destroy_process_group(group)
     release_cached_memory()
     return {"allgather_gbps": received / seconds / 1e9, "allgather_world": world}
 
 
-def _gather_seconds(dist: Any, shard_bytes: int, world: int, repeats: int) -> tuple[float, int]:
+def _gather_seconds(dist: Any, shard_bytes: int, world: int, repeats: int, group: Any = None) -> tuple[float, int]:
     out = torch.empty(shard_bytes * world, dtype=torch.uint8, device=torch.cuda.current_device())
     own = out[:shard_bytes].clone()
-    times = time_calls(lambda: dist.all_gather_into_tensor(out, own), 2, repeats)
+    times = time_calls(lambda: dist.all_gather_into_tensor(out, own, group=group), 2, repeats)
     return statistics.median(times) / 1e3, shard_bytes * (world - 1)
 
 

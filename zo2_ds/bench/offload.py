@@ -41,7 +41,8 @@ def offload_variants(
     zo2.offload.partition "node", the masters shared by a node's ranks; ``offload_pp<P>``: that and
     zo2.perturbation_parallel P, a step's passes spread over P ranks that see the same micro-batch). Not
     ``replicated``: only the optional variants (a model whose replicas the host cannot hold). ``gathers``: the
-    partitioned modes once per zo2.offload.gather (``_<gather>`` appended unless "auto")."""
+    partitioned modes once per zo2.offload.gather (``_<gather>`` appended unless "auto"); with ``cuda_graphs``
+    also ``offload_partitioned_graphs``."""
     common: dict[str, Any] = {"enabled": True}
     if driver.config_accepts({"offload": {"enabled": True, "partition": "none"}}):
         common["partition"] = "none"  # whatever the default, these modes are the replicated ones
@@ -59,7 +60,7 @@ def offload_variants(
         for xfer in transfer_dtypes
         if replicated
     ]
-    if cuda_graphs:
+    if cuda_graphs and replicated:
         variants.append(("offload_graphs", {**common, "cuda_graphs": True}, {}))
     if resident_blocks:
         variants.append((f"offload_resident{resident_blocks}", {**common, "num_resident_blocks": resident_blocks}, {}))
@@ -68,6 +69,8 @@ def offload_variants(
         suffix = "" if gather == "auto" else f"_{gather}"
         if partitioned:
             variants.append((f"offload_partitioned{suffix}", node, {}))
+            if cuda_graphs:  # whole blocks replayed from graphs: the host's launches out of a compute-bound step
+                variants.append((f"offload_partitioned_graphs{suffix}", {**node, "cuda_graphs": True}, {}))
         if perturbation_parallel > 1:
             pp = {"perturbation_parallel": perturbation_parallel}
             variants.append((f"offload_pp{perturbation_parallel}{suffix}", node, pp))

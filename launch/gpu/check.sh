@@ -3,7 +3,7 @@
 #
 #   bash launch/gpu/check.sh                       # every stage (more than 10 minutes in all on one H200)
 #   STAGES="tests" bash launch/gpu/check.sh        # one stage per call: tests, step, offload, graphs, tasks, memory,
-#                                                  # materialize, scaling, big (the last two on 2 GPUs)
+#                                                  # materialize, scaling, why, big (the last three on 2 GPUs)
 #   MODELS=opt-1.3b STAGES="step offload" bash launch/gpu/check.sh
 #   device tool: run(command="STAGES=tests bash launch/gpu/check.sh", carry=[".whl"])
 #
@@ -21,6 +21,9 @@
 # scaling: launch/bench_scaling.py, 1 and 2 GPUs (replicated, partitioned, perturbation-parallel) per model of
 #          SCALING_MODELS (default opt-6.7b,opt-13b), partitioned once per zo2.offload.gather of GATHERS (default
 #          auto,collective: copy engines against NCCL), PP (default 2; 1: none), a timeline PNG per mode at 2 GPUs
+# why:     issue 12's open question on 2 GPUs: is the partitioned step bound by the host's kernel launches (the
+#          timeline's host lead, and whole blocks replayed from CUDA graphs) or by the host's memory traffic
+#          (write_back_interval 4 against 8)? OPT-6.7B and 13B, 1x2048, the 1-GPU row first (about 5 minutes)
 # big:     OPT-66B's shape on 2 GPUs, materialized straight into each rank's pinned shards, partitioned only
 #          (the host cannot hold two replicas); node host RSS against the model's bytes
 set -uo pipefail
@@ -64,11 +67,24 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
                --gathers "${GATHERS:-auto,collective}" --perturbation-parallel "${PP:-2}" \
                --timeline "$OUT/scaling_timeline.png" --out "$OUT/scaling.json" >"$OUT/scaling.log" 2>&1 || status=1
              grep -A30 "^model | gpus" "$OUT/scaling.log" ;;
+    why) run2="python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --batches 1x2048 --no-in-gpu"
+         run2="$run2 --no-floor --partitioned --partitioned-only --steps 8 --warmup 2"
+         for model in opt-6.7b opt-13b; do
+           python3 launch/bench_offload.py --models $model --batches 1x2048 --no-in-gpu --no-floor --steps 8 \
+             --warmup 2 --out "$OUT/why_${model}_1gpu.json" >"$OUT/why_${model}_1gpu.log" 2>&1 || status=1
+           grep "^$model |" "$OUT/why_${model}_1gpu.log"
+           $run2 --models $model --cuda-graphs --timeline "$OUT/why_$model.png" --out "$OUT/why_$model.json" \
+             >"$OUT/why_$model.log" 2>&1 || status=1
+           grep "^$model |\|compute starts" "$OUT/why_$model.log"
+           $run2 --models $model --write-back-interval 8 --out "$OUT/why_${model}_wbi8.json" \
+             >"$OUT/why_${model}_wbi8.log" 2>&1 || status=1
+           echo "write_back_interval 8: $(grep "^$model |" "$OUT/why_${model}_wbi8.log")"
+         done ;;
     big) python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --models opt-66b \
            --batches 1x2048 --no-in-gpu --no-floor --partitioned --partitioned-only --materialize --steps 3 \
            --warmup 1 --out "$OUT/opt-66b_2gpu.json" >"$OUT/opt-66b_2gpu.log" 2>&1 || status=1
          tail -n 4 "$OUT/opt-66b_2gpu.log" ;;
-    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize, scaling, big)"
+    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize, scaling, why, big)"
        status=2 ;;
   esac
 done

@@ -23,7 +23,8 @@
 #          auto,collective: copy engines against NCCL), PP (default 2; 1: none), a timeline PNG per mode at 2 GPUs
 # why:     issue 12's open question on 2 GPUs: is the partitioned step bound by the host's kernel launches (the
 #          timeline's host lead, and whole blocks replayed from CUDA graphs) or by the host's memory traffic
-#          (write_back_interval 4 against 8)? OPT-6.7B and 13B, 1x2048, the 1-GPU row first (about 5 minutes)
+#          (write_back_interval 4 against 8)? OPT-6.7B and 13B, 1x2048, the 1-GPU row first; then NVML per GPU
+#          with NCCL's channels and buffers cut (about 6 minutes)
 # big:     OPT-66B's shape on 2 GPUs, materialized straight into each rank's pinned shards, partitioned only
 #          (the host cannot hold two replicas); node host RSS against the model's bytes
 set -uo pipefail
@@ -79,7 +80,11 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
            $run2 --models $model --write-back-interval 8 --out "$OUT/why_${model}_wbi8.json" \
              >"$OUT/why_${model}_wbi8.log" 2>&1 || status=1
            echo "write_back_interval 8: $(grep "^$model |" "$OUT/why_${model}_wbi8.log")"
-         done ;;
+         done
+         # NCCL's own memory (the world group's communicator): fewer channels and smaller buffers, 6.7B
+         NCCL_MAX_NCHANNELS=2 NCCL_BUFFSIZE=1048576 $run2 --models opt-6.7b --out "$OUT/why_nccl_small.json" \
+           >"$OUT/why_nccl_small.log" 2>&1 || status=1
+         echo "NCCL_MAX_NCHANNELS=2 NCCL_BUFFSIZE=1MiB: $(grep "^opt-6.7b |" "$OUT/why_nccl_small.log")" ;;
     big) python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --models opt-66b \
            --batches 1x2048 --no-in-gpu --no-floor --partitioned --partitioned-only --materialize --steps 3 \
            --warmup 1 --out "$OUT/opt-66b_2gpu.json" >"$OUT/opt-66b_2gpu.log" 2>&1 || status=1

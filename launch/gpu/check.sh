@@ -3,7 +3,8 @@
 #
 #   bash launch/gpu/check.sh                       # every stage (more than 10 minutes in all on one H200)
 #   STAGES="tests" bash launch/gpu/check.sh        # one stage per call: tests, step, offload, graphs, tasks, memory,
-#                                                  # materialize, scaling, why, big (the last three on 2 GPUs)
+#                                                  # materialize, scaling, why, big (the last three on 2 GPUs),
+#                                                  # full175 (issue 13: a 4- or 8-GPU host)
 #   MODELS=opt-1.3b STAGES="step offload" bash launch/gpu/check.sh
 #   device tool: run(command="STAGES=tests bash launch/gpu/check.sh", carry=[".whl"])
 #
@@ -25,6 +26,10 @@
 #          timeline's host lead, and whole blocks replayed from CUDA graphs) or by the host's memory traffic
 #          (write_back_interval 4 against 8)? OPT-6.7B and 13B, 1x2048, the 1-GPU row first; then NVML per GPU
 #          with NCCL's channels and buffers cut (about 6 minutes)
+# full175: issue 13, OPT-175B's shape (all 96 blocks, ~350 GB fp16) materialized straight into pinned memory
+#          and trained offloaded on one GPU (1x2048 and 16x256), then partitioned on every GPU of the host
+#          (4 or 8; needs 512+ GiB of host memory): FULL175_STEPS steps (default 3) after one warm-up;
+#          SKIP_ONE_GPU=1 leaves out the one-GPU run (each run alone may take several minutes)
 # big:     OPT-66B's shape on 2 GPUs, materialized straight into each rank's pinned shards, partitioned only
 #          (the host cannot hold two replicas); node host RSS against the model's bytes
 set -uo pipefail
@@ -85,11 +90,24 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
          NCCL_MAX_NCHANNELS=2 NCCL_BUFFSIZE=1048576 $run2 --models opt-6.7b --out "$OUT/why_nccl_small.json" \
            >"$OUT/why_nccl_small.log" 2>&1 || status=1
          echo "NCCL_MAX_NCHANNELS=2 NCCL_BUFFSIZE=1MiB: $(grep "^opt-6.7b |" "$OUT/why_nccl_small.log")" ;;
+    full175) gpus=$(nvidia-smi -L | wc -l)
+             args="--models opt-175b --batches 1x2048,16x256 --no-in-gpu --no-floor --materialize"
+             args="$args --steps ${FULL175_STEPS:-3} --warmup 1"
+             if [ -z "${SKIP_ONE_GPU:-}" ]; then
+               python3 launch/bench_offload.py $args --out "$OUT/opt-175b_1gpu.json" >"$OUT/opt-175b_1gpu.log" 2>&1 \
+                 || status=1
+               tail -n 4 "$OUT/opt-175b_1gpu.log"
+             fi
+             if [ "$gpus" -gt 1 ]; then
+               python3 -m torch.distributed.run --nproc_per_node "$gpus" launch/bench_offload.py $args --partitioned \
+                 --partitioned-only --out "$OUT/opt-175b_${gpus}gpu.json" >"$OUT/opt-175b_${gpus}gpu.log" 2>&1 || status=1
+               tail -n 4 "$OUT/opt-175b_${gpus}gpu.log"
+             fi ;;
     big) python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --models opt-66b \
            --batches 1x2048 --no-in-gpu --no-floor --partitioned --partitioned-only --materialize --steps 3 \
            --warmup 1 --out "$OUT/opt-66b_2gpu.json" >"$OUT/opt-66b_2gpu.log" 2>&1 || status=1
          tail -n 4 "$OUT/opt-66b_2gpu.log" ;;
-    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize, scaling, why, big)"
+    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize, scaling, why, big, full175)"
        status=2 ;;
   esac
 done

@@ -569,3 +569,15 @@ def test_nccl_communicators_count_on_cuda_runs_of_several_ranks():
     assert two.communicator_bytes == NCCL_COMMUNICATOR_BYTES and pp.communicator_bytes == 2 * NCCL_COMMUNICATOR_BYTES
     assert two.nvml_bytes - two.communicator_bytes == two.peak_allocated_bytes + two.context_bytes + two.slack_bytes
     assert "NCCL communicators" in format_estimate(two) and "NCCL communicators" not in format_estimate(one)
+
+
+def test_a_collective_gather_counts_the_node_groups_communicator():
+    from zo2_ds.estimate import NCCL_COMMUNICATOR_BYTES
+
+    engines = estimate("tiny", batch="1x16", num_gpus=2, gather="copy_engine")
+    collective = estimate("tiny", batch="1x16", num_gpus=2, gather="collective")
+    replicated = estimate("tiny", batch="1x16", num_gpus=2, partition="none", gather="collective")
+    assert collective.communicator_bytes - engines.communicator_bytes == NCCL_COMMUNICATOR_BYTES
+    assert replicated.communicator_bytes == engines.communicator_bytes  # nothing gathered
+    with pytest.raises(ValueError, match=r"--gather: 'nvlink' is not one of"):
+        estimate("tiny", gather="nvlink")

@@ -91,8 +91,8 @@ ALLOCATOR_SLACK_BYTES = _GIB // 4
 # NVML bytes of one NCCL communicator a rank uses in training, 2 ranks on 2 H200s (NVLink): 2 replicated ranks
 # used 4.31 GB per GPU against 2.99 GB for one GPU alone (OPT-6.7B offloaded, 1x2048,
 # launch/results/copy_engine_gather_h200x2.json): the world group's, which the step's scalar all-reduce needs.
-# A perturbation group adds its own (measured +1.00 GB); the copy-engine gather needs none (the collective
-# gather's node group: +1.60 GB). Not measured for more ranks.
+# A perturbation group adds its own (measured +1.00 GB) and so does the collective gather's node group
+# (+1.60 GB); the copy-engine gather needs none. One figure for each: not measured for more ranks.
 NCCL_COMMUNICATOR_BYTES = 1_323_000_000
 DEFAULT_BANDWIDTH_GBS = 55.0  # pinned host -> device, H100 / H200 (REFERENCE.md: 55.2 / 55.5 GB/s)
 DEFAULT_TFLOPS = 500.0  # fp16 forward, effective 2 N tokens / t (H200: 424-572 TFLOP/s for OPT-1.3B..13B)
@@ -246,6 +246,7 @@ def estimate(
     num_gpus: int = 1,
     gpus_per_node: int | None = None,
     partition: str = "auto",
+    gather: str = "auto",
     perturbation_parallel: int = 1,
     bandwidth_gbs: float = DEFAULT_BANDWIDTH_GBS,
     nvlink_gbs: float = DEFAULT_NVLINK_GBS,
@@ -269,7 +270,7 @@ def estimate(
     batch_size, seq_len = parse_batch(batch) if isinstance(batch, str) else batch
     gpus_per_node = num_gpus if gpus_per_node is None else gpus_per_node
     positive = {"num_gpus": num_gpus, "gpus_per_node": gpus_per_node, "bandwidth_gbs": bandwidth_gbs}
-    _check_arguments(dtype, device, partition, offload, **positive, nvlink_gbs=nvlink_gbs, tflops=tflops)
+    _check_arguments(dtype, device, partition, gather, offload, **positive, nvlink_gbs=nvlink_gbs, tflops=tflops)
     options = {
         "prefetch_depth": prefetch_depth,
         "granularity": granularity,
@@ -279,6 +280,7 @@ def estimate(
         "write_back_interval": write_back_interval,
         "blocks_attr": blocks_attr,
         "partition": partition,
+        "gather": gather,
     }
     context_bytes, context_source = _context(cuda_context_bytes, device)
     zo2 = {"kernels": kernels, "vocab_chunks": vocab_chunks}
@@ -321,24 +323,29 @@ def estimate(
         perturbation_parallel=perturbation_parallel,
         gathered_bytes_per_step=(ranks - 1) * streamed,  # every rank's shard of a unit is the same size
         nvlink_gbs=float(nvlink_gbs),
-        communicator_bytes=_communicators(device, num_gpus, perturbation_parallel) * NCCL_COMMUNICATOR_BYTES,
+        communicator_bytes=NCCL_COMMUNICATOR_BYTES
+        * _communicators(device, num_gpus, perturbation_parallel, ranks > 1 and gather == "collective"),
     )
 
 
-def _communicators(device: str, num_gpus: int, perturbation_parallel: int) -> int:
-    """NCCL communicators a rank sets up in training: the world's (several ranks), a perturbation group's."""
+def _communicators(device: str, num_gpus: int, perturbation_parallel: int, node_gathers: bool) -> int:
+    """NCCL communicators a rank sets up in training: the world's (several ranks), a perturbation group's, and
+    the node group's where partitioned masters are gathered by the collective (``gather`` "collective"; "auto"
+    is taken as the copy engines, which need none)."""
     if device != "cuda" or num_gpus == 1:
         return 0
-    return 1 + (perturbation_parallel > 1)
+    return 1 + (perturbation_parallel > 1) + node_gathers
 
 
-def _check_arguments(dtype: str, device: str, partition: str, offload: bool, **positive: float) -> None:
+def _check_arguments(dtype: str, device: str, partition: str, gather: str, offload: bool, **positive: float) -> None:
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"--dtype: {dtype!r} is not one of 'fp32', 'fp16', 'bf16'")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device: {device!r} is not one of 'cuda', 'cpu'")
     if partition not in ("auto", "none", "node"):
         raise ValueError(f"--partition: {partition!r} is not one of 'auto', 'none', 'node'")
+    if gather not in ("auto", "copy_engine", "collective"):
+        raise ValueError(f"--gather: {gather!r} is not one of 'auto', 'copy_engine', 'collective'")
     if partition == "node" and not offload:
         raise ValueError('--partition: "node" partitions the offloaded masters: it needs --offload')
     for name, value in positive.items():

@@ -61,6 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "none = a copy per rank; auto (default) = node with offload on and several ranks per node",
     )
     p.add_argument(
+        "--gather",
+        default="auto",
+        choices=("auto", "copy_engine", "collective"),
+        help="zo2.offload.gather, partitioned: collective adds the node group's NCCL communicator (default auto: "
+        "the copy engines, as on peer GPUs)",
+    )
+    p.add_argument(
         "--perturbation_parallel",
         type=int,
         default=1,
@@ -106,6 +113,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "num_gpus": args.num_gpus,
         "gpus_per_node": args.gpus_per_node,
         "partition": args.partition,
+        "gather": args.gather,
         "perturbation_parallel": args.perturbation_parallel,
         "bandwidth_gbs": args.bandwidth_gbs,
         "nvlink_gbs": args.nvlink_gbs,

@@ -21,14 +21,11 @@ units in the same order, as with the collective, so the barriers pair up. Same b
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 
 __all__ = ["PeerSlots", "copy_engine_unavailable", "rendezvous_fails"]
-
-logger = logging.getLogger(__name__)
 
 
 def copy_engine_unavailable(device: torch.device, group: Any) -> str | None:

@@ -117,6 +117,11 @@ def test_offload_variants_and_engine_config():
         ("offload_partitioned", {"enabled": True, "partition": "node"}),
         ("offload_partitioned_collective", {"enabled": True, "partition": "node", "gather": "collective"}),
     ]
+    units = offload.offload_variants(partitioned=True, replicated=False, granularities=("auto", "block"))
+    assert [(m, o) for m, o, _ in units] == [
+        ("offload_partitioned", {"enabled": True, "partition": "node"}),
+        ("offload_partitioned_block", {"enabled": True, "partition": "node", "granularity": "block"}),
+    ]
     config = driver.engine_config(16, "fp16", offload=variants[0][1])
     assert config["zo2"]["offload"]["enabled"] and config["fp16"]["enabled"]
     assert "offload" not in driver.engine_config(1, "fp32")["zo2"]

@@ -23,7 +23,7 @@
 #          SCALING_MODELS (default opt-6.7b,opt-13b), partitioned once per zo2.offload.gather of GATHERS (default
 #          auto,collective: copy engines against NCCL), PP (default 2; 1: none), a timeline PNG per mode at 2 GPUs
 # why:     issue 12's open question on 2 GPUs: is the partitioned step bound by the host's kernel launches (the
-#          timeline's host lead, and whole blocks replayed from CUDA graphs) or by the host's memory traffic
+#          timeline's host lead; whole blocks, plain and replayed from CUDA graphs) or by the host's memory traffic
 #          (write_back_interval 4 against 8)? OPT-6.7B and 13B, 1x2048, the 1-GPU row first; then NVML per GPU
 #          with NCCL's channels and buffers cut (about 6 minutes)
 # full175: issue 13, OPT-175B's shape (all 96 blocks, ~350 GB fp16) materialized straight into pinned memory
@@ -79,7 +79,8 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
            python3 launch/bench_offload.py --models $model --batches 1x2048 --no-in-gpu --no-floor --steps 8 \
              --warmup 2 --out "$OUT/why_${model}_1gpu.json" >"$OUT/why_${model}_1gpu.log" 2>&1 || status=1
            grep "^$model |" "$OUT/why_${model}_1gpu.log"
-           $run2 --models $model --cuda-graphs --timeline "$OUT/why_$model.png" --out "$OUT/why_$model.json" \
+           $run2 --models $model --granularities auto,block --cuda-graphs --timeline "$OUT/why_$model.png" \
+             --out "$OUT/why_$model.json" \
              >"$OUT/why_$model.log" 2>&1 || status=1
            grep "^$model |\|compute starts" "$OUT/why_$model.log"
            $run2 --models $model --write-back-interval 8 --out "$OUT/why_${model}_wbi8.json" \

@@ -41,8 +41,8 @@ def offload_variants(
     zo2.offload.partition "node", the masters shared by a node's ranks; ``offload_pp<P>``: that and
     zo2.perturbation_parallel P, a step's passes spread over P ranks that see the same micro-batch). Not
     ``replicated``: only the optional variants (a model whose replicas the host cannot hold). ``gathers``: the
-    partitioned modes once per zo2.offload.gather (``_<gather>`` appended unless "auto"); with ``cuda_graphs``
-    also ``offload_partitioned_graphs``."""
+    partitioned modes once per zo2.offload.gather (``_<gather>`` appended unless "auto") and per granularity
+    (``_<granularity>`` unless "auto"); with ``cuda_graphs`` also ``offload_partitioned_graphs``."""
     common: dict[str, Any] = {"enabled": True}
     if driver.config_accepts({"offload": {"enabled": True, "partition": "none"}}):
         common["partition"] = "none"  # whatever the default, these modes are the replicated ones
@@ -68,7 +68,10 @@ def offload_variants(
         node = {**common, "partition": "node", **({} if gather == "auto" else {"gather": gather})}
         suffix = "" if gather == "auto" else f"_{gather}"
         if partitioned:
-            variants.append((f"offload_partitioned{suffix}", node, {}))
+            for unit in granularities:
+                by_unit = {} if unit == "auto" else {"granularity": unit}
+                variants.append((f"offload_partitioned{suffix}" + ("" if unit == "auto" else f"_{unit}"),
+                                 {**node, **by_unit}, {}))  # fmt: skip
             if cuda_graphs:  # whole blocks replayed from graphs: the host's launches out of a compute-bound step
                 variants.append((f"offload_partitioned_graphs{suffix}", {**node, "cuda_graphs": True}, {}))
         if perturbation_parallel > 1:

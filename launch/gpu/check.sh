@@ -73,10 +73,11 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
                --gathers "${GATHERS:-auto,collective}" --perturbation-parallel "${PP:-2}" \
                --timeline "$OUT/scaling_timeline.png" --out "$OUT/scaling.json" >"$OUT/scaling.log" 2>&1 || status=1
              grep -A30 "^model | gpus" "$OUT/scaling.log" ;;
-    why) run2="python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --batches 1x2048 --no-in-gpu"
-         run2="$run2 --no-floor --partitioned --partitioned-only --steps 8 --warmup 2"
+    why) cap="timeout ${WHY_TIMEOUT_S:-200}"  # per launch: a hang costs one launch, not the whole call
+         run2="$cap python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --batches 1x2048"
+         run2="$run2 --no-in-gpu --no-floor --partitioned --partitioned-only --steps 8 --warmup 2"
          for model in opt-6.7b opt-13b; do
-           python3 launch/bench_offload.py --models $model --batches 1x2048 --no-in-gpu --no-floor --steps 8 \
+           $cap python3 launch/bench_offload.py --models $model --batches 1x2048 --no-in-gpu --no-floor --steps 8 \
              --warmup 2 --out "$OUT/why_${model}_1gpu.json" >"$OUT/why_${model}_1gpu.log" 2>&1 || status=1
            grep "^$model |" "$OUT/why_${model}_1gpu.log"
            $run2 --models $model --granularities auto,block --cuda-graphs --timeline "$OUT/why_$model.png" \

@@ -147,16 +147,11 @@ def _copy_engine(cfg, device: torch.device, group: Any) -> bool:
 
     reason = copy_engine_unavailable(device, group)
     if device.type == "cuda" and dist.get_backend() == "nccl":
-        # Over the world, whose communicator the step's g all-reduce needs anyway (the node group's is then
-        # made only by a save's gathers, not at initialize). Twice: every rank able locally, then mapped.
-        for check in (None, rendezvous_fails):
-            if reason is None and check is not None:
-                reason = check(device, group)
-            able = torch.tensor([0 if reason else 1], dtype=torch.int32, device=device)
-            dist.all_reduce(able, op=dist.ReduceOp.MIN)
-            if not able.item():
-                reason = reason or "another rank cannot (its own log or error says why)"
-                break
+        # Every rank able locally, then every rank mapped: agreed over the world, whose communicator the
+        # step's g all-reduce needs anyway (the node group's is then made only by a save's gathers).
+        reason = _agreed(reason, device)
+        if reason is None:
+            reason = _agreed(rendezvous_fails(device, group), device)
     if reason is None:
         return True
     if cfg.gather == "copy_engine":
@@ -165,6 +160,15 @@ def _copy_engine(cfg, device: torch.device, group: Any) -> bool:
         _WARNED.add(reason)
         logger.warning('zo2.offload.gather="auto": the collective all-gather, since %s', reason)
     return False
+
+
+def _agreed(reason: str | None, device: torch.device) -> str | None:
+    """``reason`` (why this rank cannot), or one for every rank where another rank cannot (a collective)."""
+    import torch.distributed as dist
+
+    able = torch.tensor([0 if reason else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(able, op=dist.ReduceOp.MIN)
+    return reason or (None if able.item() else "another rank cannot (its own log or error says why)")
 
 
 def _gather_group_options(dist) -> Any:
@@ -314,53 +318,51 @@ class ReplicatedHomes:
     def upload(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         slot[:nbytes].copy_(home, non_blocking=True)
 
-    def complete(self, slot: torch.Tensor, nbytes: int, b: int, tracer: Any, uploaded: Any) -> None:
-        """After :meth:`upload`: ``uploaded`` (a marker) recorded where the slot holds the whole unit."""
-        uploaded.record(self.streams.upload)
+    def complete(self, slot: torch.Tensor, nbytes: int, b: int, tracer: Any) -> Any:
+        """After :meth:`upload`: the stream on which the slot holds the whole unit (the upload stream)."""
+        return self.streams.upload
 
     def write_back(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         home.copy_(slot[:nbytes], non_blocking=True)
 
 
-class PartitionedHomes:
+class PartitionedHomes(ReplicatedHomes):
     """A unit's copies between this rank's pinned shard and the slot: the shard up, then the node's
     all-gather on the gather stream (over copy engines into the slots :meth:`empty` made, where the partition
     says so: zo2_ds/offload/peer.py); only the shard back (see the module docstring)."""
 
     def __init__(self, partition: Partition, streams: Any, device: torch.device | None = None):
-        self.partition, self.streams = partition, streams
+        super().__init__(streams)
+        self.partition = partition
         self._copied = streams.marker()  # the last shard's host copy landed (waited for at once: one suffices)
         self.peers = None  # slots in symmetric memory: the ring's (given a device), not the narrow staging's
         if partition.copy_engine and streams.enabled and device is not None:
             from zo2_ds.offload.peer import PeerSlots
 
-            self.peers = PeerSlots(partition, device, streams)
+            self.peers = PeerSlots(partition, device)
 
     def empty(self, nbytes: int, device: torch.device) -> torch.Tensor:
         """A slot of ``nbytes`` on ``device`` (in symmetric memory for copy-engine gathers: a collective)."""
-        if self.peers is None:
-            return torch.empty(nbytes, dtype=torch.uint8, device=device)
-        return self.peers.empty(nbytes)
+        return super().empty(nbytes, device) if self.peers is None else self.peers.empty(nbytes)
 
     def upload(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         self.partition.own(slot, nbytes).copy_(home, non_blocking=True)
 
-    def complete(self, slot: torch.Tensor, nbytes: int, b: int, tracer: Any, uploaded: Any) -> None:
+    def complete(self, slot: torch.Tensor, nbytes: int, b: int, tracer: Any) -> Any:
         """After :meth:`upload` (issued on the upload stream): the node's all-gather into the slot, on the
-        gather stream behind the copy; ``uploaded`` (a marker) is recorded there once the slot holds the whole
-        unit. The upload stream goes on to the next shard meanwhile (the host link and NVLink work at once)."""
+        gather stream behind the copy; returns the stream on which the slot then holds the whole unit. The
+        upload stream goes on to the next shard meanwhile (the host link and NVLink work at once)."""
         streams = self.streams
         self._copied.record(streams.upload)
         with streams.on(streams.gather):
             self._copied.wait(streams.gather)
             tracer.emit("gather", b, "start", streams.gather)
             if self.peers is not None and self.peers.owns(slot):
-                self.peers.gather(slot, nbytes, uploaded)
-                tracer.emit("gather", b, "end", streams.gather)
-                return
-            self.partition.gather(slot, nbytes)
+                self.peers.gather(slot, nbytes)
+            else:
+                self.partition.gather(slot, nbytes)
             tracer.emit("gather", b, "end", streams.gather)
-            uploaded.record(streams.gather)
+        return streams.gather
 
     def write_back(self, home: torch.Tensor, slot: torch.Tensor, nbytes: int) -> None:
         home.copy_(self.partition.own(slot, nbytes), non_blocking=True)

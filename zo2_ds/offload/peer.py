@@ -30,7 +30,7 @@ __all__ = ["PeerSlots", "copy_engine_unavailable", "rendezvous_fails"]
 
 def copy_engine_unavailable(device: torch.device, group: Any) -> str | None:
     """Why this rank cannot gather over copy engines (None: it can): not a CUDA device, no symmetric memory in
-    this torch, or a GPU of the node that is not a peer of this one. Local: callers agree over the group."""
+    this torch, or a GPU of the node that is not a peer of this one. Local: the caller has the ranks agree."""
     if device.type != "cuda":
         return f"the device is {device.type}, not cuda"
     try:
@@ -67,10 +67,10 @@ def rendezvous_fails(device: torch.device, group: Any) -> str | None:
 class PeerSlots:
     """Slots in symmetric memory and their gather over copy engines (see the module docstring)."""
 
-    def __init__(self, partition: Any, device: torch.device, streams: Any):
+    def __init__(self, partition: Any, device: torch.device):
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.partition, self.device, self.streams, self._symm = partition, device, streams, symm_mem
+        self.partition, self.device, self._symm = partition, device, symm_mem
         self._slots: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # data_ptr -> (handle, each rank's slot)
 
     def empty(self, nbytes: int) -> torch.Tensor:
@@ -87,16 +87,15 @@ class PeerSlots:
     def owns(self, flat: torch.Tensor) -> bool:
         return flat.data_ptr() in self._slots
 
-    def gather(self, flat: torch.Tensor, nbytes: int, uploaded: Any) -> None:
+    def gather(self, flat: torch.Tensor, nbytes: int) -> None:
         """Fill slot ``flat`` (one of :meth:`empty`'s) with every rank's shard of a ``nbytes`` unit, this rank's
-        already copied in (on the gather stream, behind that copy); ``uploaded`` (a marker) is recorded once
-        it is whole here."""
+        already copied in (on the current stream, behind that copy); done on that stream once every rank has
+        its copy (barrier 2)."""
         handle, views = self._slots[flat.data_ptr()]
-        partition, gather = self.partition, self.streams.gather
+        partition = self.partition
         shard = partition.shard_nbytes(nbytes)
         handle.barrier(channel=0)
         for r, peer in enumerate(views):
             if r != partition.rank:
                 flat[r * shard : (r + 1) * shard].copy_(peer[r * shard : (r + 1) * shard], non_blocking=True)
         handle.barrier(channel=0)
-        uploaded.record(gather)

@@ -126,7 +126,7 @@ class SlotRing:
             dst, size = self.narrow.upload(b, self.slot_of[b])
         self.tracer.emit("upload", b, "end", up)
         # Partitioned: the node's gather of the other shards into dst, on the gather stream.
-        self.homes.complete(dst, size, b, self.tracer, self._uploaded[b])
+        self._uploaded[b].record(self.homes.complete(dst, size, b, self.tracer))
         self.exact[b] = exact
 
     def write_back(self, b: int, compute: Any) -> None:

@@ -502,12 +502,16 @@ def test_partition_refusals_name_the_key(monkeypatch):
             estimate("tiny", num_gpus=2, **{name: 0})
 
 
+LAYER = {"batch": "1x2048", "granularity": "layer", "prefetch_depth": 1}
+
+
 def test_partitioned_and_perturbation_parallel_floors():
     """OPT-6.7B at 1x2048 per rank (the results page's 2-GPU rows): partitioned, each rank's link carries half of
     every unit and NVLink the other half; the step's floor is the largest of link, NVLink and compute; a
     perturbation group of two halves each rank's forwards and counts its micro-batch once."""
-    one = estimate("opt-6.7b", batch="1x2048")
-    two = estimate("opt-6.7b", batch="1x2048", num_gpus=2, nvlink_gbs=260.0)
+    # The same units and ring at both sizes ("auto" differs: see the end).
+    one = estimate("opt-6.7b", **LAYER)
+    two = estimate("opt-6.7b", **LAYER, num_gpus=2, nvlink_gbs=260.0)
     units = one.streamed_bytes_per_step
     assert (two.partition, two.gpus_per_node) == ("node", 2)
     assert two.streamed_bytes_per_step == two.gathered_bytes_per_step == units / 2  # its units split evenly
@@ -517,20 +521,27 @@ def test_partitioned_and_perturbation_parallel_floors():
     assert two.compute_floor_ms == one.compute_floor_ms and two.tokens_per_step == 2 * one.tokens_per_step == 4096
     assert two.step_floor_ms == max(two.transfer_floor_ms, two.nvlink_floor_ms, two.compute_floor_ms)
     assert two.device_parts == one.device_parts  # every unit's bytes divide evenly: the slots hold no padding
-    assert estimate("opt-6.7b", batch="1x2048", num_gpus=2, nvlink_gbs=20.0).bound == "nvlink"
-    replicated = estimate("opt-6.7b", batch="1x2048", num_gpus=2, partition="none")
+    assert estimate("opt-6.7b", **LAYER, num_gpus=2, nvlink_gbs=20.0).bound == "nvlink"
+    replicated = estimate("opt-6.7b", **LAYER, num_gpus=2, partition="none")
     assert replicated.streamed_bytes_per_step == units and replicated.gathered_bytes_per_step == 0
     assert replicated.host_bytes_per_node == 2 * units and replicated.nvlink_floor_ms == 0
-    two_nodes = estimate("opt-6.7b", batch="1x2048", num_gpus=2, gpus_per_node=1)  # one rank per node
+    two_nodes = estimate("opt-6.7b", **LAYER, num_gpus=2, gpus_per_node=1)  # one rank per node
     assert two_nodes.partition == "none" and two_nodes.host_bytes_per_node == units
-    pp2 = estimate("opt-6.7b", batch="1x2048", num_gpus=2, perturbation_parallel=2)
+    pp2 = estimate("opt-6.7b", **LAYER, num_gpus=2, perturbation_parallel=2)
     assert pp2.passes_per_rank == 1 and pp2.compute_floor_ms == pytest.approx(one.compute_floor_ms / 2)
     assert pp2.tokens_per_step == 2048 and pp2.streamed_bytes_per_step == units / 2
     assert pp2.tokens_per_s_at_floor == pytest.approx(2048 / pp2.step_floor_ms * 1e3)
     # Sub-module streaming ("layer"): one waiting pass fewer, one t x ffn tensor fewer.
     assert one.activation_bytes - pp2.activation_bytes == 2048 * 16384 * 2
-    q2 = estimate("opt-6.7b", batch="1x2048", num_perturbations=2, num_gpus=4, perturbation_parallel=2)
+    q2 = estimate("opt-6.7b", **LAYER, num_perturbations=2, num_gpus=4, perturbation_parallel=2)
     assert q2.passes_per_rank == 2 and q2.compute_floor_ms == one.compute_floor_ms and q2.tokens_per_step == 4096
+    # "auto" by what each rank uploads: OPT-6.7B's 384 MiB blocks whole at 2 ranks (192 MiB each), OPT-13B's
+    # 600 MiB in sub-modules, two of them uploading ahead (100 MiB per rank each); one rank: sub-modules.
+    auto_two = estimate("opt-6.7b", batch="1x2048", num_gpus=2)
+    assert auto_two.offload_facts["granularity"] == "block" and auto_two.offload_facts["num_slots"] == 3
+    assert estimate("opt-6.7b", batch="1x2048").offload_facts["granularity"] == "layer"
+    big = estimate("opt-13b", batch="1x2048", num_gpus=2).offload_facts
+    assert (big["granularity"], big["num_slots"]) == ("layer", 4)
 
 
 def test_cli_prints_and_dumps_the_partitioned_estimate(capsys):

@@ -23,7 +23,8 @@ from test_offload import (
 
 import zo2_ds
 from zo2_ds.models import find_blocks
-from zo2_ds.offload import materialize, units
+from zo2_ds.offload import materialize, sizing, units
+from zo2_ds.offload.partition import Partition
 from zo2_ds.offload.store import ALIGN_BYTES, block_layout, flat_layout, plan_store
 from zo2_ds.testing import tiny_causal_lm
 
@@ -136,6 +137,31 @@ def test_auto_streams_whole_blocks_below_the_threshold_and_sub_modules_above(mon
     assert store.granularity == "layer" and len(store.units) == 8
     store, _ = plan_store(model, _offload_cfg({"cuda_graphs": True}), torch.device("cpu"))
     assert store.granularity == "block"  # graphs replay whole blocks
+
+
+def test_auto_follows_what_each_rank_uploads_when_the_masters_are_partitioned(monkeypatch):
+    model = tiny_causal_lm("opt", layers=2)
+    block_bytes = block_layout(find_blocks(model).blocks[0])[1]
+    monkeypatch.setattr(units, "AUTO_LAYER_BYTES", block_bytes * 2 // 3)  # a whole block is over, half of it under
+    cpu = torch.device("cpu")
+    assert plan_store(model, _offload_cfg({}), cpu)[0].granularity == "layer"
+    assert plan_store(model, _offload_cfg({}), cpu, ranks_sharing=2)[0].granularity == "block"
+    assert plan_store(model, _offload_cfg({"granularity": "layer"}), cpu, ranks_sharing=2)[0].granularity == "layer"
+
+    # The ring's depth, "auto": sub-modules of >= 192 MiB per rank two slots, smaller ones one ahead, or two
+    # ahead when partitioned; whole blocks one ahead; an explicit depth as given.
+    store, _ = plan_store(model, _offload_cfg({"granularity": "layer"}), cpu)
+    unit = max(store.sizes)
+    monkeypatch.setattr(sizing, "_TWO_SLOTS_FROM_BYTES", unit)
+    assert sizing.prefetch_depth("auto", store) == 0
+    store.partition = Partition(0, 2, None, ALIGN_BYTES)
+    assert sizing.prefetch_depth("auto", store) == 2  # each rank uploads half a unit
+    assert sizing.prefetch_depth(3, store) == 3
+    monkeypatch.setattr(sizing, "_TWO_SLOTS_FROM_BYTES", unit // 2)
+    assert sizing.prefetch_depth("auto", store) == 0
+    store, _ = plan_store(model, _offload_cfg({"granularity": "block"}), cpu, ranks_sharing=2)
+    store.partition = Partition(0, 2, None, ALIGN_BYTES)
+    assert sizing.prefetch_depth("auto", store) == 1
 
 
 def _offload_cfg(extra):

@@ -37,7 +37,9 @@ class OffloadConfig(DeepSpeedConfigModel):
     ``prefetch_depth + 1`` uploads are in flight; the last of them waits for the write-back of the slot's
     previous unit. 0 (two slots) saves one slot of GPU memory: the next upload then queues behind the
     previous unit's write-back on the link. "auto": 1, but 0 for sub-modules of 192 MiB or more (OPT-13B and up;
-    H200, OPT-13B 1x2048: 3.55 against 3.75 GiB NVML for a 3% longer step, 1.07x the transfer floor)."""
+    H200, OPT-13B 1x2048: 3.55 against 3.75 GiB NVML for a 3% longer step, 1.07x the transfer floor), and 2
+    for smaller ones with partitioned masters, where each rank uploads 1/N of a unit ("192 MiB" counts that
+    share; 2 x H200, OPT-13B: 273-280 ms a step against 297 at 0). See zo2_ds/offload/sizing.py."""
 
     write_back_interval: Annotated[int, Field(ge=1, le=16)] | Literal["auto"] = "auto"
     """A streamed block's updated theta is copied back to its pinned master every this many steps (1-16),
@@ -88,8 +90,9 @@ class OffloadConfig(DeepSpeedConfigModel):
     scratch of the block), or "layer" (each of a block's large sub-modules, e.g. OPT's attention, fc1 and
     fc2: slots and scratch the size of the largest sub-module; a block's small modules, its layer norms,
     stay on the GPU). Same uploads per step and the same bits either way; "layer" cuts the offloader's GPU
-    memory about threefold for more turns between the passes. "auto": "layer" when the largest block is at
-    least 256 MiB (OPT-6.7B and up) and ``cuda_graphs`` is off, else "block". See zo2_ds/offload/units.py."""
+    memory about threefold for more turns between the passes. "auto": "layer" when what each rank uploads of the
+    largest block (all of it; 1/N with partitioned masters) is at least 256 MiB (one GPU: OPT-6.7B and up; two
+    ranks partitioned: OPT-13B and up) and ``cuda_graphs`` is off, else "block". See zo2_ds/offload/units.py."""
 
     blocks_attr: str | None = None
     """Dotted path from the model to its nn.ModuleList of repeated blocks (e.g. "model.decoder.layers"),

@@ -3,7 +3,7 @@
 #
 #   bash launch/gpu/check.sh                       # every stage (more than 10 minutes in all on one H200)
 #   STAGES="tests" bash launch/gpu/check.sh        # one stage per call: tests, step, offload, graphs, tasks, memory,
-#                                                  # materialize, scaling, why, big (the last three on 2 GPUs),
+#                                                  # materialize, scaling, why, depth, big (the last four on 2 GPUs),
 #                                                  # full175 (issue 13: a 4- or 8-GPU host)
 #   MODELS=opt-1.3b STAGES="step offload" bash launch/gpu/check.sh
 #   device tool: run(command="STAGES=tests bash launch/gpu/check.sh", carry=[".whl"])
@@ -25,7 +25,9 @@
 # why:     issue 12's open question on 2 GPUs: is the partitioned step bound by the host's kernel launches (the
 #          timeline's host lead; whole blocks, plain and replayed from CUDA graphs) or by the host's memory traffic
 #          (write_back_interval 4 against 8)? OPT-6.7B and 13B, 1x2048, the 1-GPU row first; then NVML per GPU
-#          with NCCL's channels and buffers cut (about 6 minutes)
+#          with NCCL's channels and buffers cut (about 6 minutes; WHY_MODELS="opt-6.7b" for one model, ~3)
+# depth:   issue 12 on 2 GPUs: partitioned with prefetch_depth of DEPTHS (default auto 2 4), sub-modules against whole
+#          blocks, 13B also perturbation-parallel; the 1-GPU row of each of DEPTH_MODELS first (about 7 minutes)
 # full175: issue 13, OPT-175B's shape (all 96 blocks, ~350 GB fp16) materialized straight into pinned memory
 #          and trained offloaded on one GPU (1x2048 and 16x256), then partitioned on every GPU of the host
 #          (4 or 8; needs 512+ GiB of host memory): FULL175_STEPS steps (default 3) after one warm-up;
@@ -76,7 +78,7 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
     why) cap="timeout ${WHY_TIMEOUT_S:-200}"  # per launch: a hang costs one launch, not the whole call
          run2="$cap python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --batches 1x2048"
          run2="$run2 --no-in-gpu --no-floor --partitioned --partitioned-only --steps 8 --warmup 2"
-         for model in opt-6.7b opt-13b; do
+         for model in ${WHY_MODELS:-opt-6.7b opt-13b}; do
            $cap python3 launch/bench_offload.py --models $model --batches 1x2048 --no-in-gpu --no-floor --steps 8 \
              --warmup 2 --out "$OUT/why_${model}_1gpu.json" >"$OUT/why_${model}_1gpu.log" 2>&1 || status=1
            grep "^$model |" "$OUT/why_${model}_1gpu.log"
@@ -92,6 +94,20 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
          NCCL_MAX_NCHANNELS=2 NCCL_BUFFSIZE=1048576 $run2 --models opt-6.7b --out "$OUT/why_nccl_small.json" \
            >"$OUT/why_nccl_small.log" 2>&1 || status=1
          echo "NCCL_MAX_NCHANNELS=2 NCCL_BUFFSIZE=1MiB: $(grep "^opt-6.7b |" "$OUT/why_nccl_small.log")" ;;
+    depth) cap="timeout ${WHY_TIMEOUT_S:-200}"  # issue 12: the ring's depth and unit, partitioned, on 2 GPUs
+           run2="$cap python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --batches 1x2048"
+           run2="$run2 --no-in-gpu --no-floor --partitioned --partitioned-only --steps 8 --warmup 2"
+           for model in ${DEPTH_MODELS:-opt-13b opt-6.7b}; do
+             $cap python3 launch/bench_offload.py --models $model --batches 1x2048 --no-in-gpu --no-floor --steps 8 \
+               --warmup 2 --out "$OUT/depth_${model}_1gpu.json" >"$OUT/depth_${model}_1gpu.log" 2>&1 || status=1
+             grep "^$model |" "$OUT/depth_${model}_1gpu.log"
+             pp=1; [ "$model" = opt-13b ] && pp=2  # the perturbation-parallel target is 13B's
+             for depth in ${DEPTHS:-auto 2 4}; do
+               $run2 --models $model --granularities auto,block --prefetch-depth $depth --perturbation-parallel $pp \
+                 --out "$OUT/depth_${model}_$depth.json" >"$OUT/depth_${model}_$depth.log" 2>&1 || status=1
+               grep "^$model |" "$OUT/depth_${model}_$depth.log" | sed "s/^/depth $depth: /"
+             done
+           done ;;
     full175) gpus=$(nvidia-smi -L | wc -l)
              args="--models opt-175b --batches 1x2048,16x256 --no-in-gpu --no-floor --materialize"
              args="$args --steps ${FULL175_STEPS:-3} --warmup 1"
@@ -109,7 +125,7 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
            --batches 1x2048 --no-in-gpu --no-floor --partitioned --partitioned-only --materialize --steps 3 \
            --warmup 1 --out "$OUT/opt-66b_2gpu.json" >"$OUT/opt-66b_2gpu.log" 2>&1 || status=1
          tail -n 4 "$OUT/opt-66b_2gpu.log" ;;
-    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize, scaling, why, big, full175)"
+    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize, scaling, why, depth, big, full175)"
        status=2 ;;
   esac
 done

@@ -41,8 +41,9 @@ def offload_variants(
     zo2.offload.partition "node", the masters shared by a node's ranks; ``offload_pp<P>``: that and
     zo2.perturbation_parallel P, a step's passes spread over P ranks that see the same micro-batch). Not
     ``replicated``: only the optional variants (a model whose replicas the host cannot hold). ``gathers``: the
-    partitioned modes once per zo2.offload.gather (``_<gather>`` appended unless "auto") and per granularity
-    (``_<granularity>`` unless "auto"); with ``cuda_graphs`` also ``offload_partitioned_graphs``."""
+    partitioned and perturbation-parallel modes once per zo2.offload.gather (``_<gather>`` appended unless
+    "auto") and per granularity (``_<granularity>`` unless "auto"); with ``cuda_graphs`` also
+    ``offload_partitioned_graphs``."""
     common: dict[str, Any] = {"enabled": True}
     if driver.config_accepts({"offload": {"enabled": True, "partition": "none"}}):
         common["partition"] = "none"  # whatever the default, these modes are the replicated ones
@@ -76,7 +77,10 @@ def offload_variants(
                 variants.append((f"offload_partitioned_graphs{suffix}", {**node, "cuda_graphs": True}, {}))
         if perturbation_parallel > 1:
             pp = {"perturbation_parallel": perturbation_parallel}
-            variants.append((f"offload_pp{perturbation_parallel}{suffix}", node, pp))
+            for unit in granularities:
+                by_unit = {} if unit == "auto" else {"granularity": unit}
+                variants.append((f"offload_pp{perturbation_parallel}{suffix}" + ("" if unit == "auto" else f"_{unit}"),
+                                 {**node, **by_unit}, pp))  # fmt: skip
     return variants
 
 

@@ -38,7 +38,7 @@ def meta_store(model: nn.Module, offload, partition_ranks: int = 1) -> BlockStor
     ``partition_ranks`` > 1: the store of a rank of a node of that many ranks sharing one copy of the masters
     (``zo2.offload.partition`` "node"): each streamed unit's home (and narrow copy) is the rank's shard, its slot
     the padded whole (:class:`~zo2_ds.offload.partition.Partition`'s rules, as ``build_store`` applies them)."""
-    store, _ = plan_store(model, offload, META)
+    store, _ = plan_store(model, offload, META, partition_ranks)
     if partition_ranks > 1:  # every rank's shard is the same size: rank 0 stands for any
         store.partition = Partition(0, partition_ranks, None, ALIGN_BYTES)
     if store.narrow is not None:

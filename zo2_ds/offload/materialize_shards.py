@@ -50,7 +50,9 @@ class ShardedBlocks:
     def __init__(self, partition: Partition, blocks, layouts, granularity: str, cuda_graphs: bool, acc: Any):
         self.partition, self.acc = partition, acc
         block_bytes = [size for _, size in layouts]
-        _, units, block_of = stream_units(blocks, granularity, cuda_graphs=cuda_graphs, block_bytes=block_bytes)
+        _, units, block_of = stream_units(
+            blocks, granularity, cuda_graphs=cuda_graphs, block_bytes=block_bytes, ranks_sharing=partition.num_ranks
+        )
         self.units: list[list[_Unit]] = [[] for _ in blocks]
         offsets = [{id(p): offset for p, offset, _ in layout} for layout, _ in layouts]  # per block
         for unit, b in zip(units, block_of):

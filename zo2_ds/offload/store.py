@@ -206,16 +206,21 @@ def flat_layout(params) -> tuple[list[tuple[nn.Parameter, int, int]], int]:
     return out, max(offset, ALIGN_BYTES)
 
 
-def plan_store(model: nn.Module, cfg, device: torch.device) -> tuple[BlockStore, list]:
+def plan_store(model: nn.Module, cfg, device: torch.device, ranks_sharing: int = 1) -> tuple[BlockStore, list]:
     """The :class:`BlockStore` ``build_store`` makes for ``model``, planned but not filled: the units
     (:func:`zo2_ds.offload.units.stream_units`), each parameter's slice of its unit's home, which units stay
-    resident, the ``transfer_dtype`` layout; no home allocated, nothing moved, no memory checked. Also
-    returns each unit's :func:`flat_layout`. ``zo2_ds.estimate`` plans with it on the meta device, so its
+    resident, the ``transfer_dtype`` layout; no home allocated, nothing moved, no memory checked
+    (``ranks_sharing``: the ranks of a partition, for the units "auto" picks). Also returns each unit's
+    :func:`flat_layout`. ``zo2_ds.estimate`` plans with it on the meta device, so its
     figures follow the offloader's rules."""
     blocks = find_blocks(model, cfg.blocks_attr)
     block_sizes = [block_layout(b)[1] for b in blocks.blocks]
     granularity, units, block_of = stream_units(
-        blocks.blocks, cfg.granularity, cuda_graphs=cfg.cuda_graphs, block_bytes=block_sizes
+        blocks.blocks,
+        cfg.granularity,
+        cuda_graphs=cfg.cuda_graphs,
+        block_bytes=block_sizes,
+        ranks_sharing=ranks_sharing,
     )
     if granularity == "block":
         layouts = [block_layout(b) for b in blocks.blocks]
@@ -250,7 +255,7 @@ def build_store(
     """
     from deepspeed.accelerator import get_accelerator
 
-    store, layouts = plan_store(model, cfg, device)
+    store, layouts = plan_store(model, cfg, device, partition.num_ranks if partition is not None else 1)
     store.partition = partition
     entries = store.entries
 

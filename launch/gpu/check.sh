@@ -6,6 +6,7 @@
 #                                                  # materialize, scaling, why, depth, big (the last four on 2 GPUs),
 #                                                  # full175 (issue 13: a 4- or 8-GPU host)
 #   MODELS=opt-1.3b STAGES="step offload" bash launch/gpu/check.sh
+#   ARCHIVE=1 ...                                  # everything in $OUT packed into $OUT/all.tgz at the end
 #   device tool: run(command="STAGES=tests bash launch/gpu/check.sh", carry=[".whl"])
 #
 # tests:   python3 -m pytest -m cuda (the 2-GPU tests skip on one GPU; about 5 minutes on 2 H200s: CUDA_TESTS
@@ -39,6 +40,16 @@ cd "$(dirname "$0")/../.."
 source launch/gpu/env.sh
 MODELS=${MODELS:-opt-1.3b,opt-6.7b,opt-13b}
 status=0
+# The why and depth stages, each launch under a timeout (a hang costs one launch, not the whole call): the 1-GPU
+# row of a model (one_gpu TAG MODEL), and a 2-rank partitioned launch at 1x2048 ($run2, more options after it).
+cap="timeout ${WHY_TIMEOUT_S:-200}"
+run2="$cap python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --batches 1x2048"
+run2="$run2 --no-in-gpu --no-floor --partitioned --partitioned-only --steps 8 --warmup 2"
+one_gpu() {
+  $cap python3 launch/bench_offload.py --models "$2" --batches 1x2048 --no-in-gpu --no-floor --steps 8 --warmup 2 \
+    --out "$OUT/$1_$2_1gpu.json" >"$OUT/$1_$2_1gpu.log" 2>&1 || status=1
+  grep "^$2 |" "$OUT/$1_$2_1gpu.log"
+}
 for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
   echo "== $stage $(date -u +%H:%M:%S)"
   case $stage in
@@ -75,13 +86,8 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
                --gathers "${GATHERS:-auto,collective}" --perturbation-parallel "${PP:-2}" \
                --timeline "$OUT/scaling_timeline.png" --out "$OUT/scaling.json" >"$OUT/scaling.log" 2>&1 || status=1
              grep -A30 "^model | gpus" "$OUT/scaling.log" ;;
-    why) cap="timeout ${WHY_TIMEOUT_S:-200}"  # per launch: a hang costs one launch, not the whole call
-         run2="$cap python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --batches 1x2048"
-         run2="$run2 --no-in-gpu --no-floor --partitioned --partitioned-only --steps 8 --warmup 2"
-         for model in ${WHY_MODELS:-opt-6.7b opt-13b}; do
-           $cap python3 launch/bench_offload.py --models $model --batches 1x2048 --no-in-gpu --no-floor --steps 8 \
-             --warmup 2 --out "$OUT/why_${model}_1gpu.json" >"$OUT/why_${model}_1gpu.log" 2>&1 || status=1
-           grep "^$model |" "$OUT/why_${model}_1gpu.log"
+    why) for model in ${WHY_MODELS:-opt-6.7b opt-13b}; do
+           one_gpu why $model
            $run2 --models $model --granularities auto,block --cuda-graphs --timeline "$OUT/why_$model.png" \
              --out "$OUT/why_$model.json" \
              >"$OUT/why_$model.log" 2>&1 || status=1
@@ -94,13 +100,8 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
          NCCL_MAX_NCHANNELS=2 NCCL_BUFFSIZE=1048576 $run2 --models opt-6.7b --out "$OUT/why_nccl_small.json" \
            >"$OUT/why_nccl_small.log" 2>&1 || status=1
          echo "NCCL_MAX_NCHANNELS=2 NCCL_BUFFSIZE=1MiB: $(grep "^opt-6.7b |" "$OUT/why_nccl_small.log")" ;;
-    depth) cap="timeout ${WHY_TIMEOUT_S:-200}"  # issue 12: the ring's depth and unit, partitioned, on 2 GPUs
-           run2="$cap python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --batches 1x2048"
-           run2="$run2 --no-in-gpu --no-floor --partitioned --partitioned-only --steps 8 --warmup 2"
-           for model in ${DEPTH_MODELS:-opt-13b opt-6.7b}; do
-             $cap python3 launch/bench_offload.py --models $model --batches 1x2048 --no-in-gpu --no-floor --steps 8 \
-               --warmup 2 --out "$OUT/depth_${model}_1gpu.json" >"$OUT/depth_${model}_1gpu.log" 2>&1 || status=1
-             grep "^$model |" "$OUT/depth_${model}_1gpu.log"
+    depth) for model in ${DEPTH_MODELS:-opt-13b opt-6.7b}; do  # issue 12: the ring's depth and unit, partitioned
+             one_gpu depth $model
              pp=1; [ "$model" = opt-13b ] && pp=2  # the perturbation-parallel target is 13B's
              for depth in ${DEPTHS:-auto 2 4}; do
                $run2 --models $model --granularities auto,block --prefetch-depth $depth --perturbation-parallel $pp \
@@ -129,4 +130,7 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
        status=2 ;;
   esac
 done
+if [ -n "${ARCHIVE:-}" ]; then  # the device tool brings back at most 8 files: one archive of everything instead
+  tar czf /tmp/check_all.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/check_all.tgz "$OUT/all.tgz"
+fi
 exit $status

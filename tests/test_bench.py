@@ -122,6 +122,15 @@ def test_offload_variants_and_engine_config():
         ("offload_partitioned", {"enabled": True, "partition": "node"}),
         ("offload_partitioned_block", {"enabled": True, "partition": "node", "granularity": "block"}),
     ]
+    pp = offload.offload_variants(replicated=False, perturbation_parallel=2, granularities=("auto", "block"))
+    assert [(m, o, z) for m, o, z in pp] == [
+        ("offload_pp2", {"enabled": True, "partition": "node"}, {"perturbation_parallel": 2}),
+        (
+            "offload_pp2_block",
+            {"enabled": True, "partition": "node", "granularity": "block"},
+            {"perturbation_parallel": 2},
+        ),
+    ]
     config = driver.engine_config(16, "fp16", offload=variants[0][1])
     assert config["zo2"]["offload"]["enabled"] and config["fp16"]["enabled"]
     assert "offload" not in driver.engine_config(1, "fp32")["zo2"]

@@ -68,19 +68,16 @@ def offload_variants(
     for gather in gathers:
         node = {**common, "partition": "node", **({} if gather == "auto" else {"gather": gather})}
         suffix = "" if gather == "auto" else f"_{gather}"
-        if partitioned:
-            for unit in granularities:
-                by_unit = {} if unit == "auto" else {"granularity": unit}
-                variants.append((f"offload_partitioned{suffix}" + ("" if unit == "auto" else f"_{unit}"),
-                                 {**node, **by_unit}, {}))  # fmt: skip
-            if cuda_graphs:  # whole blocks replayed from graphs: the host's launches out of a compute-bound step
-                variants.append((f"offload_partitioned_graphs{suffix}", {**node, "cuda_graphs": True}, {}))
+        kinds = [("partitioned", {})] if partitioned else []
         if perturbation_parallel > 1:
-            pp = {"perturbation_parallel": perturbation_parallel}
+            kinds.append((f"pp{perturbation_parallel}", {"perturbation_parallel": perturbation_parallel}))
+        for kind, others in kinds:
             for unit in granularities:
                 by_unit = {} if unit == "auto" else {"granularity": unit}
-                variants.append((f"offload_pp{perturbation_parallel}{suffix}" + ("" if unit == "auto" else f"_{unit}"),
-                                 {**node, **by_unit}, pp))  # fmt: skip
+                name = f"offload_{kind}{suffix}" + ("" if unit == "auto" else f"_{unit}")
+                variants.append((name, {**node, **by_unit}, others))
+            if cuda_graphs and kind == "partitioned":  # whole blocks from graphs: the host's launches out of the step
+                variants.append((f"offload_partitioned_graphs{suffix}", {**node, "cuda_graphs": True}, {}))
     return variants
 
 

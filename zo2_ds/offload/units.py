@@ -22,8 +22,8 @@ when more than 1/8 of it would stay on the GPU. ``"auto"`` (the default) splits 
 of the largest block (all of it, or with partitioned masters its 1/N shard) is at least
 :data:`AUTO_LAYER_BYTES` and ``cuda_graphs`` is off: below that a block's upload is short and the extra turns
 between passes would cost more host time than the GPU memory saved is worth. (Two H200s, OPT-6.7B 1x2048
-partitioned, 192 MiB per rank and block: whole blocks 145.1 ms a step against 189.5 in sub-modules, whose
-step waited on the host; launch/results.)
+partitioned, 192 MiB per rank and block: whole blocks 149.9 ms a step against 161.7 in sub-modules in one
+launch, 145.1 against 189.5 in another; the sub-modules' step waited on the host; launch/results.)
 
 :func:`block_order` is the order of a block's parameters in its flat home buffer: the units' parameters
 unit by unit, then the rest. Both granularities use it, so a block laid out once (as

@@ -97,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--no-prefetch-next-step", action="store_true", help="zo2.offload.prefetch_next_step false")
     p.add_argument("--vocab-chunks", default="auto", choices=("auto", "true", "false"), help="zo2.vocab_chunks")
+    p.add_argument("--stream-head", default="auto", choices=("auto", "true", "false"), help="zo2.offload.stream_head")
     p.add_argument("--timeline", default=None, help="PNG of one offloaded step per mode (first model and batch)")
     args = report.run_args(p, p.parse_args(argv))
     try:
@@ -132,8 +133,12 @@ def plot_timeline(spans: list[dict], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     vocab_chunks = {"true": True, "false": False}.get(args.vocab_chunks, "auto")
+    stream_head = {"true": True, "false": False}.get(args.stream_head, "auto")
     switches = driver.resolve_switches(
-        kernels=args.kernels, prefetch_next_step=not args.no_prefetch_next_step, vocab_chunks=vocab_chunks
+        kernels=args.kernels,
+        prefetch_next_step=not args.no_prefetch_next_step,
+        vocab_chunks=vocab_chunks,
+        stream_head=stream_head,
     )
     device = driver.select_device()  # cuda:LOCAL_RANK under a launcher, before anything touches CUDA
     run = driver.Settings(args.dtype, switches, warmup=args.warmup, steps=args.steps, device=device)

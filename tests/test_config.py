@@ -41,7 +41,7 @@ def test_defaults():
             {"offload": {"enable": True}},
             r"zo2\.offload\.enable: unknown key; allowed keys are: blocks_attr, cuda_graphs, enabled, gather, "
             r"granularity, max_gpu_memory, num_resident_blocks, partition, prefetch_depth, prefetch_next_step, "
-            r"transfer_dtype, write_back_interval$",
+            r"stream_head, transfer_dtype, write_back_interval$",
         ),
         ({"offload": {"prefetch_depth": -1}}, r"zo2\.offload\.prefetch_depth: Input should be greater than or equal"),
         ({"offload": {"transfer_dtype": "fp8"}}, r"zo2\.offload\.transfer_dtype: Input should be 'auto', 'fp32'"),

@@ -86,7 +86,9 @@ def test_cuda_budget_puts_the_tied_head_into_the_block_scratch():
 def test_vocab_chunks_take_the_head_out_of_the_scratch_and_the_logits_away():
     """Qwen2.5-7B at 1x2048, fp16, offloaded (issue 11's target): the perturbation scratch no longer holds a
     perturbed head (1.02 GiB), the logits (0.58 GiB) are gone; the loss's transient is one chunk's logits."""
-    whole, chunked = (estimate("qwen2.5-7b", batch="1x2048", vocab_chunks=v) for v in (False, "auto"))
+    whole, chunked = (
+        estimate("qwen2.5-7b", batch="1x2048", vocab_chunks=v, stream_head=False) for v in (False, "auto")
+    )
     gib = 1024**3
     head_bytes = 152064 * 3584 * 2
     assert whole.device_parts["perturbation_scratch"] >= head_bytes > 4 * chunked.device_parts["perturbation_scratch"]
@@ -99,6 +101,24 @@ def test_vocab_chunks_take_the_head_out_of_the_scratch_and_the_logits_away():
     assert in_gpu[0].device_parts["perturbation_scratch"] == head_bytes  # the embedding / head, the largest unit
     assert in_gpu[1].device_parts["perturbation_scratch"] < head_bytes / 2  # a block: 0.43 GiB
     assert in_gpu[1].loss_chunk_bytes == rows * 3584 * 2 + rows * 2048 * 6  # no offloader scratch to lend
+
+
+def test_a_streamed_head_leaves_the_gpu_for_the_host_and_the_link():
+    """Qwen2.5-7B at 1x2048, fp16, offloaded: "auto" streams its untied head (zo2.offload.stream_head). It leaves
+    the device for two chunk buffers (4680 rows: zo2_ds.vocab.HEAD_CHUNK_WEIGHT_BYTES, on z groups), is pinned on
+    the host and crosses the link once a step; the passes' hidden states wait for it."""
+    resident, streamed = (estimate("qwen2.5-7b", batch="1x2048", stream_head=s) for s in (False, "auto"))
+    head_bytes = 152064 * 3584 * 2
+    assert (streamed.device_parts["head_chunks"], resident.device_parts["head_chunks"]) == (2 * 4680 * 3584 * 2, 0)
+    assert resident.device_parts["outside_blocks"] - streamed.device_parts["outside_blocks"] == head_bytes
+    assert (streamed.host_parts["streamed_head"], resident.host_parts["streamed_head"]) == (head_bytes, 0)
+    assert streamed.host_bytes_per_rank - resident.host_bytes_per_rank == head_bytes
+    assert streamed.streamed_bytes_per_step - resident.streamed_bytes_per_step == head_bytes
+    assert streamed.loss_chunk_bytes - resident.loss_chunk_bytes == 2048 * 3584 * 2 + 2 * 3 * 2048 * 4  # one more pass
+    saved = resident.peak_allocated_bytes - streamed.peak_allocated_bytes
+    assert saved == head_bytes - 2 * 4680 * 3584 * 2 - 2048 * 3584 * 2 - 2 * 3 * 2048 * 4
+    assert estimate("qwen2.5-7b", batch="1x2048", device="cpu").host_parts["streamed_head"] == 0, "auto: CUDA only"
+    assert estimate("opt-6.7b", batch="1x2048").host_parts["streamed_head"] == 0, "a tied head stays"
 
 
 def test_floors_and_bound():
@@ -215,14 +235,15 @@ def test_llama_and_qwen_shapes_by_name_and_by_config_json(tmp_path, capsys, shap
         assert getattr(by_name, field) == getattr(by_file, field), field
     assert by_name.offload_facts["num_blocks"] == shape.num_layers
     itemsize = 2
-    embeddings = 2 * shape.vocab_size * shape.hidden_size * itemsize  # untied head: embedding and head
+    head_bytes = shape.vocab_size * shape.hidden_size * itemsize
+    chunked = head_bytes >= 256 << 20  # zo2.vocab_chunks "auto": Qwen2.5-7B's head is, Llama-2-7B's (250 MiB) not
+    assert chunked == (shape_name == "qwen2.5-7b")
+    # Untied: the embedding and the head on the GPU; a chunked head streams (zo2.offload.stream_head "auto").
+    embeddings = (1 if chunked else 2) * head_bytes
     assert embeddings <= by_name.device_parts["outside_blocks"] < embeddings * 1.01
     # Gated MLP: gate, up, down; streamed per sub-module ("layer"), the waiting pass holds one more.
     assert by_name.offload_facts["granularity"] == "layer"
     assert by_name.activation_bytes == (3 + 1) * 2048 * shape.ffn * itemsize
-    head_bytes = shape.vocab_size * shape.hidden_size * itemsize
-    chunked = head_bytes >= 256 << 20  # zo2.vocab_chunks "auto": Qwen2.5-7B's head is, Llama-2-7B's (250 MiB) not
-    assert chunked == (shape_name == "qwen2.5-7b")
     assert by_name.logits_bytes == (0 if chunked else 2048 * shape.vocab_size * itemsize)
     assert 2.5e9 < by_name.nvml_bytes < 9e9 and by_name.bound == "transfer"
     for argv in ([shape_name], [str(tmp_path)]):

@@ -273,8 +273,14 @@ def test_cuda_chunks_offload_on_equals_off_and_follow_the_whole_head(monkeypatch
         block.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(1_000_000))
     data = _batches(3)
     whole = _train(copy.deepcopy(base), {"vocab_chunks": False}, data, "cuda", dtype)
-    runs = [
-        _train(copy.deepcopy(base), {"vocab_chunks": True, "offload": offload}, data, "cuda", dtype)
+    runs = [  # the head resident (streamed: tests/test_offload_head.py)
+        _train(
+            copy.deepcopy(base),
+            {"vocab_chunks": True, "offload": {"stream_head": False, **offload}},
+            data,
+            "cuda",
+            dtype,
+        )  # fmt: skip
         for offload in ({"enabled": False}, {"enabled": True}, {"enabled": True, "granularity": "layer"})
     ]
     for losses, logits, eval_loss, _, params, heads in runs:

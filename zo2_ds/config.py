@@ -94,6 +94,14 @@ class OffloadConfig(DeepSpeedConfigModel):
     largest block (all of it; 1/N with partitioned masters) is at least 256 MiB (one GPU: OPT-6.7B and up; two
     ranks partitioned: OPT-13B and up) and ``cuda_graphs`` is off, else "block". See zo2_ds/offload/units.py."""
 
+    stream_head: bool | Literal["auto"] = "auto"
+    """Keep the model's untied head in pinned host memory too and stream it through two buffers of a few thousand
+    rows (zo2_ds/offload/head.py): once per training run, where the head takes the chunked loss
+    (``zo2.vocab_chunks``), its update applied and written back on the way; eval and forwards without labels
+    stream it for their full logits. Same bits as the resident head in training (the logits of other forwards
+    differ in rounding only). "auto": on CUDA, for heads ``zo2.vocab_chunks`` chunks (Qwen2.5-7B: 1.02 GiB off
+    the GPU); true: any untied chunked head (tests; refused with the reason otherwise); false: never."""
+
     blocks_attr: str | None = None
     """Dotted path from the model to its nn.ModuleList of repeated blocks (e.g. "model.decoder.layers"),
     for models where automatic discovery fails."""

@@ -78,7 +78,6 @@ from zo2_ds.kernels_triton import (
     z_seeds_kernel,
     zo_gather_kernel,
     zo_multi_kernel,
-    zo_slice_kernel,
 )
 
 __all__ = [
@@ -93,6 +92,8 @@ __all__ = [
     "update_and_perturb_multi_",
     "z_seeds_from_pass",
     "perturbed_rows_into",
+    "perturbed_part_into",
+    "apply_update_part_",
     "perturbed_gather_",
     "set_direct_launch",
     "direct_launches",
@@ -187,18 +188,37 @@ def perturbed_rows_into(out: torch.Tensor, theta: torch.Tensor, start: int, seed
     rows = out.shape[0]
     if out.dim() != 2 or out.shape[1] != theta.shape[1] or start < 0 or start + rows > theta.shape[0]:
         raise ValueError(f"out: need rows [{start}, {start} + n) of {tuple(theta.shape)}, got {tuple(out.shape)}")
-    part = theta[start : start + rows]
+    return perturbed_part_into(out, theta[start : start + rows], start, seed, scale)
+
+
+def perturbed_part_into(out: torch.Tensor, part: torch.Tensor, start: int, seed: int, scale: float) -> torch.Tensor:
+    """``out = part + scale * z`` where ``part`` holds rows ``[start, start + len(part))`` of a 2-D tensor and z is
+    that tensor's z of those rows (``part`` may be a copy of them, e.g. uploaded alone): bit-identical to those
+    rows of :func:`perturbed_into` on the whole tensor. One pass where the rows start on a 4 x ROW group of z,
+    else through the gather kernel."""
+    check_tensor(part, "part")
     check_out(out, part, "out")
-    first = start * theta.shape[1]
+    first = start * part.shape[1]
     if first % (4 * ROW):
         out.copy_(part)
-        return perturbed_gather_(out, theta, torch.arange(start, start + rows, device=theta.device), seed, scale)
-    numel = out.numel()
-    if numel:
-        grid = (-(-numel // (4 * ROW)),)
-        zo_slice_kernel[grid](part, out, numel, first // (4 * ROW), int(seed), float(scale), ROW, PHILOX_ROUNDS,
-                              FAST_MATH, num_warps=NUM_WARPS)  # fmt: skip
+        return perturbed_gather_(out, part, torch.arange(start, start + part.shape[0], device=part.device), seed, scale)
+    launch(part, outs=(out,), scales=(scale,), pert_seed=seed, group_offset=first // (4 * ROW))
     return out
+
+
+def apply_update_part_(
+    part: torch.Tensor, start: int, seeds: Sequence[int], coefs: Sequence[float], lr: float, weight_decay: float
+) -> torch.Tensor:
+    """:func:`apply_update_` on rows ``[start, start + len(part))`` of a 2-D tensor held by ``part`` (bit-identical to
+    those rows of the whole tensor's update); the rows must start on a 4 x ROW group of z."""
+    if len(seeds) != len(coefs) or len(seeds) == 0:
+        raise ValueError(f"need one coefficient per seed, got {len(seeds)} seeds and {len(coefs)} coefs")
+    check_tensor(part, "part")
+    first = start * part.shape[1]
+    if first % (4 * ROW):
+        raise ValueError(f"part: rows from {start} of {part.shape[1]} elements do not start on a z group ({4 * ROW})")
+    launch(part, update=(seeds, coefs, lr, weight_decay), group_offset=first // (4 * ROW))
+    return part
 
 
 _GATHER_BLOCK = 1024

@@ -102,12 +102,14 @@ def launch(
     pert_seed: int = 0,
     update: tuple[Sequence[int], Sequence[float] | torch.Tensor, float, float] | None = None,
     read_theta: bool = True,
+    group_offset: int = 0,
     *,
     rounds: int = PHILOX_ROUNDS,
     fast_math: bool = FAST_MATH,
     num_warps: int = NUM_WARPS,
 ) -> Any:
-    """Launch `zo_kernel` (arguments already validated); returns triton's compiled-kernel handle.
+    """Launch `zo_kernel` (arguments already validated); returns triton's compiled-kernel handle. ``group_offset``:
+    theta is a slice of a tensor starting at that 4 x ROW group of it, and takes those elements' z.
     The keyword-only knobs exist for benchmarks: ``rounds`` and ``fast_math`` change z itself, so
     production calls leave them alone."""
     numel = theta.numel()
@@ -120,14 +122,16 @@ def launch(
     pert_seed = int(pert_seed)
     group = 4 * ROW
     grid = ((numel + group - 1) // group, 1, 1)
-    args = (theta, out0, out1, coef_ptr, numel, seeds, coefs, neg_lr, weight_decay, pert_seed, scale0, scale1)
-    constexprs = (q, on_device, len(outs), read_theta, numel + group > 2**31 - 1, ROW, rounds, fast_math)
+    args = (theta, out0, out1, coef_ptr, numel, int(group_offset), seeds, coefs, neg_lr, weight_decay, pert_seed,
+            scale0, scale1)  # fmt: skip
+    index_64 = (numel + group) + group_offset * group > 2**31 - 1  # the counters of a slice far into its tensor
+    constexprs = (q, on_device, len(outs), read_theta, index_64, ROW, rounds, fast_math)
     # Everything triton specialises a compiled kernel on, for these arguments (see `run_kernel`).
     specialisation = (
         theta.dtype, out0.dtype, out1.dtype, coef_ptr.dtype,
         theta.data_ptr() % 16 == 0, out0.data_ptr() % 16 == 0, out1.data_ptr() % 16 == 0,
         coef_ptr.data_ptr() % 16 == 0, numel == 1, numel % 16 == 0, numel > 2**31 - 1,
-        pert_seed > 2**31 - 1, tuple(s > 2**31 - 1 for s in seeds),
+        pert_seed > 2**31 - 1, tuple(s > 2**31 - 1 for s in seeds), group_offset > 2**31 - 1,
     )  # fmt: skip
     return run_kernel("single", zo_kernel, grid, theta.device.index, args, constexprs, num_warps, specialisation)
 

@@ -16,7 +16,7 @@ import os
 import torch
 
 __all__ = ["ROW", "PHILOX_ROUNDS", "NUM_WARPS", "INTERPRET", "FAST_MATH", "triton", "zo_kernel", "zo_multi_kernel",
-           "z_seeds_kernel", "zo_slice_kernel", "zo_gather_kernel"]  # fmt: skip
+           "z_seeds_kernel", "zo_gather_kernel"]  # fmt: skip
 
 ROW = 1024  # part of z's definition (see zo2_ds.kernels): changing it changes every z
 # Philox4x32-7: seven rounds pass TestU01's BigCrush (Salmon et al., SC'11, "Random123"); cuRAND and torch
@@ -162,18 +162,19 @@ def _direction(
 
 @_jit
 def _zo_group(
-    theta_ptr, out0_ptr, out1_ptr, coef_ptr, decay_ptr, numel, chunk,
+    theta_ptr, out0_ptr, out1_ptr, coef_ptr, decay_ptr, numel, chunk, z_chunk,
     seeds, key, coefs, neg_lr, weight_decay,  # the update (used when Q > 0)
     pert_seed, scale0, scale1,  # the perturbation (used when NUM_OUTS > 0)
     Q: tl.constexpr, COEFS_ON_DEVICE: tl.constexpr, NUM_OUTS: tl.constexpr, READ_THETA: tl.constexpr,
     KEYED: tl.constexpr, ROW: tl.constexpr, ROUNDS: tl.constexpr, FAST_MATH: tl.constexpr,
 ):  # fmt: skip
-    """The one kernel body: group ``chunk`` (4 x ROW elements) of one tensor. Optionally apply the update in
-    place (rounded to theta's dtype), then write theta + scale_j z into out_j. ``KEYED``: ``seeds`` and
+    """The one kernel body: group ``chunk`` (4 x ROW elements) of one tensor, whose z is group ``z_chunk`` of the
+    tensor's z (``chunk`` itself, but for a slice that starts at group ``z_chunk - chunk``). Optionally apply
+    the update in place (rounded to theta's dtype), then write theta + scale_j z into out_j. ``KEYED``: ``seeds`` and
     ``pert_seed`` are pass hashes and each seed is z_seed_from_pass(hash, key); the weight decay is scaled
     by the tensor's flag at ``decay_ptr`` (1.0 or 0.0: wd or 0.0 exactly)."""
     lane = tl.arange(0, ROW)
-    counter = chunk * ROW + lane  # int32 or int64 (the chunk's type): randint4x gives the same bits
+    counter = z_chunk * ROW + lane  # int32 or int64 (the chunk's type): randint4x gives the same bits
     o0 = chunk * (4 * ROW) + lane
     o1 = o0 + ROW
     o2 = o0 + 2 * ROW
@@ -206,21 +207,22 @@ def _zo_group(
             _perturb_store(out1_ptr, o3, numel, t3, z3, scale1)
 
 
-@_jit(do_not_specialize=["seeds", "pert_seed"])
+@_jit(do_not_specialize=["seeds", "pert_seed", "group_offset"])
 def zo_kernel(
-    theta_ptr, out0_ptr, out1_ptr, coef_ptr, numel,
+    theta_ptr, out0_ptr, out1_ptr, coef_ptr, numel, group_offset,
     seeds, coefs, neg_lr, weight_decay,  # the update (used when Q > 0)
     pert_seed, scale0, scale1,  # the perturbation (used when NUM_OUTS > 0)
     Q: tl.constexpr, COEFS_ON_DEVICE: tl.constexpr, NUM_OUTS: tl.constexpr, READ_THETA: tl.constexpr,
     INDEX_64: tl.constexpr, ROW: tl.constexpr, ROUNDS: tl.constexpr, FAST_MATH: tl.constexpr,
 ):  # fmt: skip
-    """One tensor: program p handles group p."""
+    """One tensor, or a slice of one that starts at its group ``group_offset``: program p handles group p of it,
+    with z of group p + group_offset."""
     pid = tl.program_id(0)
     if INDEX_64:  # tensors near or past 2^31 elements: int32 offsets would wrap
         pid = pid.to(tl.int64)
-    _zo_group(theta_ptr, out0_ptr, out1_ptr, coef_ptr, coef_ptr, numel, pid, seeds, 0, coefs, neg_lr, weight_decay,
-              pert_seed, scale0, scale1, Q, COEFS_ON_DEVICE, NUM_OUTS, READ_THETA, False, ROW, ROUNDS,
-              FAST_MATH)  # fmt: skip
+    _zo_group(theta_ptr, out0_ptr, out1_ptr, coef_ptr, coef_ptr, numel, pid, pid + group_offset, seeds, 0, coefs,
+              neg_lr, weight_decay, pert_seed, scale0, scale1, Q, COEFS_ON_DEVICE, NUM_OUTS, READ_THETA, False, ROW,
+              ROUNDS, FAST_MATH)  # fmt: skip
 
 
 @_jit(do_not_specialize=["pass_hashes", "pert_hash"])
@@ -251,32 +253,9 @@ def zo_multi_kernel(
             out_off = tl.multiple_of(out_off, 16)
         out0 = out0_ptr + out_off
         out1 = out1_ptr + out_off
-    _zo_group(theta_ptr, out0, out1, coef_ptr, decay_tab_ptr + t, numel, chunk, pass_hashes, key, coefs, neg_lr,
+    _zo_group(theta_ptr, out0, out1, coef_ptr, decay_tab_ptr + t, numel, chunk, chunk, pass_hashes, key, coefs, neg_lr,
               weight_decay, pert_hash, scale0, scale1, Q, COEFS_ON_DEVICE, NUM_OUTS, True, True, ROW, ROUNDS,
               FAST_MATH)  # fmt: skip
-
-
-@_jit(do_not_specialize=["group_offset", "pert_seed"])
-def zo_slice_kernel(
-    theta_ptr, out_ptr, numel, group_offset, pert_seed, scale,
-    ROW: tl.constexpr, ROUNDS: tl.constexpr, FAST_MATH: tl.constexpr,
-):  # fmt: skip
-    """A slice of a tensor that starts at element ``group_offset * 4 * ROW`` of it (``theta_ptr`` points at the
-    slice): ``out = theta + scale * z`` with the tensor's z of those elements, group by group as `zo_kernel`
-    perturbs the whole tensor (the same helpers, so the same bits)."""
-    chunk = tl.program_id(0).to(tl.int64)
-    lane = tl.arange(0, ROW)
-    counter = (chunk + group_offset) * ROW + lane
-    o0 = chunk * (4 * ROW) + lane
-    t0 = _load_f32(theta_ptr, o0, numel, True)
-    t1 = _load_f32(theta_ptr, o0 + ROW, numel, True)
-    t2 = _load_f32(theta_ptr, o0 + 2 * ROW, numel, True)
-    t3 = _load_f32(theta_ptr, o0 + 3 * ROW, numel, True)
-    z0, z1, z2, z3 = _normal4(pert_seed, counter, ROUNDS, FAST_MATH)
-    _perturb_store(out_ptr, o0, numel, t0, z0, scale)
-    _perturb_store(out_ptr, o0 + ROW, numel, t1, z1, scale)
-    _perturb_store(out_ptr, o0 + 2 * ROW, numel, t2, z2, scale)
-    _perturb_store(out_ptr, o0 + 3 * ROW, numel, t3, z3, scale)
 
 
 @_jit(do_not_specialize=["pert_seed"])

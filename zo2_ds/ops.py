@@ -100,6 +100,37 @@ class Ops:
             return kernels.perturbed_rows_into(out, theta, start, seed, scale)
         return zo.perturbed_rows_into(out, theta, start, seed, scale, z)
 
+    def perturbed_part_into(
+        self,
+        out: torch.Tensor,
+        part: torch.Tensor,
+        start: int,
+        shape: Sequence[int],
+        seed: int,
+        scale: float,
+        z: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``out = part + scale * z`` where ``part`` holds rows ``[start, start + len(part))`` of a 2-D tensor of
+        ``shape`` (a copy of them uploaded alone): those rows of :meth:`perturbed_into` on the whole tensor
+        (``z``: the whole tensor's z from :meth:`generate_z`, reused by the torch path)."""
+        if self.fused(part):
+            return kernels.perturbed_part_into(out, part, start, seed, scale)
+        return zo.perturbed_part_into(out, part, start, shape, seed, scale, z)
+
+    def apply_update_part_(
+        self,
+        part: torch.Tensor,
+        start: int,
+        shape: Sequence[int],
+        update: Update,
+        zs: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """In place: :meth:`apply_update_` on the rows ``part`` holds (as :meth:`perturbed_part_into`); on the
+        kernels they must start on a z group (:func:`zo2_ds.vocab.head_chunk_rows` aligns them)."""
+        if self.fused(part):
+            return kernels.apply_update_part_(part, start, *update)
+        return zo.apply_update_part_(part, start, shape, *update, zs=zs)
+
     def perturbed_gather_(
         self, rows: torch.Tensor, theta: torch.Tensor, ids: torch.Tensor, seed: int, scale: float
     ) -> torch.Tensor:

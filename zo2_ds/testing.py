@@ -159,7 +159,8 @@ def run_checks_in_triton_interpreter(test_file: str, calls: str, timeout_s: floa
 
     code = f"import runpy, torch\nns = runpy.run_path({str(test_file)!r})\n{calls}\nprint('ok')\n"
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    paths = [root, str(Path(test_file).resolve().parent), os.environ.get("PYTHONPATH", "")]  # its sibling tests too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     env["TRITON_INTERPRET"] = "1"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

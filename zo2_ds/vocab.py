@@ -40,14 +40,18 @@ from zo2_ds.loss import lean_causal_lm_loss, stock_causal_lm_loss
 from zo2_ds.ops import Ops
 from zo2_ds.scratch import ScratchPool
 
-__all__ = ["HEAD_CHUNK_MIN_BYTES", "HEAD_CHUNK_LOGIT_BYTES", "VocabPaths", "chunked_head_loss", "head_chunk_rows",
-           "is_gathered", "chunks_head"]  # fmt: skip
+__all__ = ["HEAD_CHUNK_MIN_BYTES", "HEAD_CHUNK_LOGIT_BYTES", "HEAD_CHUNK_WEIGHT_BYTES", "VocabPaths", "OnlineLoss",
+           "chunked_head_loss", "head_chunk_rows", "z_group_rows", "is_gathered", "chunks_head",
+           "labels_index"]  # fmt: skip
 
 # "auto" chunks heads of at least this many bytes (Qwen2.5-7B's 1.02 GiB, OPT-6.7B's 0.38 GiB; not OPT-1.3B's
 # 0.19 GiB nor the test models).
 HEAD_CHUNK_MIN_BYTES = 256 << 20
 # fp32 bytes of one chunk of logits: 4096 vocabulary rows at 2048 tokens.
 HEAD_CHUNK_LOGIT_BYTES = 32 << 20
+# Bytes of the head's weight in one chunk (fewer tokens would otherwise make larger chunks of it: 64 tokens, a
+# quarter of Qwen2.5-7B's head).
+HEAD_CHUNK_WEIGHT_BYTES = 32 << 20
 _Z_GROUP = 4096  # elements of one Philox group of z (zo2_ds.kernels: 4 x ROW): chunks start on one
 
 
@@ -75,14 +79,68 @@ def chunks_head(model: nn.Module, head: nn.Module, switch: bool | str) -> bool:
     return switch is True or head.weight.numel() * head.weight.element_size() >= HEAD_CHUNK_MIN_BYTES
 
 
-def head_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
-    """Vocabulary rows per chunk: about :data:`HEAD_CHUNK_LOGIT_BYTES` of fp32 logits, a multiple of the rows of
-    one z group where that many fit (then every chunk starts on a group: the kernels' one-pass slice)."""
-    align = _Z_GROUP // math.gcd(hidden, _Z_GROUP)
-    rows = max(1, HEAD_CHUNK_LOGIT_BYTES // (4 * max(tokens, 1)))
+def head_chunk_rows(tokens: int, vocab: int, hidden: int, itemsize: int = 2) -> int:
+    """Vocabulary rows per chunk: about :data:`HEAD_CHUNK_LOGIT_BYTES` of fp32 logits and at most
+    :data:`HEAD_CHUNK_WEIGHT_BYTES` of the head's weight (``itemsize`` bytes an element), a multiple of the rows
+    of one z group where that many fit (then every chunk starts on a group: the kernels' one-pass slice)."""
+    align = z_group_rows(hidden)
+    rows = max(1, min(HEAD_CHUNK_LOGIT_BYTES // (4 * max(tokens, 1)), HEAD_CHUNK_WEIGHT_BYTES // (hidden * itemsize)))
     if rows >= align:
         rows = rows // align * align
     return min(rows, vocab)
+
+
+def z_group_rows(hidden: int) -> int:
+    """The fewest rows of ``hidden`` elements that span whole z groups (a chunk of a multiple of them starts on
+    a group wherever the previous ones ended)."""
+    return _Z_GROUP // math.gcd(hidden, _Z_GROUP)
+
+
+class OnlineLoss:
+    """HF's causal-LM loss of ``logits = hidden @ W.T`` reduced chunk by chunk of W's rows (:meth:`add`, in order)
+    to an online log-sum-exp and the target's logit, in fp32; :meth:`loss` when every row was added."""
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor | None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        ignore_index: int = -100,
+        shift_labels: torch.Tensor | None = None,
+    ):
+        if shift_labels is None:
+            labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
+            shift_labels = labels[..., 1:]
+        self.hidden = h = hidden.reshape(-1, hidden.shape[-1])
+        self.target = shift_labels.reshape(-1).to(h.device)
+        if self.target.numel() != h.shape[0]:
+            raise ValueError(f"zo2 loss: {h.shape[0]} positions of hidden states but {self.target.numel()} labels")
+        self.tokens = tokens = h.shape[0]
+        self.peak = torch.full((tokens,), -math.inf, dtype=torch.float32, device=h.device)
+        self.total = torch.zeros(tokens, dtype=torch.float32, device=h.device)
+        self.picked = torch.zeros(tokens, dtype=torch.float32, device=h.device)
+        self.ignore_index, self.num_items_in_batch = ignore_index, num_items_in_batch
+
+    def add(self, logits: torch.Tensor, start: int, end: int) -> None:
+        """Reduce the logits of rows ``[start, end)`` (consumed: they are overwritten)."""
+        logits = logits.float()
+        target = self.target
+        at = (target - start).clamp(0, end - start - 1).unsqueeze(1)
+        hit = (target >= start) & (target < end)
+        self.picked = torch.where(hit, logits.gather(1, at).squeeze(1), self.picked)
+        new_peak = torch.maximum(self.peak, logits.amax(1))
+        self.total = self.total * torch.exp(self.peak - new_peak) + logits.sub_(new_peak.unsqueeze(1)).exp_().sum(1)
+        self.peak = new_peak
+
+    def loss(self) -> torch.Tensor:
+        ignored = self.target == self.ignore_index
+        losses = torch.where(ignored, 0.0, self.peak + torch.log(self.total) - self.picked)
+        num_items = self.num_items_in_batch
+        if num_items is None:
+            return losses.sum() / (~ignored).sum()
+        if torch.is_tensor(num_items):
+            num_items = num_items.to(losses.device)
+        return losses.sum() / num_items
 
 
 def chunked_head_loss(
@@ -93,39 +151,17 @@ def chunked_head_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100,
     shift_labels: torch.Tensor | None = None,
+    itemsize: int = 2,
 ) -> torch.Tensor:
     """HF's causal-LM loss of ``logits = hidden @ W.T`` without the logits: ``chunk_logits(h, start, end)`` returns
     the logits of rows ``[start, end)`` of W (``h``: hidden as [tokens, width]); they are reduced chunk by
-    chunk to an online log-sum-exp and the target's logit, in fp32."""
-    if shift_labels is None:
-        labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
-        shift_labels = labels[..., 1:]
-    h = hidden.reshape(-1, hidden.shape[-1])
-    target = shift_labels.reshape(-1).to(h.device)
-    if target.numel() != h.shape[0]:
-        raise ValueError(f"zo2 loss: {h.shape[0]} positions of hidden states but {target.numel()} labels")
-    tokens = h.shape[0]
-    peak = torch.full((tokens,), -math.inf, dtype=torch.float32, device=h.device)
-    total = torch.zeros(tokens, dtype=torch.float32, device=h.device)
-    picked = torch.zeros(tokens, dtype=torch.float32, device=h.device)
-    step = head_chunk_rows(tokens, vocab, h.shape[1])
+    chunk (:class:`OnlineLoss`; chunks of :func:`head_chunk_rows`, W of ``itemsize`` bytes an element)."""
+    acc = OnlineLoss(hidden, labels, num_items_in_batch, ignore_index, shift_labels)
+    step = head_chunk_rows(acc.tokens, vocab, acc.hidden.shape[1], itemsize)
     for start in range(0, vocab, step):
         end = min(start + step, vocab)
-        logits = chunk_logits(h, start, end).float()
-        at = (target - start).clamp(0, end - start - 1).unsqueeze(1)
-        hit = (target >= start) & (target < end)
-        picked = torch.where(hit, logits.gather(1, at).squeeze(1), picked)
-        new_peak = torch.maximum(peak, logits.amax(1))
-        total = total * torch.exp(peak - new_peak) + logits.sub_(new_peak.unsqueeze(1)).exp_().sum(1)
-        peak = new_peak
-        del logits
-    ignored = target == ignore_index
-    losses = torch.where(ignored, 0.0, peak + torch.log(total) - picked)
-    if num_items_in_batch is None:
-        return losses.sum() / (~ignored).sum()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(losses.device)
-    return losses.sum() / num_items_in_batch
+        acc.add(chunk_logits(acc.hidden, start, end), start, end)
+    return acc.loss()
 
 
 class _Head:
@@ -158,7 +194,7 @@ class VocabPaths:
             elif len(tensors) == 1 and tensors[0].param is getattr(mod, "weight", None):
                 model = next((m for m in models if chunks_head(m, mod, switch)), None)
                 if model is not None:
-                    self._heads[id(mod)] = _Head(model, mod, tensors[0].key, _labels_index(model))
+                    self._heads[id(mod)] = _Head(model, mod, tensors[0].key, labels_index(model))
         self._handles = []
         for head in self._heads.values():
             head.model._loss_function = self._loss_of(head)
@@ -251,7 +287,7 @@ class VocabPaths:
         vocab, width = weight.shape
         fused = self.ops.fused(weight)
         z = None if fused else self.ops.generate_z(seed, weight.shape, weight.device)  # torch: drawn once
-        rows = head_chunk_rows(hidden.numel() // width, vocab, width)
+        rows = head_chunk_rows(hidden.numel() // width, vocab, width, weight.element_size())
         buf = self.scratch.take_lent(weight.device, weight.dtype, rows * width)
         flat = buf if buf is not None else torch.empty(rows * width, dtype=weight.dtype, device=weight.device)
 
@@ -261,7 +297,7 @@ class VocabPaths:
             return nn.functional.linear(h, part)
 
         try:
-            return chunked_head_loss(hidden, vocab, chunk_logits, labels, **kwargs)
+            return chunked_head_loss(hidden, vocab, chunk_logits, labels, itemsize=weight.element_size(), **kwargs)
         finally:
             if buf is not None:
                 self.scratch.give_back(buf)
@@ -278,7 +314,7 @@ class VocabPaths:
         self._heads.clear()
 
 
-def _labels_index(model: nn.Module) -> int | None:
+def labels_index(model: nn.Module) -> int | None:
     """Position of ``labels`` among the positional arguments of the model's forward (None if it has none)."""
     names = [p.name for p in inspect.signature(model.forward).parameters.values()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]  # fmt: skip

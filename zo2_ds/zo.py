@@ -118,10 +118,49 @@ def perturbed_rows_into(
     """``out`` = rows ``[start, start + len(out))`` of ``theta + scale * z(seed)`` (theta 2-D). torch's generator
     is sequential, so z is drawn for the whole of theta; ``z``: that draw, when the caller keeps it for
     several slices."""
-    z = generate_z(seed, theta.shape, theta.device) if z is None else z
-    end = start + out.shape[0]
-    out.copy_(theta[start:end].float() + scale * z[start:end])
+    return perturbed_part_into(out, theta[start : start + out.shape[0]], start, theta.shape, seed, scale, z)
+
+
+def perturbed_part_into(
+    out: torch.Tensor,
+    part: torch.Tensor,
+    start: int,
+    shape: Sequence[int],
+    seed: int,
+    scale: float,
+    z: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out = part + scale * z`` where ``part`` holds rows ``[start, start + len(part))`` of a 2-D tensor of
+    ``shape`` (e.g. a copy of them uploaded alone) and z is that tensor's z of those rows (``z``: the whole
+    tensor's, when the caller keeps it for several parts; else drawn whole here)."""
+    z = generate_z(seed, shape, part.device) if z is None else z
+    out.copy_(part.float() + scale * z[start : start + part.shape[0]])
     return out
+
+
+def apply_update_part_(
+    part: torch.Tensor,
+    start: int,
+    shape: Sequence[int],
+    seeds: Sequence[int],
+    coefs: Sequence[float],
+    lr: float,
+    weight_decay: float,
+    zs: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """:func:`apply_update_` on rows ``[start, start + len(part))`` of a 2-D tensor of ``shape`` held by ``part``:
+    the same elementwise arithmetic, so the same bits as those rows of the whole tensor's update (``zs``: the
+    whole tensor's z of each seed, else drawn here)."""
+    if len(seeds) != len(coefs) or not seeds:
+        raise ValueError(f"need one coefficient per seed, got {len(seeds)} seeds and {len(coefs)} coefs")
+    zs = [generate_z(seed, shape, part.device) for seed in seeds] if zs is None else zs
+    rows = slice(start, start + part.shape[0])
+    direction = coefs[0] * zs[0][rows]
+    for z, coef in zip(zs[1:], coefs[1:]):
+        direction += coef * z[rows]
+    master = part.float()
+    part.copy_(master - lr * (direction + weight_decay * master))
+    return part
 
 
 def perturbed_gather_(

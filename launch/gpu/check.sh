@@ -33,6 +33,8 @@
 #          and trained offloaded on one GPU (1x2048 and 16x256), then partitioned on every GPU of the host
 #          (4 or 8; needs 512+ GiB of host memory): FULL175_STEPS steps (default 3) after one warm-up;
 #          SKIP_ONE_GPU=1 leaves out the one-GPU run (each run alone may take several minutes)
+# head:    issue 11's Qwen2.5-7B shape offloaded at 1x2048 with its untied head resident (zo2.offload.stream_head
+#          false) against streamed ("auto"), alternating HEAD_ROUNDS (default 2) times, one process each (~3 min)
 # big:     OPT-66B's shape on 2 GPUs, materialized straight into each rank's pinned shards, partitioned only
 #          (the host cannot hold two replicas); node host RSS against the model's bytes
 set -uo pipefail
@@ -122,11 +124,19 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
                  --partitioned-only --out "$OUT/opt-175b_${gpus}gpu.json" >"$OUT/opt-175b_${gpus}gpu.log" 2>&1 || status=1
                tail -n 4 "$OUT/opt-175b_${gpus}gpu.log"
              fi ;;
+    head) for round in $(seq "${HEAD_ROUNDS:-2}"); do
+            for sh in false auto; do
+              $cap python3 launch/bench_offload.py --models "${HEAD_MODEL:-qwen2.5-7b}" --batches "${HEAD_BATCHES:-1x2048}" \
+                --no-in-gpu --no-floor --stream-head "$sh" --steps 8 --warmup 2 --out "$OUT/head_${sh}_$round.json" \
+                >"$OUT/head_${sh}_$round.log" 2>&1 || status=1
+              echo "stream_head=$sh round $round: $(grep "^${HEAD_MODEL:-qwen2.5-7b} |" "$OUT/head_${sh}_$round.log")"
+            done
+          done ;;
     big) python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --models opt-66b \
            --batches 1x2048 --no-in-gpu --no-floor --partitioned --partitioned-only --materialize --steps 3 \
            --warmup 1 --out "$OUT/opt-66b_2gpu.json" >"$OUT/opt-66b_2gpu.log" 2>&1 || status=1
          tail -n 4 "$OUT/opt-66b_2gpu.log" ;;
-    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize, scaling, why, depth, big, full175)"
+    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize, scaling, why, depth, head, big, full175)"
        status=2 ;;
   esac
 done

@@ -104,7 +104,10 @@ def config_accepts(zo2_block: dict[str, Any]) -> bool:
 
 
 def resolve_switches(
-    kernels: str = "auto", prefetch_next_step: bool = True, vocab_chunks: bool | str = "auto"
+    kernels: str = "auto",
+    prefetch_next_step: bool = True,
+    vocab_chunks: bool | str = "auto",
+    stream_head: bool | str = "auto",
 ) -> dict[str, Any]:
     """The ``zo2`` config fields for the switches, and how they reach zo2_ds ({"route": ...}).
 
@@ -128,6 +131,12 @@ def resolve_switches(
         if not config_accepts({"vocab_chunks": vocab_chunks}):
             raise ValueError(f"vocab_chunks: the installed zo2_ds has no zo2.vocab_chunks (asked for {vocab_chunks!r})")
         fields["vocab_chunks"] = vocab_chunks
+    if stream_head != "auto":  # likewise
+        if not config_accepts({"offload": {"stream_head": stream_head}}):
+            raise ValueError(
+                f"stream_head: the installed zo2_ds has no zo2.offload.stream_head (asked for {stream_head!r})"
+            )
+        offload_fields["stream_head"] = stream_head
     missing = {k: v for k, v in wanted_env.items() if os.environ.get(k) != v}
     if missing:
         if os.environ.get(_RESTARTED):

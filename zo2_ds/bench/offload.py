@@ -5,7 +5,8 @@
 
 The streamed bytes are counted from the model's blocks before the engine takes them: (blocks - resident)
 x one block's bytes; with a narrower ``transfer_dtype`` the per-step average, since a block crosses as its
-exact master one step in ``write_back_interval`` and as the narrow copy at the others.
+exact master one step in ``write_back_interval`` and as the narrow copy at the others; plus a streamed head's
+bytes (``zo2.offload.stream_head``: once per step at one micro-batch).
 """
 
 from __future__ import annotations
@@ -166,6 +167,9 @@ def _offload_one(
     partition = getattr(engine.zo_offload_store, "partition", None)
     num_sharing = partition.num_ranks if partition is not None else 1
     streamed = streamed_bytes_per_step(model, offload, interval) / num_sharing
+    head = getattr(engine.zo_runner, "head", None)  # a streamed head crosses once per run (zo2.offload.stream_head)
+    head_bytes = 0 if head is None else head.master.numel() * head.master.element_size()
+    streamed += head_bytes
     records = []
     for b, s in batches:
         batch = make_batch(name, b, s, run.device)
@@ -176,6 +180,7 @@ def _offload_one(
         rec.update(ranks_host_rss_bytes=measure.summed_over_ranks(rec["host_rss_bytes"]))
         rec.update(ranks_host_rss_peak_bytes=measure.summed_over_ranks(rec["host_rss_peak_bytes"]))
         rec.update(facts, offload=offload, streamed_bytes=streamed, model_bytes=model_bytes, num_blocks=num_blocks)
+        rec.update(streamed_head_bytes=head_bytes)
         rec.update(ranks_sharing_masters=num_sharing, perturbation_parallel=zo2.get("perturbation_parallel", 1))
         rec.update(engine_init_s=init_s, host_rss_over_model=rec["host_rss_bytes"] / model_bytes)
         rec.update(model_build_s=build_s, materialized=materialize, host_rss_peak_of_mode=peak_of_mode)

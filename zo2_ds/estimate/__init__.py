@@ -155,8 +155,10 @@ class Estimate:
 
     @property
     def host_bytes_per_rank(self) -> int:
-        """Host memory of one rank's pinned masters and copies (its shards of them when partitioned)."""
-        return self.host_parts["pinned_masters"] + self.host_parts["narrow_copies"]
+        """Host memory of one rank's pinned masters and copies (its shards of them when partitioned), and of its
+        streamed head (every rank pins its own)."""
+        parts = self.host_parts
+        return parts["pinned_masters"] + parts["narrow_copies"] + parts.get("streamed_head", 0)
 
     @property
     def host_bytes_per_node(self) -> int:
@@ -253,6 +255,7 @@ def estimate(
     tflops: float = DEFAULT_TFLOPS,
     kernels: str = "auto",
     vocab_chunks: bool | str = "auto",
+    stream_head: bool | str = "auto",
     device: str = "cuda",
     blocks_attr: str | None = None,
     num_layers: int | None = None,
@@ -281,6 +284,7 @@ def estimate(
         "blocks_attr": blocks_attr,
         "partition": partition,
         "gather": gather,
+        "stream_head": stream_head,
     }
     context_bytes, context_source = _context(cuda_context_bytes, device)
     zo2 = {"kernels": kernels, "vocab_chunks": vocab_chunks}
@@ -370,7 +374,7 @@ def _context(cuda_context_bytes: int | str | None, device: str) -> tuple[int, st
     return value, "given"
 
 
-_HOST_PARTS = ("pinned_masters", "narrow_copies", "outside_blocks")
+_HOST_PARTS = ("pinned_masters", "narrow_copies", "streamed_head", "outside_blocks")
 
 
 def _in_gpu(net: torch.nn.Module, config: ZO2Config) -> dict[str, int]:
@@ -390,10 +394,11 @@ def _offloaded(
     host = {
         "pinned_masters": layout.host_masters_bytes,
         "narrow_copies": layout.host_narrow_bytes,
+        "streamed_head": layout.head_bytes,
         "outside_blocks": parts["outside_blocks"],
     }
     k = layout.write_back_interval
-    streamed = (layout.streamed_exact_bytes + (k - 1) * layout.streamed_narrow_bytes) / k
+    streamed = (layout.streamed_exact_bytes + (k - 1) * layout.streamed_narrow_bytes) / k + layout.head_bytes
     facts = {
         "num_blocks": layout.num_blocks,
         "num_units": layout.num_units,

@@ -20,12 +20,14 @@ from torch import nn
 
 from zo2_ds.config import ZO2Config
 from zo2_ds.offload import pending as rules
+from zo2_ds.offload.head import stream_rows, streamed_head
 from zo2_ds.offload.partition import Partition
 from zo2_ds.offload.runner import OffloadRunner
 from zo2_ds.offload.store import ALIGN_BYTES, BlockStore, block_layout, plan_store
 from zo2_ds.offload.trace import device_bytes
 from zo2_ds.ops import Ops
 from zo2_ds.perturb import ResidentRunner, trainable_params
+from zo2_ds.vocab import z_group_rows
 
 __all__ = ["META", "OffloadLayout", "meta_store", "offloader_parts", "in_gpu_scratch_bytes", "chunked_head_shape"]
 
@@ -82,6 +84,7 @@ class OffloadLayout:
     streamed_narrow_bytes: int  # ... as its transfer_dtype copy (= exact without one)
     write_back_interval: int
     partition_ranks: int  # ranks sharing one copy of the masters (1: replicated)
+    head_bytes: int = 0  # a streamed head's pinned master, which crosses the link once per step
 
 
 def offloader_parts(model: nn.Module, config: ZO2Config, on_cuda: bool, partition_ranks: int = 1) -> OffloadLayout:
@@ -92,16 +95,33 @@ def offloader_parts(model: nn.Module, config: ZO2Config, on_cuda: bool, partitio
     embedding / head into the block scratch, and ``write_back_interval`` "auto" is 4), else as a CPU run.
     """
     store = meta_store(model, config.offload, partition_ranks)
-    runner = OffloadRunner(model, trainable_params(model), store, config, ops=Ops("torch"))
+    params = trainable_params(model)
+    # A streamed head (zo2.offload.stream_head) needs real memory to be built: counted here instead.
+    fused = on_cuda and config.kernels != "torch"
+    head = streamed_head(model, params, config.offload.stream_head, config.vocab_chunks, "cuda" if on_cuda else "cpu")
+    resident_head = config.model_copy(update={"offload": config.offload.model_copy(update={"stream_head": False})})
+    runner = OffloadRunner(model, params, store, resident_head, ops=Ops("torch"))
     try:
         # As OffloadRunner.device_bytes(), with the streams / kernels of the target instead of this machine's.
-        shares = on_cuda and config.kernels in ("auto", "multi_tensor") and bool(runner.resident.params)
+        outside = [tp for tp in runner.resident.params if head is None or tp.param is not head.param]
+        shares = on_cuda and config.kernels in ("auto", "multi_tensor") and bool(outside)
         resident = sum(store.sizes[b] for b in store.resident)
-        whole = runner.resident.vocab.takes_whole
+        head_module = None if head is None else head.uses[0][0]
+
+        def whole(mod: nn.Module) -> bool:
+            return mod is not head_module and runner.resident.vocab.takes_whole(mod)
+
         parts = device_bytes(model, store.param_ids, META, runner.device_buffers(), resident, shares, whole)
         num_slots = runner.num_slots
     finally:
         runner.close()
+    head_bytes = 0
+    if head is not None:
+        weight = head.param
+        head_bytes = weight.numel() * weight.element_size()
+        rows = stream_rows(1, weight.shape, weight.element_size(), z_group_rows(weight.shape[1]) if fused else 1)
+        parts["outside_blocks"] -= head_bytes
+        parts["head_chunks"] = 2 * rows * weight.shape[1] * weight.element_size()
     streamed = store.streamed
     masters = sum(store.home_nbytes(b) for b in streamed)
     narrow = sum(store.home_nbytes(b, narrow=True) for b in streamed) if store.narrow is not None else 0
@@ -119,6 +139,7 @@ def offloader_parts(model: nn.Module, config: ZO2Config, on_cuda: bool, partitio
         unit_bytes=max(store.sizes),
         streamed_exact_bytes=masters,
         streamed_narrow_bytes=narrow or masters,
+        head_bytes=head_bytes,
         write_back_interval=rules.resolve_interval(config.offload.write_back_interval, on_cuda),
         partition_ranks=partition_ranks,
     )

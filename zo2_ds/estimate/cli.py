@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--vocab_chunks", default="auto", choices=("auto", "true", "false"), help="zo2.vocab_chunks (default auto)"
     )
+    p.add_argument(
+        "--stream_head",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="zo2.offload.stream_head (default auto: on CUDA, an untied head zo2.vocab_chunks chunks)",
+    )
     p.add_argument("--num_gpus", type=int, default=1, help="data-parallel ranks (default 1)")
     p.add_argument("--gpus_per_node", type=int, default=None, help="ranks per node (default: all on one node)")
     p.add_argument(
@@ -110,6 +116,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "write_back_interval": int(interval) if str(interval).isdigit() else interval,
         "num_perturbations": args.num_perturbations,
         "vocab_chunks": {"true": True, "false": False}.get(args.vocab_chunks, args.vocab_chunks),
+        "stream_head": {"true": True, "false": False}.get(args.stream_head, args.stream_head),
         "num_gpus": args.num_gpus,
         "gpus_per_node": args.gpus_per_node,
         "partition": args.partition,

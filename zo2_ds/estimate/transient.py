@@ -33,6 +33,8 @@ def transient_bytes(
     else:
         lent = parts["perturbation_scratch"] if config.offload.enabled else 0  # the offloader lends its scratch
         logits_bytes, loss_bytes = 0, _head_chunk_bytes(tokens, head, itemsize, lent)
+        if parts.get("head_chunks"):  # a streamed head: every pass's hidden states and sums wait for its stream
+            loss_bytes += (passes - 1) * tokens * head[1] * itemsize + passes * 3 * tokens * 4
     mlp_tensors = 3 if _gated_mlp(net) else 2
     if granularity == "layer":
         mlp_tensors += passes - 1  # one held per waiting pass (see zo2_ds.estimate)
@@ -49,7 +51,7 @@ def _head_chunk_bytes(tokens: int, head: tuple[int, int], itemsize: int, lent_by
     """zo2_ds.vocab's transient: one chunk's perturbed rows of the head (none of its own where the offloader's
     scratch of ``lent_bytes`` holds them), its logits in the model dtype and in fp32."""
     vocab, width = head
-    rows = head_chunk_rows(tokens, vocab, width)
+    rows = head_chunk_rows(tokens, vocab, width, itemsize)
     weight = rows * width * itemsize
     logits = rows * tokens * (4 + (itemsize if itemsize != 4 else 0))
     return (0 if weight <= lent_bytes else weight) + logits

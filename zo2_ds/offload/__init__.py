@@ -17,6 +17,7 @@ Which file owns what (see README.md in this folder):
 - :mod:`~zo2_ds.offload.narrow`: the narrow-copy path of ``transfer_dtype`` (and its no-op twin);
 - :mod:`~zo2_ds.offload.perturber`: the blocks' update and perturbation kernels, the perturbation scratch;
 - :mod:`~zo2_ds.offload.lockstep`: the 2q passes run block-major;
+- :mod:`~zo2_ds.offload.head`: the untied head streamed in row chunks (``stream_head``);
 - :mod:`~zo2_ds.offload.graphs`: CUDA graphs of the blocks' forwards;
 - :mod:`~zo2_ds.offload.trace`: observers, the timeline and the device-byte accounting;
 - :mod:`~zo2_ds.offload.hooks`: the units' forward hooks and the state_dict hooks;

@@ -68,6 +68,7 @@ class LockStep:
         self._turn = 0  # segment s of pass j has turn s * num_passes + j
         self._stage = [0] * num_passes  # segment each pass is in (the k-th unit's forward is in segment k + 1)
         self._finished = [False] * num_passes
+        self._gathered = 0  # 1 once a pass called gather_passes: every pass has one more segment
         self._error: BaseException | None = None
         self._local = threading.local()
 
@@ -101,6 +102,26 @@ class LockStep:
             if learning:
                 self.sequence.append(block)
             self._stage[j] = stage + 1
+            self._advance()
+            self._wait(j)
+        return j
+
+    def gather_passes(self) -> int:
+        """In the last segment (after the last unit): wait until every pass has called this, then go on one at a
+        time in pass order, as at a unit (the streamed head's loss: :mod:`zo2_ds.offload.head`). Returns the
+        pass index. Every pass must call it once, or none."""
+        j = self._local.index
+        if self._stage[j] != self.num_blocks:
+            raise RuntimeError(
+                f"zo2.offload: pass {j} reached the head's loss after {self._stage[j]} of the {self.num_blocks} "
+                "streamed units (or twice); the head's loss must come after the last unit, once per forward"
+            )
+        with self._cond:
+            early = [i for i in range(self.num_passes) if self._finished[i] and self._stage[i] == self.num_blocks]
+            if early:
+                raise RuntimeError(f"zo2.offload: pass {early[0]} did not reach the head's loss, which pass {j} did")
+            self._gathered = 1
+            self._stage[j] += 1
             self._advance()
             self._wait(j)
         return j
@@ -142,7 +163,9 @@ class LockStep:
                 results[j] = forward()
             finally:
                 _ThreadContext.exit(stack)
-            if self._stage[j] != self.num_blocks:
+            if self._stage[j] != self.num_blocks + self._gathered:
+                if self._stage[j] == self.num_blocks:
+                    raise RuntimeError(f"zo2.offload: pass {j} did not reach the head's loss, which other passes did")
                 raise RuntimeError(
                     f"zo2.offload: pass {j} called {self._stage[j]} of the {self.num_blocks} streamed units; the "
                     'offloader needs the model to call every unit (a block, or at granularity "layer" a block\'s '
@@ -166,7 +189,7 @@ class LockStep:
     # -- turn bookkeeping (hold self._cond) ------------------------------------------------------
     def _advance(self) -> None:
         self._turn += 1
-        end = (self.num_blocks + 1) * self.num_passes
+        end = (self.num_blocks + 1 + self._gathered) * self.num_passes
         while self._turn < end and self._finished[self._turn % self.num_passes]:
             self._turn += 1
         self._cond.notify_all()

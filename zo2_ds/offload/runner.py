@@ -47,6 +47,7 @@ from zo2_ds import zo
 from zo2_ds.config import ZO2Config
 from zo2_ds.offload import hooks, sizing
 from zo2_ds.offload import pending as rules
+from zo2_ds.offload.head import HeadStream, streamed_head
 from zo2_ds.offload.lockstep import LockStep, PassPool
 from zo2_ds.offload.narrow import narrow_copies
 from zo2_ds.offload.perturber import BlockPerturber, scratch_layout
@@ -82,6 +83,8 @@ class OffloadRunner:
         self._module = module
         in_blocks = self._in_blocks = store.param_ids
         outside = [tp for tp in params if id(tp.param) not in in_blocks]
+        head = streamed_head(module, outside, config.offload.stream_head, config.vocab_chunks, store.device)
+        outside = [tp for tp in outside if tp is not head]
         self.resident = ResidentRunner(module, outside, config, self.ops, group_blocks=False)
         key_of = {id(tp.param): tp.key for tp in params}
         # Trainable entries of each block: (entry index, z key); where: param id -> (block, index among them).
@@ -106,6 +109,9 @@ class OffloadRunner:
         self.ring = SlotRing(store, self.num_slots, self.streams, self.narrow, self.tracer, offload.prefetch_next_step)
         self.perturber = BlockPerturber(store, trained, self.ring.dev_views, self.ops, outside_bytes)
         self.resident.share_scratch(self.perturber.scratch)
+        # The untied head of a large vocabulary, streamed in row chunks (zo2_ds/offload/head.py).
+        self.head = None if head is None else HeadStream(module, head, self.ops, self.streams, self.resident.scratch,
+                                                         self._head_context)  # fmt: skip
         self.pending = rules.PendingLog(store.num_blocks)
         self.write_back_interval = rules.resolve_interval(offload.write_back_interval, self.streams.enabled)
 
@@ -170,7 +176,11 @@ class OffloadRunner:
         entries, outside = rules.split_step_update(groups, self._where, self._num_trained, hashes, coefs)
         for b, entry in entries.items():
             self.pending.record(b, entry)
-        rest = [UpdateGroup(tuple(ps), g.lr, g.weight_decay) for g, ps in outside]
+        head = None if self.head is None else self.head.tp.param
+        for g, ps in outside:
+            if any(p is head for p in ps):
+                self.head.record(hashes, coefs, g.lr, g.weight_decay)
+        rest = [UpdateGroup(tuple(p for p in ps if p is not head), g.lr, g.weight_decay) for g, ps in outside]
         self.resident.update(step, coefs, rest)
 
     def flush(self) -> None:
@@ -182,6 +192,8 @@ class OffloadRunner:
         for b in self.pending.blocks:
             self._acquire(b, None)
             self._release(b)
+        if self.head is not None:
+            self.head.flush()
         self.streams.synchronize()
 
     def close(self) -> None:
@@ -191,6 +203,8 @@ class OffloadRunner:
         if self.graphs is not None:
             self.graphs.close()
             self.graphs = None
+        if self.head is not None:
+            self.head.close()
         self.resident.close()
         self._pool.close()
 
@@ -213,6 +227,7 @@ class OffloadRunner:
             "slot_ring": list(self.ring.slots),
             "perturbation_scratch": [self.perturber.scratch],
             "transfer_staging": list(self.narrow.buffers),
+            "head_chunks": [] if self.head is None else self.head.device_buffers(),
         }
 
     def device_bytes(self) -> dict[str, int]:
@@ -223,7 +238,11 @@ class OffloadRunner:
         store = self.store
         shares = self.streams.enabled and self.ops.multi_tensor and bool(self.resident.params)
         resident = sum(store.sizes[b] for b in store.resident)
-        whole = self.resident.vocab.takes_whole
+        streamed = None if self.head is None else self.head.head
+
+        def whole(mod: torch.nn.Module) -> bool:
+            return mod is not streamed and self.resident.vocab.takes_whole(mod)
+
         return device_bytes(self._module, self._in_blocks, store.device, self.device_buffers(), resident, shares, whole)
 
     def add_observer(self, observer: Observer) -> Callable[[], None]:
@@ -279,6 +298,8 @@ class OffloadRunner:
         self._compute = self.streams.compute()
         ok = False
         self.resident.begin_passes()
+        if self.head is not None:
+            self.head.begin_run()
         try:
             self._prefetch()
             outs = self._sched.run([lambda j=j: forward(j) for j in range(len(specs))], self._pool)
@@ -303,6 +324,15 @@ class OffloadRunner:
             self.streams.synchronize()
             self.ring.set_order(streamed)
             self.perturber.forget_tables()
+
+    def _head_context(self) -> tuple[tuple[int, float] | None, LockStep | None]:
+        """For the streamed head: (pass hash, scale) of this thread's perturbed pass (None: unperturbed), the run."""
+        sched = self._sched
+        if sched is None:
+            return None, None
+        j = sched.current_pass
+        spec = self._specs[j]
+        return (None if spec is None else (self._spec_hashes[j], spec[2])), sched
 
     def _on_turn(self, j: int) -> None:
         # Parameters outside the blocks follow whichever pass holds the turn.

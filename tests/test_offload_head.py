@@ -193,6 +193,24 @@ def test_where_the_head_streams_and_bad_settings_are_refused():
         zo2_ds.initialize(model=copy.deepcopy(tied), config=make_config({"enabled": True, "stream_head": True}))
 
 
+def test_a_model_that_changes_its_logits_is_refused_with_the_key(small_chunks):
+    model = tiny_causal_lm("qwen2", tied=False, vocab_size=VOCAB, layers=2)
+
+    class Scaled(type(model)):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state) * 2.0  # a new tensor
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+            return {"loss": loss, "logits": logits}
+
+    model.__class__ = Scaled
+    engine, *_ = zo2_ds.initialize(model=model, config=make_config({"enabled": True, "stream_head": True}))
+    ids = torch.randint(0, VOCAB, (1, 5))
+    engine.train()
+    with pytest.raises(RuntimeError, match="zo2.offload.stream_head"):
+        engine(input_ids=ids, labels=ids)
+    assert not engine.zo_runner.running and not engine.zo_runner.acquired_blocks, "the run unwound cleanly"
+
+
 def _check_parts(device: str, dtype: torch.dtype, mode: str) -> None:
     """Updates and perturbations of row ranges equal those rows of the whole tensor's, bit for bit."""
     ops = Ops(mode)

@@ -42,7 +42,7 @@ from zo2_ds.scratch import ScratchPool
 
 __all__ = ["HEAD_CHUNK_MIN_BYTES", "HEAD_CHUNK_LOGIT_BYTES", "HEAD_CHUNK_WEIGHT_BYTES", "VocabPaths", "OnlineLoss",
            "chunked_head_loss", "head_chunk_rows", "z_group_rows", "is_gathered", "chunks_head",
-           "labels_index"]  # fmt: skip
+           "labels_index", "take_captured", "loss_options"]  # fmt: skip
 
 # "auto" chunks heads of at least this many bytes (Qwen2.5-7B's 1.02 GiB, OPT-6.7B's 0.38 GiB; not OPT-1.3B's
 # 0.19 GiB nor the test models).
@@ -265,19 +265,11 @@ class VocabPaths:
 
     def _loss_of(self, head: _Head) -> Callable:
         def loss_function(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, **kwargs: Any) -> Any:
-            state = self._state
-            hidden = getattr(state, "hidden", None)
+            hidden = take_captured(self._state, logits, head.model, "zo2.vocab_chunks")
             if hidden is None:
                 return head.loss(logits, labels, vocab_size, **kwargs)
-            if logits is not state.logits:
-                raise RuntimeError(
-                    f"zo2.vocab_chunks: {type(head.model).__name__} changes its logits before the loss, which the "
-                    "chunked head cannot follow; set zo2.vocab_chunks to false"
-                )
-            _, seed, scale = state.pass_
-            state.hidden = state.logits = None
-            keys = ("num_items_in_batch", "ignore_index", "shift_labels")
-            return self._chunked_loss(head, hidden, labels, seed, scale, **{k: kwargs[k] for k in keys if k in kwargs})
+            _, seed, scale = self._state.pass_
+            return self._chunked_loss(head, hidden, labels, seed, scale, **loss_options(kwargs))
 
         return loss_function
 
@@ -312,6 +304,26 @@ class VocabPaths:
             else:
                 head.model._loss_function = head.previous
         self._heads.clear()
+
+
+def take_captured(state: Any, logits: Any, model: nn.Module, key: str) -> torch.Tensor | None:
+    """At the loss call: the head's input captured in this pass's ``state`` (then forgotten), or None where this
+    pass's head was not chunked. Raises, naming ``key``, where the model changed the head's output on its way."""
+    hidden = getattr(state, "hidden", None)
+    if hidden is None:
+        return None
+    if logits is not state.logits:
+        raise RuntimeError(
+            f"{key}: {type(model).__name__} changes its logits before the loss, which the chunked head cannot "
+            f"follow; set {key} to false"
+        )
+    state.hidden = state.logits = None
+    return hidden
+
+
+def loss_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The loss call's keyword arguments :class:`OnlineLoss` takes."""
+    return {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
 
 
 def labels_index(model: nn.Module) -> int | None:

@@ -41,7 +41,15 @@ from zo2_ds.offload.streams import Streams
 from zo2_ds.ops import Ops, Update
 from zo2_ds.perturb import TrainableParam
 from zo2_ds.scratch import ScratchPool
-from zo2_ds.vocab import OnlineLoss, chunks_head, head_chunk_rows, labels_index, z_group_rows
+from zo2_ds.vocab import (
+    OnlineLoss,
+    chunks_head,
+    head_chunk_rows,
+    labels_index,
+    loss_options,
+    take_captured,
+    z_group_rows,
+)
 
 __all__ = ["HeadStream", "streamed_head", "stream_rows"]
 
@@ -59,13 +67,8 @@ def streamed_head(
     any size), no other module uses its weight (untied) and, for "auto", the device has streams (CUDA)."""
     if switch is False:
         return None
-    models = [m for m in module.modules() if callable(getattr(m, "get_output_embeddings", None))]
-    for model in models:
-        try:
-            head = model.get_output_embeddings()
-        except Exception:  # noqa: BLE001 - an HF model that cannot answer: it has no head for us
-            continue
-        tp = next((tp for tp in params if head is not None and tp.param is getattr(head, "weight", None)), None)
+    for model, head in _output_embeddings(module):
+        tp = next((tp for tp in params if tp.param is getattr(head, "weight", None)), None)
         if tp is None:
             continue
         chunked = chunks_head(model, head, True if switch is True and vocab_chunks is not False else vocab_chunks)
@@ -93,6 +96,20 @@ def stream_rows(tokens: int, shape: Sequence[int], itemsize: int, align: int) ->
     return min(rows * align // math.gcd(rows, align), vocab)
 
 
+def _output_embeddings(module: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(model, its head) for every HF model in ``module`` that names an output embedding."""
+    found = []
+    for model in module.modules():
+        get_head = getattr(model, "get_output_embeddings", None)
+        try:
+            head = get_head() if callable(get_head) else None
+        except Exception:  # noqa: BLE001 - an HF model that cannot answer: it has no head for us
+            head = None
+        if head is not None:
+            found.append((model, head))
+    return found
+
+
 class HeadStream:
     """The streamed head of one offloaded model (see the module docstring); built by the OffloadRunner."""
 
@@ -107,7 +124,7 @@ class HeadStream:
     ):
         self.tp, self.ops, self.streams, self.scratch, self._context = tp, ops, streams, scratch, context
         self.head = head = tp.uses[0][0]
-        self.model = next(m for m in module.modules() if getattr(m, "get_output_embeddings", lambda: None)() is head)
+        self.model = next(model for model, h in _output_embeddings(module) if h is head)
         weight = tp.param
         self.shape, self.dtype, self.device = tuple(weight.shape), weight.dtype, weight.device
         vocab, width = self.shape
@@ -321,17 +338,10 @@ class HeadStream:
 
     def _loss_call(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, **kwargs: Any) -> Any:
         state = self._state
-        hidden = getattr(state, "hidden", None)
+        hidden = take_captured(state, logits, self.model, "zo2.offload.stream_head")
         if hidden is None:
             return self._loss(logits, labels, vocab_size, **kwargs)
-        if logits is not state.logits:
-            raise RuntimeError(
-                f"zo2.offload.stream_head: {type(self.model).__name__} changes its logits before the loss, which "
-                "the streamed head cannot follow; set zo2.offload.stream_head to false"
-            )
-        state.hidden = state.logits = None
-        keys = ("num_items_in_batch", "ignore_index", "shift_labels")
-        acc = OnlineLoss(hidden, labels, **{k: kwargs[k] for k in keys if k in kwargs})
+        acc = OnlineLoss(hidden, labels, **loss_options(kwargs))
         _, sched = self._context()
         j = 0 if sched is None else sched.current_pass
         self._stash[j] = (acc, *state.perturbation)

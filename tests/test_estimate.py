@@ -49,6 +49,7 @@ CASES = [
     ("gpt2", True, "bf16", {"prefetch_depth": 1}),
     ("mistral", False, "fp32", {"prefetch_depth": 1, "transfer_dtype": "bf16"}),
     ("qwen2", False, "fp16", {"prefetch_depth": 1, "vocab_chunks": True}),  # the head computed in chunks
+    ("qwen2", False, "fp32", {"prefetch_depth": 1, "vocab_chunks": True, "stream_head": True}),  # ... and streamed
     ("opt", True, "fp32", {"prefetch_depth": 1, "vocab_chunks": True}),
 ]
 
@@ -68,6 +69,10 @@ def test_exact_parts_equal_the_engine_budget_and_host_pinned_bytes(tmp_path, arc
         assert est.host_parts["pinned_masters"] == sum(store.homes[b].numel() for b in streamed)
         narrow = sum(store.narrow.homes[b].numel() for b in streamed) if store.narrow is not None else 0
         assert est.host_parts["narrow_copies"] == narrow
+        head = getattr(runner, "head", None)
+        pinned_head = 0 if head is None else head.master.numel() * head.master.element_size()
+        assert est.host_parts["streamed_head"] == pinned_head
+        assert (head is not None) == bool(offload.get("stream_head"))
         assert est.offload_facts["num_slots"] == runner.num_slots
         assert est.offload_facts["num_resident"] == len(store.resident)
         assert est.offload_facts["write_back_interval"] == runner.write_back_interval

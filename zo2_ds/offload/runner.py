@@ -243,7 +243,9 @@ class OffloadRunner:
         def whole(mod: torch.nn.Module) -> bool:
             return mod is not streamed and self.resident.vocab.takes_whole(mod)
 
-        return device_bytes(self._module, self._in_blocks, store.device, self.device_buffers(), resident, shares, whole)
+        # A streamed head's master is host memory, as the blocks' are (it counts on a CPU device otherwise).
+        elsewhere = self._in_blocks if self.head is None else self._in_blocks | {id(self.head.tp.param)}
+        return device_bytes(self._module, elsewhere, store.device, self.device_buffers(), resident, shares, whole)
 
     def add_observer(self, observer: Observer) -> Callable[[], None]:
         """Call ``observer(what, block, phase, stream)`` as the schedule is issued (see

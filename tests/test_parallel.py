@@ -24,13 +24,15 @@ import json, os, sys, torch
 import zo2_ds
 from zo2_ds.testing import ds_config, tiny_causal_lm
 
-out, parallel, data_world, q, offload, arch, skew = sys.argv[1:8]
-parallel, data_world, q = int(parallel), int(data_world), int(q)
+out, parallel, data_world, q, offload, arch, skew, extra = sys.argv[1:9]
+parallel, data_world, q, extra = int(parallel), int(data_world), int(q), json.loads(extra)
 rank = int(os.environ["RANK"])
 config = ds_config(grad_accum=2, lr=5e-3, weight_decay=0.05,
                    zo2={"seed": 7, "num_perturbations": q, "perturbation_parallel": parallel,
-                        "offload": json.loads(offload)})
-engine, *_ = zo2_ds.initialize(model=tiny_causal_lm(arch, layers=3, seed=rank), config=config)
+                        "offload": json.loads(offload), **extra.get("zo2", {})})
+model = tiny_causal_lm(arch, tied=extra.get("tied", True), layers=3, seed=rank)
+engine, *_ = zo2_ds.initialize(model=model, config=config)
+assert (getattr(engine.zo_runner, "head", None) is not None) == bool(json.loads(offload).get("stream_head"))
 assert (engine.zo_data_rank, engine.zo_data_world_size) == (rank // parallel, data_world)
 gen = torch.Generator().manual_seed(11)
 data = [torch.randint(0, 96, (2 * data_world, 12), generator=gen) for _ in range(6)]
@@ -53,7 +55,18 @@ torch.save({"losses": losses, "gs": gs, "params": params}, os.path.join(out, f"r
 
 
 def run_ranks(
-    tmp_path, name, world, parallel, *, q=1, offload=None, arch="opt", skew=False, expect_ok=True, accelerator="cpu"
+    tmp_path,
+    name,
+    world,
+    parallel,
+    *,
+    q=1,
+    offload=None,
+    arch="opt",
+    skew=False,
+    expect_ok=True,
+    accelerator="cpu",
+    extra=None,
 ):
     """Start ``world`` ranks of WORKER; returns each rank's saved result (or the logs when not ``expect_ok``)."""
     import json
@@ -62,7 +75,8 @@ def run_ranks(
     out.mkdir()
     port = str(free_port())
     data_world = world // parallel
-    argv = [str(out), str(parallel), str(data_world), str(q), json.dumps(offload or {}), arch, "yes" if skew else "no"]
+    argv = [str(out), str(parallel), str(data_world), str(q), json.dumps(offload or {}), arch, "yes" if skew else "no",
+            json.dumps(extra or {})]  # fmt: skip
     procs = []
     for rank in range(world):
         env = dict(os.environ, DS_ACCELERATOR=accelerator, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
@@ -93,12 +107,17 @@ def assert_same_run(a, b):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "q,offload,arch",
-    [(1, None, "opt"), (2, {"enabled": True, "granularity": "layer"}, "llama")],
+    "q,offload,arch,extra",
+    [
+        (1, None, "opt", None),
+        (2, {"enabled": True, "granularity": "layer"}, "llama", None),
+        # the untied head streamed (zo2_ds/offload/head.py), with the masters partitioned over the two ranks
+        (2, {"enabled": True, "stream_head": True}, "qwen2", {"tied": False, "zo2": {"vocab_chunks": True}}),
+    ],
 )
-def test_a_group_of_two_ranks_follows_one_rank_bit_exactly(tmp_path, q, offload, arch):
-    one = run_ranks(tmp_path, "one", 1, 1, q=q, offload=offload, arch=arch)[0]
-    two = run_ranks(tmp_path, "two", 2, 2, q=q, offload=offload, arch=arch)
+def test_a_group_of_two_ranks_follows_one_rank_bit_exactly(tmp_path, q, offload, arch, extra):
+    one = run_ranks(tmp_path, "one", 1, 1, q=q, offload=offload, arch=arch, extra=extra)[0]
+    two = run_ranks(tmp_path, "two", 2, 2, q=q, offload=offload, arch=arch, extra=extra)
     for rank in two:  # rank 1 started from another init: rank 0's weights were broadcast
         assert_same_run(one, rank)
 

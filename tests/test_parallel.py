@@ -157,10 +157,18 @@ def test_the_input_checksum_tells_batches_apart():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("offload", [None, {"enabled": True, "granularity": "layer"}])
-def test_cuda_a_group_of_two_gpus_follows_one_gpu_bit_exactly(tmp_path, offload):
+@pytest.mark.parametrize(
+    "offload,arch,extra",
+    [
+        (None, "llama", None),
+        ({"enabled": True, "granularity": "layer"}, "llama", None),
+        ({"enabled": True, "stream_head": True}, "qwen2", {"tied": False, "zo2": {"vocab_chunks": True}}),
+    ],
+)
+def test_cuda_a_group_of_two_gpus_follows_one_gpu_bit_exactly(tmp_path, offload, arch, extra):
     """The same over NCCL: each GPU runs half of the passes of one micro-batch (fp32, the same kernels)."""
-    one = run_ranks(tmp_path, "one", 1, 1, q=2, offload=offload, arch="llama", accelerator="cuda")[0]
-    two = run_ranks(tmp_path, "two", 2, 2, q=2, offload=offload, arch="llama", accelerator="cuda")
+    kw = dict(q=2, offload=offload, arch=arch, extra=extra, accelerator="cuda")
+    one = run_ranks(tmp_path, "one", 1, 1, **kw)[0]
+    two = run_ranks(tmp_path, "two", 2, 2, **kw)
     for rank in two:
         assert_same_run(one, rank)

@@ -18,6 +18,7 @@ import os
 import pytest
 import torch
 from test_offload import SCHEDULE, assert_same, batches, make_config, params_of, train
+from test_vocab import scale_logits_before_the_loss
 
 import zo2_ds
 from zo2_ds import vocab
@@ -194,15 +195,7 @@ def test_where_the_head_streams_and_bad_settings_are_refused():
 
 
 def test_a_model_that_changes_its_logits_is_refused_with_the_key(small_chunks):
-    model = tiny_causal_lm("qwen2", tied=False, vocab_size=VOCAB, layers=2)
-
-    class Scaled(type(model)):
-        def forward(self, input_ids=None, labels=None, **kwargs):
-            logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state) * 2.0  # a new tensor
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-            return {"loss": loss, "logits": logits}
-
-    model.__class__ = Scaled
+    model = scale_logits_before_the_loss(tiny_causal_lm("qwen2", tied=False, vocab_size=VOCAB, layers=2))
     engine, *_ = zo2_ds.initialize(model=model, config=make_config({"enabled": True, "stream_head": True}))
     ids = torch.randint(0, VOCAB, (1, 5))
     engine.train()

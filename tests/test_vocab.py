@@ -195,8 +195,8 @@ def test_training_forwards_without_labels_keep_the_whole_head(small_chunks):
     assert "_loss_function" not in model.__dict__, "close() gives the model its own loss back"
 
 
-def test_a_model_that_changes_its_logits_is_refused_with_the_key(small_chunks):
-    model = tiny_causal_lm("qwen2", tied=False, vocab_size=VOCAB)
+def scale_logits_before_the_loss(model):
+    """``model`` (an untied qwen2 of tiny_causal_lm), its forward changed to double the logits before the loss."""
 
     class Scaled(type(model)):
         def forward(self, input_ids=None, labels=None, **kwargs):
@@ -205,6 +205,11 @@ def test_a_model_that_changes_its_logits_is_refused_with_the_key(small_chunks):
             return {"loss": loss, "logits": logits}
 
     model.__class__ = Scaled
+    return model
+
+
+def test_a_model_that_changes_its_logits_is_refused_with_the_key(small_chunks):
+    model = scale_logits_before_the_loss(tiny_causal_lm("qwen2", tied=False, vocab_size=VOCAB))
     runner = ResidentRunner(model.eval(), trainable_params(model), ZO2Config(vocab_chunks=True))
     ids = torch.randint(0, VOCAB, (1, 5))
     with torch.no_grad(), runner.perturbed(0, 0, 1), pytest.raises(RuntimeError, match="zo2.vocab_chunks"):

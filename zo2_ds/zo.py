@@ -31,7 +31,7 @@ decided in one place, :class:`zo2_ds.ops.Ops` (``zo2.kernels``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -153,14 +153,9 @@ def apply_update_part_(
     whole tensor's z of each seed, else drawn here)."""
     if len(seeds) != len(coefs) or not seeds:
         raise ValueError(f"need one coefficient per seed, got {len(seeds)} seeds and {len(coefs)} coefs")
-    zs = [generate_z(seed, shape, part.device) for seed in seeds] if zs is None else zs
+    whole = (generate_z(seed, shape, part.device) for seed in seeds) if zs is None else zs
     rows = slice(start, start + part.shape[0])
-    direction = coefs[0] * zs[0][rows]
-    for z, coef in zip(zs[1:], coefs[1:]):
-        direction += coef * z[rows]
-    master = part.float()
-    part.copy_(master - lr * (direction + weight_decay * master))
-    return part
+    return _update_(part, (z[rows] for z in whole), coefs, lr, weight_decay)
 
 
 def perturbed_gather_(
@@ -183,9 +178,18 @@ def apply_update_(
     """In place: ``theta = theta - lr * (sum_i coefs[i] * z(seeds[i]) + weight_decay * theta)``."""
     if len(seeds) != len(coefs) or not seeds:
         raise ValueError(f"need one coefficient per seed, got {len(seeds)} seeds and {len(coefs)} coefs")
-    direction = coefs[0] * generate_z(seeds[0], theta.shape, theta.device)
-    for seed, coef in zip(seeds[1:], coefs[1:]):
-        direction += coef * generate_z(seed, theta.shape, theta.device)
+    return _update_(theta, (generate_z(seed, theta.shape, theta.device) for seed in seeds), coefs, lr, weight_decay)
+
+
+def _update_(
+    theta: torch.Tensor, zs: Iterable[torch.Tensor], coefs: Sequence[float], lr: float, weight_decay: float
+) -> torch.Tensor:
+    """The update's arithmetic, shared by the whole tensor and its parts (``zs``: each seed's z of theta's
+    elements, drawn one at a time where they are generated)."""
+    zs = iter(zs)
+    direction = coefs[0] * next(zs)
+    for z, coef in zip(zs, coefs[1:]):
+        direction += coef * z
     master = theta.float()
     theta.copy_(master - lr * (direction + weight_decay * master))
     return theta

@@ -92,8 +92,7 @@ def stream_rows(tokens: int, shape: Sequence[int], itemsize: int, align: int) ->
     each pass's loss has the resident runner's bits), or as many of them as start every chunk on a z group (``align``
     rows: :func:`~zo2_ds.vocab.z_group_rows` on the kernels, whose update of a part needs it; 1 on the torch path)."""
     vocab, width = shape
-    rows = head_chunk_rows(tokens, vocab, width, itemsize)
-    return min(rows * align // math.gcd(rows, align), vocab)
+    return min(math.lcm(head_chunk_rows(tokens, vocab, width, itemsize), align), vocab)
 
 
 def _output_embeddings(module: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
@@ -269,6 +268,8 @@ class HeadStream:
         stash = list(self._stash.items())
         self._stash.clear()
         tokens = stash[0][1][0].tokens
+        if any(acc.tokens != tokens for _, (acc, _, _) in stash):
+            raise RuntimeError("zo2.offload.stream_head: the passes of one run have different token counts")
         loss_rows = head_chunk_rows(tokens, self.shape[0], self.shape[1], self.master.element_size())
         zs = [self._z(seed) for _, (_, seed, _) in stash]
 
@@ -276,8 +277,6 @@ class HeadStream:
             for a in range(start, end, loss_rows):
                 b = min(a + loss_rows, end)
                 for (_, (acc, seed, scale)), z in zip(stash, zs):
-                    if acc.tokens != tokens:
-                        raise RuntimeError("zo2.offload.stream_head: the passes of one run have different token counts")
                     part = self._perturbed(chunk[a - start : b - start], a, seed, scale, z)
                     acc.add(nn.functional.linear(acc.hidden, part), a, b)
 

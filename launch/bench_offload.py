@@ -41,11 +41,13 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 
 from zo2_ds.bench import driver, measure, offload, report  # noqa: E402
 
-COLUMNS = "model batch mode median_ms:.1f tokens_per_s:.0f ratio_to_two_forwards:.2f ratio_to_in_gpu:.2f "
+COLUMNS = "model batch mode median_ms:.1f back_to_back_ms:.1f tokens_per_s:.0f ratio_to_two_forwards:.2f "
+COLUMNS += "ratio_to_in_gpu:.2f "
 COLUMNS += "ratio_to_floor:.2f peak_allocated_bytes:gib nvml_used_bytes:gib host_rss_over_model:.2f"
 TRANSFER_DTYPES = ("auto", "fp32", "fp16", "bf16")
 GRANULARITIES = ("auto", "block", "layer")
 GATHERS = ("auto", "copy_engine", "collective")
+ASYNC_STEPS = ("auto", "true", "false")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,12 +100,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-prefetch-next-step", action="store_true", help="zo2.offload.prefetch_next_step false")
     p.add_argument("--vocab-chunks", default="auto", choices=("auto", "true", "false"), help="zo2.vocab_chunks")
     p.add_argument("--stream-head", default="auto", choices=("auto", "true", "false"), help="zo2.offload.stream_head")
+    p.add_argument(
+        "--async-steps", default="auto",
+        help="comma-separated zo2.async_step values (auto, true, false): every offload mode once per value "
+        "(suffix _async / _sync unless auto)",
+    )  # fmt: skip
     p.add_argument("--timeline", default=None, help="PNG of one offloaded step per mode (first model and batch)")
     args = report.run_args(p, p.parse_args(argv))
     try:
         args.transfer_dtypes = tuple(report.parse_names(args.transfer_dtypes, TRANSFER_DTYPES, "--transfer-dtypes"))
         args.granularities = tuple(report.parse_names(args.granularities, GRANULARITIES, "--granularities"))
         args.gathers = tuple(report.parse_names(args.gathers, GATHERS, "--gathers"))
+        args.async_steps = tuple(report.parse_names(args.async_steps, ASYNC_STEPS, "--async-steps"))
     except ValueError as exc:
         p.error(str(exc))
     return args
@@ -152,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         granularities=args.granularities, partitioned=args.partitioned,
         perturbation_parallel=args.perturbation_parallel, replicated=not args.partitioned_only, gathers=args.gathers,
     )  # fmt: skip
+    variants = offload.per_async_step(variants, args.async_steps)
     for i, name in enumerate(args.models):
         records = offload.offload_records(
             name, args.batches, variants, run, in_gpu=not args.no_in_gpu, floor=not args.no_floor,

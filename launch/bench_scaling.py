@@ -91,6 +91,7 @@ def rows_of(model: str, gpus: int, result: dict[str, Any], perturbation_parallel
         rows.append({
             "model": model, "gpus": gpus, "mode": rec["mode"], "batch": rec["batch"],
             "step_ms": rec["median_ms"], "tokens_per_s": b * s * groups / rec["median_ms"] * 1e3,
+            "back_to_back_ms": rec.get("back_to_back_ms"),
             "floor_ms": rec.get("floor_ms"), "two_forwards_ms": rec.get("two_forwards_ms"),
             "transfer_floor_ms": rec.get("transfer_floor_ms"), "streamed_bytes": rec.get("streamed_bytes"),
             "model_bytes": rec.get("model_bytes"), "nvml_used_bytes": rec.get("nvml_used_bytes"),
@@ -111,6 +112,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         base = next(r for r in rows if r["model"] == row["model"] and r["gpus"] == 1 and r["mode"] == "offload")
         row["scaling"] = row["tokens_per_s"] / base["tokens_per_s"]
         row["latency"] = row["step_ms"] / base["step_ms"]
+        if row.get("back_to_back_ms") and base.get("back_to_back_ms"):  # throughput of steps issued back to back
+            groups = row["gpus"] // row["perturbation_parallel"]
+            row["back_to_back_scaling"] = groups * base["back_to_back_ms"] / row["back_to_back_ms"]
         rss, model = row["node_host_rss_bytes"], row["model_bytes"]
         row["node_rss_over_model"] = rss / model if rss and model else None
         row["ratio_to_floor"] = row["step_ms"] / row["floor_ms"] if row["floor_ms"] else None
@@ -173,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["model"] = scaling_model(result["rows"], min(gathers) if gathers else None)
     report.write_json(args.out, result)
     columns = "model gpus mode batch step_ms:.1f tokens_per_s:.0f scaling:.2f latency:.2f ratio_to_floor:.2f "
+    columns += "back_to_back_ms:.1f back_to_back_scaling:.2f "
     columns += "nvml_used_bytes:gib node_rss_over_model:.2f"
     print(report.format_table(result["rows"], columns))
     print(report.format_table(result["model"], "model gpus partitioned predicted_step_ms:.1f measured_step_ms:.1f "

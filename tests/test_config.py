@@ -29,8 +29,8 @@ def test_defaults():
     [
         (
             {"epsilon": 1e-3},
-            r"zo2\.epsilon: unknown key; allowed keys are: enabled, eps, kernels, lean_loss, num_perturbations, "
-            r"offload, perturbation_parallel, seed, vocab_chunks$",
+            r"zo2\.epsilon: unknown key; allowed keys are: async_step, enabled, eps, kernels, lean_loss, "
+            r"num_perturbations, offload, perturbation_parallel, seed, vocab_chunks$",
         ),
         ({"eps": 0}, r"zo2\.eps: Input should be greater than 0"),
         ({"eps": "small"}, r"zo2\.eps: Input should be a valid number"),

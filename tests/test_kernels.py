@@ -159,6 +159,38 @@ def _check_fused_equals_separate(device: str, numel: int, dtype: torch.dtype) ->
                 assert torch.equal(out, ref), (dtype, update is not None, scale)
 
 
+def _check_gated_coefs(device: str, numel: int, dtype: torch.dtype) -> None:
+    """zo2.async_step's coefficients (zo.DeviceCoefs, [c_0 .. c_{q-1}, gate]): gate 1 gives the bits of the
+    same values passed as floats; a non-finite g gives gate 0 and a no-op, weight decay included, in the
+    single-tensor, fused and multi-tensor kernels."""
+    theta0 = torch.randn(numel, device=device).to(dtype)
+    seeds = [zo.z_seed(2, 5, i, 31) for i in range(2)]
+    g = torch.tensor([0.9, -2.5], device=device)
+    live, dead = zo.step_coefs(g), zo.step_coefs(torch.tensor([0.9, float("inf")], device=device))
+    floats = (g / 2).tolist()
+    a, b, c = theta0.clone(), theta0.clone(), theta0.clone()
+    kernels.apply_update_(a, seeds, live, 1e-2, 0.1)
+    kernels.apply_update_(b, seeds, floats, 1e-2, 0.1)
+    kernels.apply_update_(c, seeds, dead, 1e-2, 0.1)
+    assert torch.equal(a, b) and not torch.equal(a, theta0)
+    assert torch.equal(c, theta0)
+    pert = zo.z_seed(2, 6, 0, 31)
+    fused, out = theta0.clone(), torch.full_like(theta0, float("nan"))
+    kernels.update_and_perturb_(fused, (seeds, dead, 1e-2, 0.1), pert, (1e-3,), (out,))
+    ref = torch.full_like(theta0, float("nan"))
+    kernels.perturbed_into(ref, theta0, pert, 1e-3)
+    assert torch.equal(fused, theta0) and torch.equal(out, ref)
+    tensors, keys, decays = _multi_case(device, dtype, False)
+    hashes = [zo.z_pass_hash(2, 5, i) for i in range(2)]
+    for coefs, changes in ((live, True), (dead, False)):
+        upd = [t.clone() for t in tensors]
+        kernels.apply_update_multi_(kernels.TensorTable(upd, keys, decays), hashes, coefs, 1e-2, 0.1)
+        want = [t.clone() for t in tensors]
+        if changes:
+            kernels.apply_update_multi_(kernels.TensorTable(want, keys, decays), hashes, floats, 1e-2, 0.1)
+        assert all(torch.equal(u, w) for u, w in zip(upd, want)), (dtype, changes)
+
+
 def _check_device_seeds(device: str) -> None:
     """The kernels' z_seed_from_pass == zo's, including keys with the top bit set."""
     keys = [zo.param_key(f"model.layers.{i}.w") for i in range(50)] + [0, 1, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
@@ -379,6 +411,7 @@ def test_kernels_under_triton_interpreter():
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             ns["_check_perturbed_into"]("cpu", n, dtype)
             ns["_check_fused_equals_separate"]("cpu", n, dtype)
+            ns["_check_gated_coefs"]("cpu", n, dtype)
         ns["_check_apply_update"]("cpu", n, torch.float32, False)
         ns["_check_device_seeds"]("cpu")
         for misaligned in (False, True):
@@ -398,6 +431,13 @@ def test_kernels_under_triton_interpreter():
 # -------------------------------------------------------------------------------------------------
 # CUDA
 # -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@requires_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_coefs_cuda(dtype):
+    _check_gated_coefs("cuda", (1 << 20) + 5, dtype)
 
 
 @pytest.mark.cuda

@@ -159,6 +159,18 @@ class ZO2Config(DeepSpeedConfigModel):
     ranks and 2q. Feed a group one micro-batch: shard data by ``engine.zo_data_rank`` over
     ``engine.zo_data_world_size`` (``launch/train.py`` and DeepSpeed's own loader do). See zo2_ds/parallel.py."""
 
+    async_step: bool | Literal["auto"] = "auto"
+    """Keep each step's g on the device: the update reads its coefficients there, a step whose g is not finite
+    is skipped there (its update multiplied by 0, theta unchanged bit for bit), and the host never waits for
+    the step to end, so it issues the next step while the device finishes this one (no idle device at the
+    step boundary). The host reads a step's loss, g and skip at the next step's boundary, or at once when asked
+    (``engine.last_loss``, ``last_projected_grad``, ``zo_skipped_steps``, a save, eval, ``destroy``): warnings,
+    the monitor and ``steps_per_print`` lines come one step late. The difference from false: a skipped step
+    still advances the lr schedule (DeepSpeed's ``skipped_steps`` stays 0; ``zo_skipped_steps`` counts). Same
+    trajectory bit for bit otherwise. "auto": on a device with streams (CUDA) without ``perturbation_parallel``
+    (whose same-input check needs the host); false: read g every step (before the update, as DeepSpeed's
+    overflow check does)."""
+
     kernels: Literal["auto", "multi_tensor", "per_tensor", "torch"] = "auto"
     """Which implementation perturbs and updates (zo2_ds/ops.py): "auto" = the multi-tensor Triton kernels
     on CUDA tensors when triton is installed, else torch; "multi_tensor" (one launch per block / update
@@ -182,6 +194,15 @@ class ZO2Config(DeepSpeedConfigModel):
 
     offload: OffloadConfig = Field(default_factory=OffloadConfig)
     """CPU offloading of the transformer blocks (ZO2)."""
+
+    @model_validator(mode="after")
+    def _async_step_supported(self) -> ZO2Config:
+        if self.async_step is True and self.perturbation_parallel > 1:
+            raise ValueError(
+                "zo2.async_step=true cannot be used with zo2.perturbation_parallel > 1 (its check that a group's "
+                'ranks saw the same input reads the step on the host); use "auto" or false'
+            )
+        return self
 
 
 def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from deepspeed import comm as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.utils import logger
 
@@ -84,11 +85,13 @@ class ZOEngine(DeepSpeedEngine):
         self.zo_runner: ZORunner = self._build_runner()
         self.optimizer.bind(self.zo_runner, [tp.param for tp in self.zo_params])
         self._zo_span = ds_compat.ForwardSpan(self)
-        self.zo_skipped_steps = 0
+        self._zo_skipped = 0
         self._g_sum: torch.Tensor | None = None  # sum over micro-batches of g_i, shape [q], on device
         self._g_count = 0
         self._last_g: list[float] = []
         self._last_loss = float("nan")
+        self.zo_async_step = resolve_async_step(self.zo_config)
+        self._unread: UnreadStep | None = None  # zo2.async_step: the last step, its figures still on the device
 
     # -- construction ----------------------------------------------------------------------------
     def _build_runner(self) -> ZORunner:
@@ -230,35 +233,23 @@ class ZOEngine(DeepSpeedEngine):
     def step(self, lr_kwargs: dict | None = None) -> None:
         """At the accumulation boundary, all-reduce g and apply the update through DeepSpeed's step."""
         boundary = self.is_gradient_accumulation_boundary()
-        if boundary:
-            self._finalize_projected_grad()
+        stats = self._finalize_projected_grad() if boundary else None
         super().step(lr_kwargs)
-        if boundary:
-            self._report_zo()
-
-    def _report_zo(self) -> None:
-        """The ZO figures next to DeepSpeed's own: monitor events and the steps_per_print line."""
-        if self.global_rank != 0:
+        if stats is None:
             return
-        if self.monitor.enabled:
-            events = [("Train/Samples/train_loss", self._last_loss, self.global_samples)]
-            events += [
-                (f"Train/Samples/zo_projected_grad_{i}", g, self.global_samples) for i, g in enumerate(self._last_g)
-            ]
-            events.append(("Train/Samples/zo_skipped_steps", self.zo_skipped_steps, self.global_samples))
-            self.monitor.write_events(events)
-        every = self.steps_per_print()
-        if every and self.global_steps % every == 0:
-            g = ", ".join(f"{v:.4g}" for v in self._last_g)
-            logger.info(
-                f"zo2: step={self.global_steps} loss={self._last_loss:.5g} g=[{g}] lr={self.get_lr()} "
-                f"zo_skipped={self.zo_skipped_steps}"
-            )
+        unread = UnreadStep(stats, self.global_steps, self.global_samples, self.get_lr())
+        if self.zo_async_step:
+            self._unread = unread  # read at the next boundary, or when asked
+        else:
+            self._read_step(unread)
 
-    def _finalize_projected_grad(self) -> None:
+    def _finalize_projected_grad(self) -> torch.Tensor:
+        """The step's [g_0 .. g_{q-1}, loss] averaged over micro-batches and data-parallel ranks, on the device;
+        prepares the optimizer's update from it."""
         if self._g_sum is None:
             raise RuntimeError("ZOEngine.step() at a boundary without any training forward since the last step")
         stats = self._g_sum.float() / self._g_count
+        self._g_sum, self._g_count = None, 0
         data_world, data_group = self.zo_data_world_size, self.data_parallel_group
         if self.zo_groups is not None:
             data_group = self.zo_groups.data_group
@@ -266,22 +257,53 @@ class ZOEngine(DeepSpeedEngine):
             # The only communication of data-parallel ZO: q + 1 floats per step (g_i and the loss).
             dist.all_reduce(stats, group=data_group)
             stats = stats / data_world
-        values = stats.tolist()  # the one host sync per step: g are kernel arguments
         if self.zo_groups is not None:
-            differed = values.pop()
-            self._g_sum, self._g_count = None, 0
+            stats, differed = stats[:-1], stats[-1].item()
             self.zo_groups.check_inputs(differed)  # before any update: every rank raises together
-        *values, self._last_loss = values
-        self._g_sum, self._g_count = None, 0
-        self._last_g = values
-        finite = all(math.isfinite(v) for v in values)
-        self.optimizer.prepare_step(self.global_steps, [v / len(values) for v in values], finite)
-        if not finite:
-            self.zo_skipped_steps += 1
+        q = self.zo_config.num_perturbations
+        if self.zo_async_step:
+            self._read_step()  # the previous step's figures: on the device since before this step's forward
+            self.optimizer.prepare_step(self.global_steps, zo.step_coefs(stats[:q]), True)
+        else:  # the one host sync per step: g are kernel arguments, and DeepSpeed's overflow check needs them
+            g = stats[:q]
+            coefs = (g / q).tolist()  # fp32, as zo.step_coefs computes them on the device
+            self.optimizer.prepare_step(self.global_steps, coefs, all(math.isfinite(v) for v in g.tolist()))
+        return stats
+
+    def _read_step(self, unread: UnreadStep | None = None) -> None:
+        """Read a finished step's figures on the host (``unread``, else the one zo2.async_step left): the loss and
+        g the properties return, the skip count and warning, the monitor events and the steps_per_print line."""
+        if unread is None:
+            unread, self._unread = self._unread, None
+            if unread is None:
+                return
+        *g, loss = unread.stats.tolist()
+        self._last_g, self._last_loss = g, loss
+        if not all(math.isfinite(v) for v in g):
+            self._zo_skipped += 1
             warnings.warn(
-                f"zo2: non-finite projected gradient {values} at step {self.global_steps}; update skipped "
-                f"(parameters unchanged; {self.zo_skipped_steps} skipped so far)",
+                f"zo2: non-finite projected gradient {g} at step {unread.step - 1}; update skipped "
+                f"(parameters unchanged; {self._zo_skipped} skipped so far)",
                 stacklevel=3,
+            )
+        self._report_zo(unread)
+
+    def _report_zo(self, unread: UnreadStep) -> None:
+        """The ZO figures next to DeepSpeed's own: monitor events and the steps_per_print line."""
+        if self.global_rank != 0:
+            return
+        samples = unread.samples
+        if self.monitor.enabled:
+            events = [("Train/Samples/train_loss", self._last_loss, samples)]
+            events += [(f"Train/Samples/zo_projected_grad_{i}", g, samples) for i, g in enumerate(self._last_g)]
+            events.append(("Train/Samples/zo_skipped_steps", self._zo_skipped, samples))
+            self.monitor.write_events(events)
+        every = self.steps_per_print()
+        if every and unread.step % every == 0:
+            g = ", ".join(f"{v:.4g}" for v in self._last_g)
+            logger.info(
+                f"zo2: step={unread.step} loss={self._last_loss:.5g} g=[{g}] lr={unread.lr} "
+                f"zo_skipped={self._zo_skipped}"
             )
 
     @property
@@ -305,19 +327,33 @@ class ZOEngine(DeepSpeedEngine):
 
     @property
     def last_loss(self) -> float:
-        """The reported loss of the last completed step, averaged over micro-batches and ranks."""
+        """The reported loss of the last completed step, averaged over micro-batches and ranks (with
+        zo2.async_step, reading it waits for that step to finish on the device)."""
+        self._read_step()
         return self._last_loss
 
     @property
     def last_projected_grad(self) -> list[float]:
         """The g values (one per perturbation) of the last completed step, averaged over ranks."""
+        self._read_step()
         return list(self._last_g)
+
+    @property
+    def zo_skipped_steps(self) -> int:
+        """Steps whose update was skipped because their g was not finite."""
+        self._read_step()
+        return self._zo_skipped
+
+    @zo_skipped_steps.setter
+    def zo_skipped_steps(self, value: int) -> None:
+        self._zo_skipped = int(value)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: dict | None = None, **kwargs: Any) -> Any:
         from zo2_ds.offload.partition import kept_gathered
 
         self.zo_runner.flush()
+        self._read_step()
         state = dict(client_state or {})
         state["zo2_state"] = {"zo_skipped_steps": self.zo_skipped_steps, "config": self.zo_config.model_dump()}
         with kept_gathered(ds_compat.writes_module_states(self)):  # partitioned masters: the writer keeps them
@@ -325,6 +361,7 @@ class ZOEngine(DeepSpeedEngine):
 
     def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any) -> Any:
         self.zo_runner.flush()
+        self._read_step()
         load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
         if client_state is not None:
             zo_state = client_state.pop("zo2_state", None)
@@ -341,15 +378,35 @@ class ZOEngine(DeepSpeedEngine):
 
     def eval(self) -> None:  # noqa: D102
         self.zo_runner.flush()
+        self._read_step()
         super().eval()
 
     def destroy(self) -> None:  # noqa: D102
+        if getattr(self, "_unread", None) is not None:
+            self._read_step()  # the last step's warning and report
         runner = getattr(self, "zo_runner", None)
         if runner is not None:
             runner.flush()
             runner.close()
         uninstall_lean_loss(getattr(self, "_lean_loss_models", []))
         super().destroy()
+
+
+class UnreadStep(NamedTuple):
+    """A finished step's figures on the device: ``stats`` = [g_0 .. g_{q-1}, loss], and the step's global_steps,
+    global_samples and lr as DeepSpeed counted them at its end (for the report)."""
+
+    stats: torch.Tensor
+    step: int
+    samples: int
+    lr: Any
+
+
+def resolve_async_step(cfg: ZO2Config) -> bool:
+    """``zo2.async_step``: "auto" is on for a device with streams (CUDA) without perturbation parallelism."""
+    if cfg.async_step != "auto":
+        return bool(cfg.async_step)
+    return cfg.perturbation_parallel == 1 and not get_accelerator().is_synchronized_device()
 
 
 def _check_compatible(config_class: Any) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from zo2_ds.kernels_triton import FAST_MATH, INTERPRET, NUM_WARPS, PHILOX_ROUNDS, ROW, triton, zo_kernel
+from zo2_ds.zo import DeviceCoefs
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -53,16 +54,23 @@ def coef_args(coefs: Sequence[float] | torch.Tensor, q: int, device: torch.devic
     """(scalar coefs for the kernel, device tensor of coefs or None), without any host sync.
 
     Python floats travel as kernel arguments; coefficients already on the GPU (g_i before any
-    ``.item()``) are read by the kernel from a small fp32 tensor.
+    ``.item()``) are read by the kernel from a small fp32 tensor ``[c_0, ..., c_{q-1}, gate]``: a
+    :class:`zo2_ds.zo.DeviceCoefs` is that tensor; q plain values get the gate 1.0 appended.
     """
-    if isinstance(coefs, torch.Tensor):
-        values = coefs.reshape(-1)
-    elif any(isinstance(c, torch.Tensor) and c.device.type != "cpu" for c in coefs):
-        values = torch.stack([torch.as_tensor(c, device=device).reshape(()) for c in coefs])
+    if isinstance(coefs, DeviceCoefs):
+        if len(coefs) != q:
+            raise ValueError(f"need one coefficient per seed, got {q} seeds and {len(coefs)} coefs")
+        values = coefs.values
     else:
-        return tuple(float(c) for c in coefs), None
-    if values.numel() != q:
-        raise ValueError(f"need one coefficient per seed, got {q} seeds and {values.numel()} coefs")
+        if isinstance(coefs, torch.Tensor):
+            values = coefs.reshape(-1)
+        elif any(isinstance(c, torch.Tensor) and c.device.type != "cpu" for c in coefs):
+            values = torch.stack([torch.as_tensor(c, device=device).reshape(()) for c in coefs])
+        else:
+            return tuple(float(c) for c in coefs), None
+        if values.numel() != q:
+            raise ValueError(f"need one coefficient per seed, got {q} seeds and {values.numel()} coefs")
+        values = torch.cat([values.to(torch.float32), values.new_ones(1, dtype=torch.float32)])
     if values.device != device:
         raise ValueError(f"coefs on {values.device}, theta on {device}")
     return (0.0,) * q, values.to(torch.float32).contiguous()

@@ -190,6 +190,8 @@ def _zo_group(
         wd = weight_decay
         if KEYED:
             wd = weight_decay * tl.load(decay_ptr)
+        if COEFS_ON_DEVICE:  # the gate after the coefficients: 1.0, or 0.0 for a skipped step (a no-op)
+            neg_lr = neg_lr * tl.load(coef_ptr + Q).to(tl.float32)
         t0 = _update_store(theta_ptr, o0, numel, t0, d0, neg_lr, wd)
         t1 = _update_store(theta_ptr, o1, numel, t1, d1, neg_lr, wd)
         t2 = _update_store(theta_ptr, o2, numel, t2, d2, neg_lr, wd)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from zo2_ds import zo
 from zo2_ds.perturb import UpdateGroup
 from zo2_ds.runner import ZORunner
 
@@ -39,10 +40,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Apply updates through ``runner``, to the ``trainable`` parameters of the groups (others are skipped)."""
         self._runner, self._trainable = runner, frozenset(id(p) for p in trainable)
 
-    def prepare_step(self, step: int, coefs: Sequence[float], finite: bool) -> None:
+    def prepare_step(self, step: int, coefs: Sequence[float] | zo.DeviceCoefs, finite: bool) -> None:
         """The update the next ``step()`` applies: training step ``step``, ``coefs`` = g_i / q (skipped and
-        counted as an overflow when g is not ``finite``)."""
-        self._step = (step, list(coefs))
+        counted as an overflow when g is not ``finite``; :class:`~zo2_ds.zo.DeviceCoefs` carry their own gate,
+        decided on the device, and come with ``finite`` True)."""
+        self._step = (step, zo.kept_coefs(coefs))
         self.overflow = not finite
 
     @torch.no_grad()

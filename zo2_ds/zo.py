@@ -45,6 +45,9 @@ __all__ = [
     "perturbed_rows_into",
     "perturbed_gather_",
     "apply_update_",
+    "DeviceCoefs",
+    "step_coefs",
+    "kept_coefs",
     "projected_grad",
     "uses_weight_decay",
     "pass_spec",
@@ -185,7 +188,9 @@ def _update_(
     theta: torch.Tensor, zs: Iterable[torch.Tensor], coefs: Sequence[float], lr: float, weight_decay: float
 ) -> torch.Tensor:
     """The update's arithmetic, shared by the whole tensor and its parts (``zs``: each seed's z of theta's
-    elements, drawn one at a time where they are generated)."""
+    elements, drawn one at a time where they are generated). :class:`DeviceCoefs` scale lr by their gate."""
+    if isinstance(coefs, DeviceCoefs):
+        coefs, lr = coefs.coefs(), lr * coefs.gate()
     zs = iter(zs)
     direction = coefs[0] * next(zs)
     for z, coef in zip(zs, coefs[1:]):
@@ -193,6 +198,47 @@ def _update_(
     master = theta.float()
     theta.copy_(master - lr * (direction + weight_decay * master))
     return theta
+
+
+class DeviceCoefs:
+    """One step's coefficients still on the device: an fp32 tensor ``[c_0, ..., c_{q-1}, gate]`` with
+    c_i = g_i / q, and gate 1.0, or 0.0 with every c_i 0.0 when some g_i is not finite. The update then
+    multiplies lr by the gate, so a skipped step changes no bit of theta (theta - 0 * (0 + wd * theta)),
+    decided on the device with no host sync. ``len()`` is q, as for a sequence of floats."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: torch.Tensor):
+        if values.dim() != 1 or values.numel() < 2 or values.dtype != torch.float32:
+            raise ValueError(f"DeviceCoefs: expected a 1-D fp32 tensor of q + 1 values, got {values!r}")
+        self.values = values
+
+    def __len__(self) -> int:
+        return self.values.numel() - 1
+
+    def coefs(self) -> list[torch.Tensor]:
+        """c_0 .. c_{q-1} as 0-d device tensors (views, no copy)."""
+        return list(self.values[:-1].unbind())
+
+    def gate(self) -> torch.Tensor:
+        return self.values[-1]
+
+    def __repr__(self) -> str:
+        return f"DeviceCoefs(q={len(self)}, device={self.values.device})"
+
+
+def kept_coefs(coefs: Sequence[float] | DeviceCoefs) -> tuple[float, ...] | DeviceCoefs:
+    """Coefficients to keep for a deferred update: host values as a tuple of floats, device ones as they are."""
+    return coefs if isinstance(coefs, DeviceCoefs) else tuple(float(c) for c in coefs)
+
+
+def step_coefs(g: torch.Tensor) -> DeviceCoefs:
+    """A step's :class:`DeviceCoefs` from its g (fp32, shape [q], on the device), without reading it: g / q,
+    zeroed together with the gate where any g_i is not finite."""
+    q = g.numel()
+    finite = torch.isfinite(g).all()
+    coefs = torch.where(finite, g / q, torch.zeros_like(g))
+    return DeviceCoefs(torch.cat([coefs, finite.float().reshape(1)]))
 
 
 def projected_grad(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> torch.Tensor:

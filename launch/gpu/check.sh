@@ -3,7 +3,8 @@
 #
 #   bash launch/gpu/check.sh                       # every stage (more than 10 minutes in all on one H200)
 #   STAGES="tests" bash launch/gpu/check.sh        # one stage per call: tests, step, offload, graphs, tasks, memory,
-#                                                  # materialize, scaling, why, depth, big (the last four on 2 GPUs),
+#                                                  # materialize, scaling, why, depth, async, big (the last five on
+#                                                  # 2 GPUs),
 #                                                  # full175 (issue 13: a 4- or 8-GPU host)
 #   MODELS=opt-1.3b STAGES="step offload" bash launch/gpu/check.sh
 #   ARCHIVE=1 ...                                  # everything in $OUT packed into $OUT/all.tgz at the end
@@ -33,6 +34,9 @@
 #          and trained offloaded on one GPU (1x2048 and 16x256), then partitioned on every GPU of the host
 #          (4 or 8; needs 512+ GiB of host memory): FULL175_STEPS steps (default 3) after one warm-up;
 #          SKIP_ONE_GPU=1 leaves out the one-GPU run (each run alone may take several minutes)
+# async:   issue 12: zo2.async_step "auto" (g on the device, no host sync per step) against false, each step
+#          timed alone and back to back, 1 GPU then 2 GPUs partitioned at each prefetch_depth of ASYNC_DEPTHS
+#          (default auto), per model of ASYNC_MODELS (default opt-6.7b opt-13b; ~3 min per model)
 # head:    issue 11's Qwen2.5-7B shape offloaded at 1x2048 with its untied head resident (zo2.offload.stream_head
 #          false) against streamed ("auto"), alternating HEAD_ROUNDS (default 2) times, one process each (~3 min)
 # big:     OPT-66B's shape on 2 GPUs, materialized straight into each rank's pinned shards, partitioned only
@@ -47,10 +51,11 @@ status=0
 cap="timeout ${WHY_TIMEOUT_S:-200}"
 run2="$cap python3 -m torch.distributed.run --nproc_per_node 2 launch/bench_offload.py --batches 1x2048"
 run2="$run2 --no-in-gpu --no-floor --partitioned --partitioned-only --steps 8 --warmup 2"
-one_gpu() {
-  $cap python3 launch/bench_offload.py --models "$2" --batches 1x2048 --no-in-gpu --no-floor --steps 8 --warmup 2 \
-    --out "$OUT/$1_$2_1gpu.json" >"$OUT/$1_$2_1gpu.log" 2>&1 || status=1
-  grep "^$2 |" "$OUT/$1_$2_1gpu.log"
+one_gpu() {  # TAG MODEL [more bench_offload options]
+  local tag=$1 model=$2; shift 2
+  $cap python3 launch/bench_offload.py --models "$model" --batches 1x2048 --no-in-gpu --no-floor --steps 8 \
+    --warmup 2 "$@" --out "$OUT/${tag}_${model}_1gpu.json" >"$OUT/${tag}_${model}_1gpu.log" 2>&1 || status=1
+  grep "^$model |" "$OUT/${tag}_${model}_1gpu.log"
 }
 for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
   echo "== $stage $(date -u +%H:%M:%S)"
@@ -124,6 +129,14 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
                  --partitioned-only --out "$OUT/opt-175b_${gpus}gpu.json" >"$OUT/opt-175b_${gpus}gpu.log" 2>&1 || status=1
                tail -n 4 "$OUT/opt-175b_${gpus}gpu.log"
              fi ;;
+    async) for model in ${ASYNC_MODELS:-opt-6.7b opt-13b}; do  # issue 12: zo2.async_step against a sync per step
+             one_gpu async "$model" --async-steps auto,false
+             for depth in ${ASYNC_DEPTHS:-auto}; do
+               $run2 --models "$model" --async-steps auto,false --prefetch-depth "$depth" \
+                 --out "$OUT/async_${model}_$depth.json" >"$OUT/async_${model}_$depth.log" 2>&1 || status=1
+               grep "^$model |" "$OUT/async_${model}_$depth.log" | sed "s/^/depth $depth: /"
+             done
+           done ;;
     head) for round in $(seq "${HEAD_ROUNDS:-2}"); do
             for sh in false auto; do
               $cap python3 launch/bench_offload.py --models "${HEAD_MODEL:-qwen2.5-7b}" --batches "${HEAD_BATCHES:-1x2048}" \
@@ -136,7 +149,7 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
            --batches 1x2048 --no-in-gpu --no-floor --partitioned --partitioned-only --materialize --steps 3 \
            --warmup 1 --out "$OUT/opt-66b_2gpu.json" >"$OUT/opt-66b_2gpu.log" 2>&1 || status=1
          tail -n 4 "$OUT/opt-66b_2gpu.log" ;;
-    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize, scaling, why, depth, head, big, full175)"
+    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize, scaling, why, depth, async, head, big, full175)"
        status=2 ;;
   esac
 done

@@ -22,6 +22,7 @@ import torch
 
 __all__ = [
     "time_calls",
+    "time_back_to_back",
     "summarize",
     "sync",
     "release_cached_memory",
@@ -55,6 +56,18 @@ def time_calls(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def time_back_to_back(fn: Callable[[], Any], steps: int) -> float:
+    """Milliseconds per call of ``steps`` calls made back to back, one device sync before and after: the
+    throughput of a training loop, in which the host may issue a step while the device finishes the last
+    (``time_calls`` syncs around each call, so each of its figures also holds the host's issue latency)."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return (time.perf_counter() - start) * 1e3 / steps
 
 
 def summarize(times: list[float], warmup: int) -> dict[str, Any]:

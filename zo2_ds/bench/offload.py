@@ -20,7 +20,7 @@ import torch
 from zo2_ds.bench import baselines, driver, measure
 from zo2_ds.bench.models import DTYPES, SHAPES, block_list, build_model, hf_config, make_batch, parameter_bytes
 
-__all__ = ["offload_variants", "streamed_bytes_per_step", "offload_records"]
+__all__ = ["offload_variants", "per_async_step", "streamed_bytes_per_step", "offload_records"]
 
 
 def offload_variants(
@@ -80,6 +80,24 @@ def offload_variants(
             if cuda_graphs and kind == "partitioned":  # whole blocks from graphs: the host's launches out of the step
                 variants.append((f"offload_partitioned_graphs{suffix}", {**node, "cuda_graphs": True}, {}))
     return variants
+
+
+def per_async_step(
+    variants: list[tuple[str, dict[str, Any], dict[str, Any]]], values: tuple[str, ...]
+) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """Each variant once per ``zo2.async_step`` value ("auto", "true", "false"; mode suffix ``_async`` /
+    ``_sync`` unless "auto"). A checkout without the field runs "false" as it is (it synchronises every step)
+    and refuses "true"."""
+    out = []
+    for value in values:
+        field = {"true": True, "false": False}.get(value, "auto")
+        accepted = field == "auto" or driver.config_accepts({"async_step": field})
+        if not accepted and field is True:
+            raise ValueError("--async-steps true: the installed zo2_ds has no zo2.async_step")
+        suffix = {"true": "_async", "false": "_sync"}.get(value, "")
+        extra = {"async_step": field} if field != "auto" and accepted else {}
+        out += [(mode + suffix, off, {**zo2, **extra}) for mode, off, zo2 in variants]
+    return out
 
 
 def streamed_bytes_per_step(model: torch.nn.Module, offload: dict[str, Any], write_back_interval: int) -> float:
@@ -174,8 +192,10 @@ def _offload_one(
     for b, s in batches:
         batch = make_batch(name, b, s, run.device)
         measure.reset_peak_memory()
-        times = measure.time_calls(driver.zo_step(engine, batch), run.warmup, run.steps)
+        step = driver.zo_step(engine, batch)
+        times = measure.time_calls(step, run.warmup, run.steps)
         rec = {"mode": mode, "batch": f"{b}x{s}", **measure.summarize(times, run.warmup), **measure.device_memory()}
+        rec["back_to_back_ms"] = measure.time_back_to_back(step, run.steps)
         rec.update(measure.host_rss_bytes())
         rec.update(ranks_host_rss_bytes=measure.summed_over_ranks(rec["host_rss_bytes"]))
         rec.update(ranks_host_rss_peak_bytes=measure.summed_over_ranks(rec["host_rss_peak_bytes"]))
@@ -219,6 +239,8 @@ def offload_records(
     for rec in records:
         b, s = (int(v) for v in rec["batch"].split("x"))
         rec.update(model=name, dtype=run.dtype, tokens_per_s=b * s / rec["median_ms"] * 1e3)
+        if rec.get("back_to_back_ms"):  # the offloaded modes' training-loop throughput
+            rec["back_to_back_tokens_per_s"] = b * s / rec["back_to_back_ms"] * 1e3
         fwd = rec["two_forwards_ms"] = forwards_ms.get(rec["batch"])
         if rec["mode"] == "in_gpu":
             rec["ratio_to_two_forwards"] = rec["median_ms"] / fwd if fwd else None

@@ -167,7 +167,7 @@ class HeadStream:
             self.flush()
         seeds = tuple(zo.z_seed_from_pass(h, self.tp.key) for h in pass_hashes)
         wd = weight_decay if zo.uses_weight_decay(self.tp.param) else 0.0
-        self.pending.append((seeds, tuple(coefs), float(lr), float(wd)))
+        self.pending.append((seeds, zo.kept_coefs(coefs), float(lr), float(wd)))
 
     def flush(self) -> None:
         """Apply the pending updates to the master now (one stream of the head); the caller synchronizes."""

@@ -37,7 +37,7 @@ class Update(NamedTuple):
     zo.uses_weight_decay). Unpacks as the multi-tensor kernels' ``update`` argument."""
 
     pass_hashes: tuple[int, ...]
-    coefs: tuple[float, ...]
+    coefs: tuple[float, ...] | zo.DeviceCoefs  # compared by identity when on the device
     lr: float
     weight_decay: float
 
@@ -104,7 +104,7 @@ def split_step_update(
     where: Mapping[int, tuple[int, int]],
     num_trained: Sequence[int],
     pass_hashes: tuple[int, ...],
-    coefs: tuple[float, ...],
+    coefs: tuple[float, ...] | zo.DeviceCoefs,
 ) -> tuple[dict[int, Entry], list[tuple[Any, list[Any]]]]:
     """One step's update split into the blocks' log entries and what is outside the blocks.
 

@@ -171,7 +171,7 @@ class OffloadRunner:
         """Eager for parameters outside the blocks; recorded for the blocks' next upload (lr of this step)."""
         if self.pending.longest() >= self.write_back_interval:
             self.flush()  # updates without forwards in between: keep at most write_back_interval pending
-        coefs = tuple(float(c) for c in coefs)
+        coefs = zo.kept_coefs(coefs)
         hashes = tuple(zo.z_pass_hash(self.config.seed, step, i) for i in range(len(coefs)))
         entries, outside = rules.split_step_update(groups, self._where, self._num_trained, hashes, coefs)
         for b, entry in entries.items():

@@ -124,24 +124,35 @@ def train(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     train_started = time.perf_counter()
     engine.train()
+    seen = engine.global_steps  # the last step whose loss the window holds
+
+    def take_figures(wait: bool) -> None:
+        """Steps whose figures the engine has read: counted by the guard, into the window and the progress bar.
+        With zo2.async_step (CUDA) that is the step before the last, read without waiting for the device;
+        ``wait`` reads the last step too (before a log record, an evaluation or a save)."""
+        nonlocal seen
+        guard.check(engine, wait=wait)
+        for figures in engine.zo_step_figures(since=seen, wait=wait):
+            seen = figures.step
+            window.add(figures.loss)  # the step's loss, over micro-batches and ranks
+            progress.set_postfix(loss=f"{figures.loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}", refresh=False)
+
     with GracefulStop() as stop:  # Ctrl-C / SIGTERM: finish the step, save, stop
         while engine.global_steps < args.max_steps:
-            step_loss = 0.0
             for _ in range(grad_accum):
                 batch = task_data.collate([task_data.train[i] for i in next(batches)])
                 loss = engine(**{k: v.to(engine.device) for k, v in batch.items()})  # L(theta +- eps z), averaged
                 engine.backward(loss)  # no autograd: g was measured in the forward
                 engine.step()  # at the accumulation boundary: theta <- theta - lr g z; lr scheduler steps
-                step_loss += float(loss) / grad_accum
-            guard.check(engine)
             step, lr = engine.global_steps, engine.get_lr()[0]
-            window.add(step_loss)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             # Dev evaluation every eval_every steps and at the last one (the final model may be the best).
             evaluated = args.eval_every > 0 and (step % args.eval_every == 0 or step == args.max_steps)
+            logged = step % args.log_every == 0 or evaluated or step == args.max_steps
+            stopping = stop.should_stop()
+            take_figures(wait=logged or stopping or checkpoints.due(step))
+            progress.update(1)
             improved = False
-            if step % args.log_every == 0 or evaluated or step == args.max_steps:
+            if logged:
                 record = {"train_loss": window.take(), "lr": lr}
                 if evaluated:
                     dev = evaluate(task_data.dev)
@@ -151,7 +162,6 @@ def train(args) -> dict:
                 recorder.log(step, **record)
                 summary.setdefault("train_loss_first", record["train_loss"])
                 summary["train_loss_last"] = record["train_loss"]
-            stopping = stop.should_stop()
             if improved or stopping or checkpoints.due(step):
                 checkpoints.save(summary, window, best=improved)
             if stopping:  # saved: say how to resume, and exit (130 after Ctrl-C, else 0)

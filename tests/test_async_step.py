@@ -198,3 +198,35 @@ def test_async_step_on_cuda_follows_the_synchronised_step(offload):
     assert [str(v) for v in losses_a] == [str(v) for v in losses_s]
     assert_same_params(params_a, params_s)
     assert synced.zo_skipped_steps == lagged.zo_skipped_steps == 1
+
+
+def test_step_figures_come_one_step_late_and_the_guard_counts_each_once():
+    """zo_step_figures(wait=False) gives the steps read so far (the one before the last with async_step);
+    wait=True reads the last too. NonFiniteGuard counts every step once, whichever way it arrives."""
+    from zo2_ds.checkpoint import NonFiniteError, NonFiniteGuard
+
+    engine, *_ = zo2_ds.initialize(model=tiny_causal_lm("opt", tied=False), config=config(True, {}, q=1))
+    engine.train()
+    head = engine.module.get_output_embeddings()
+    data = batches(6, 1, seed=8)
+    guard = NonFiniteGuard(max_consecutive=3)
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step, micro_batches in enumerate(data, 1):
+            if step == 3:  # steps 3.. are all non-finite
+                head.register_forward_hook(lambda m, a, out: out * float("inf"))
+            engine.backward(engine(**micro_batches[0]).loss)
+            engine.step()
+            try:
+                guard.check(engine, wait=False)
+            except NonFiniteError as exc:
+                raised = (step, str(exc))
+                break
+            seen += [f.step for f in engine.zo_step_figures(since=seen[-1] if seen else -1, wait=False)]
+            assert seen == list(range(1, step))  # one step behind, none lost
+    # Steps 3, 4, 5 skipped: the guard sees step 5 at step 6's boundary.
+    assert raised[0] == 6 and "the last 3 steps (3..5)" in raised[1]
+    figures = engine.zo_step_figures(since=5)
+    assert [f.step for f in figures] == [6] and figures[0].skipped_steps == 4
+    engine.destroy()

@@ -342,6 +342,26 @@ def test_ctrl_c_saves_and_says_how_to_resume_then_resume_is_bit_exact(tmp_path, 
 
 
 @pytest.mark.slow
+def test_async_step_job_equals_the_synchronised_one_also_after_ctrl_c(tmp_path, uninterrupted):
+    """zo2.async_step true (on CUDA the default): the loop reads each step's figures one step late, and
+    waits for them only before a log record, an evaluation or a save. Log, weights and metrics are the
+    synchronised run's, also when a Ctrl-C stop and a resume come in between."""
+    from zo2_ds.job.ds_config import DEFAULT_DS_CONFIG
+
+    config = json.loads(json.dumps(DEFAULT_DS_CONFIG))  # the default job's, its schedule's length from --max_steps
+    config["zo2"]["async_step"] = True
+    config_path = tmp_path / "ds.json"
+    config_path.write_text(json.dumps(config))
+    out = tmp_path / "run"
+    args = ("--deepspeed_config", str(config_path), "--output_dir", str(out), *SHORT)
+    proc = run_signalled(13, "SIGINT", *args)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert (out / "latest").read_text().strip() == "checkpoint-13"
+    check(run_train(*args, "--resume"))
+    assert_same_run(out, uninterrupted)
+
+
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_is_bit_exact(tmp_path, uninterrupted):
     out = tmp_path / "run"
     proc = run_signalled(24, "SIGKILL", "--output_dir", str(out), *SHORT)

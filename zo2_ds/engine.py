@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import deque
 from typing import Any, NamedTuple
 
 import torch
@@ -90,6 +91,7 @@ class ZOEngine(DeepSpeedEngine):
         self._g_count = 0
         self._last_g: list[float] = []
         self._last_loss = float("nan")
+        self._read_steps: deque[StepFigures] = deque(maxlen=64)  # the figures the host read last, oldest first
         self.zo_async_step = resolve_async_step(self.zo_config)
         self._unread: UnreadStep | None = None  # zo2.async_step: the last step, its figures still on the device
 
@@ -237,7 +239,8 @@ class ZOEngine(DeepSpeedEngine):
         super().step(lr_kwargs)
         if stats is None:
             return
-        unread = UnreadStep(stats, self.global_steps, self.global_samples, self.get_lr())
+        host, ready = _copy_to_host(stats)
+        unread = UnreadStep(host, ready, self.global_steps, self.global_samples, self.get_lr())
         if self.zo_async_step:
             self._unread = unread  # read at the next boundary, or when asked
         else:
@@ -262,7 +265,7 @@ class ZOEngine(DeepSpeedEngine):
             self.zo_groups.check_inputs(differed)  # before any update: every rank raises together
         q = self.zo_config.num_perturbations
         if self.zo_async_step:
-            self._read_step()  # the previous step's figures: on the device since before this step's forward
+            self._read_step()  # the previous step's figures: on the host since before this step's forward
             self.optimizer.prepare_step(self.global_steps, zo.step_coefs(stats[:q]), True)
         else:  # the one host sync per step: g are kernel arguments, and DeepSpeed's overflow check needs them
             g = stats[:q]
@@ -277,6 +280,8 @@ class ZOEngine(DeepSpeedEngine):
             unread, self._unread = self._unread, None
             if unread is None:
                 return
+        if unread.ready is not None:
+            unread.ready.synchronize()  # that step's copy only, not the work issued after it
         *g, loss = unread.stats.tolist()
         self._last_g, self._last_loss = g, loss
         if not all(math.isfinite(v) for v in g):
@@ -286,6 +291,7 @@ class ZOEngine(DeepSpeedEngine):
                 f"(parameters unchanged; {self._zo_skipped} skipped so far)",
                 stacklevel=3,
             )
+        self._read_steps.append(StepFigures(unread.step, loss, g, self._zo_skipped))
         self._report_zo(unread)
 
     def _report_zo(self, unread: UnreadStep) -> None:
@@ -337,6 +343,17 @@ class ZOEngine(DeepSpeedEngine):
         """The g values (one per perturbation) of the last completed step, averaged over ranks."""
         self._read_step()
         return list(self._last_g)
+
+    def zo_step_figures(self, since: int = -1, wait: bool = True) -> list[StepFigures]:
+        """The figures the host has read of the steps after ``since`` (a ``global_steps`` value), oldest first (the
+        engine keeps the last 64): each step's ``global_steps`` after it, its loss and g (averaged over
+        micro-batches and ranks) and the skipped steps up to it. ``wait``: read the last step first, waiting
+        for it on the device if needed. With zo2.async_step the engine reads a step at the next step's
+        boundary, so ``wait=False`` brings the steps up to the one before the last without any wait (a training
+        loop's progress bar and logs, one step behind); without zo2.async_step, up to the last step."""
+        if wait:
+            self._read_step()
+        return [f for f in self._read_steps if f.step > since]
 
     @property
     def zo_skipped_steps(self) -> int:
@@ -392,14 +409,39 @@ class ZOEngine(DeepSpeedEngine):
         super().destroy()
 
 
+class StepFigures(NamedTuple):
+    """What :meth:`ZOEngine.zo_step_figures` returns."""
+
+    step: int
+    loss: float
+    g: list[float]
+    skipped_steps: int
+
+
 class UnreadStep(NamedTuple):
-    """A finished step's figures on the device: ``stats`` = [g_0 .. g_{q-1}, loss], and the step's global_steps,
+    """A step's figures on their way to the host: ``stats`` = [g_0 .. g_{q-1}, loss] in host memory once
+    ``ready`` (an event after their copy; None when they are there already), and the step's global_steps,
     global_samples and lr as DeepSpeed counted them at its end (for the report)."""
 
     stats: torch.Tensor
+    ready: Any
     step: int
     samples: int
     lr: Any
+
+
+def _copy_to_host(stats: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``stats`` copied into pinned host memory behind the work issued so far, and an event after the copy:
+    waiting for it later waits for this step's figures only (a ``tolist()`` then would wait for every kernel
+    issued since, the next step's forward included)."""
+    acc = get_accelerator()
+    if stats.device.type == "cpu" or acc.is_synchronized_device():
+        return stats, None
+    host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+    host.copy_(stats, non_blocking=True)
+    ready = acc.Event()
+    ready.record()
+    return host, ready
 
 
 def resolve_async_step(cfg: ZO2Config) -> bool:

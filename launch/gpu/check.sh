@@ -34,9 +34,10 @@
 #          and trained offloaded on one GPU (1x2048 and 16x256), then partitioned on every GPU of the host
 #          (4 or 8; needs 512+ GiB of host memory): FULL175_STEPS steps (default 3) after one warm-up;
 #          SKIP_ONE_GPU=1 leaves out the one-GPU run (each run alone may take several minutes)
-# async:   issue 12: zo2.async_step "auto" (g on the device, no host sync per step) against false, each step
-#          timed alone and back to back, 1 GPU then 2 GPUs partitioned at each prefetch_depth of ASYNC_DEPTHS
-#          (default auto), per model of ASYNC_MODELS (default opt-6.7b opt-13b; ~3 min per model)
+# async:   issue 12: zo2.async_step false against "auto" (g on the device, no host sync per step; ASYNC_STEPS
+#          sets the values and their order in each process), each step timed alone and back to back, 1 GPU then
+#          2 GPUs partitioned at each prefetch_depth of ASYNC_DEPTHS (default auto), per model of ASYNC_MODELS
+#          (default opt-6.7b opt-13b; ~3 min per model)
 # head:    issue 11's Qwen2.5-7B shape offloaded at 1x2048 with its untied head resident (zo2.offload.stream_head
 #          false) against streamed ("auto"), alternating HEAD_ROUNDS (default 2) times, one process each (~3 min)
 # big:     OPT-66B's shape on 2 GPUs, materialized straight into each rank's pinned shards, partitioned only
@@ -130,9 +131,9 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
                tail -n 4 "$OUT/opt-175b_${gpus}gpu.log"
              fi ;;
     async) for model in ${ASYNC_MODELS:-opt-6.7b opt-13b}; do  # issue 12: zo2.async_step against a sync per step
-             one_gpu async "$model" --async-steps auto,false
+             one_gpu async "$model" --async-steps "${ASYNC_STEPS:-false,auto}"
              for depth in ${ASYNC_DEPTHS:-auto}; do
-               $run2 --models "$model" --async-steps auto,false --prefetch-depth "$depth" \
+               $run2 --models "$model" --async-steps "${ASYNC_STEPS:-false,auto}" --prefetch-depth "$depth" \
                  --out "$OUT/async_${model}_$depth.json" >"$OUT/async_${model}_$depth.log" 2>&1 || status=1
                grep "^$model |" "$OUT/async_${model}_$depth.log" | sed "s/^/depth $depth: /"
              done

@@ -406,3 +406,22 @@ def test_host_lead_tells_a_device_waiting_for_the_host():
     assert lead["share_waiting_for_host"] == 0.75 and lead["min_lead_ms"] == pytest.approx(0.01)
     assert lead["median_lead_ms"] == pytest.approx(0.02)
     assert driver.host_lead([{"what": "compute", "block": 0, "start_ms": 1.0, "end_ms": 2.0}]) is None
+
+
+def test_bench_link_names_a_bad_argument_and_needs_cuda(monkeypatch):
+    bench = _load_launch("bench_link")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--interval", "0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs CUDA"):
+        bench.main([])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_link_measures_every_mode_on_one_gpu_and_all(tmp_path):
+    bench = _load_launch("bench_link")
+    result = bench.main(["--unit-mib", "16", "--uploads", "4", "--out", str(tmp_path / "link.json")])
+    counts = [1] + ([torch.cuda.device_count()] if torch.cuda.device_count() > 1 else [])
+    assert [(r["gpus"], r["mode"]) for r in result["rows"]] == [(n, m) for n in counts for m in bench.MODES]
+    assert all(0 < v < 1000 for r in result["rows"] for v in r["upload_gbps_per_gpu"])

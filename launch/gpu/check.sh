@@ -38,6 +38,8 @@
 #          sets the values and their order in each process), each step timed alone and back to back, 1 GPU then
 #          2 GPUs partitioned at each prefetch_depth of ASYNC_DEPTHS (default auto), per model of ASYNC_MODELS
 #          (default opt-6.7b opt-13b; ~3 min per model)
+# link:    launch/bench_link.py: every GPU's upload GB/s alone and with all GPUs at once, with write-backs beside
+#          (whole or paced) and without (seconds)
 # head:    issue 11's Qwen2.5-7B shape offloaded at 1x2048 with its untied head resident (zo2.offload.stream_head
 #          false) against streamed ("auto"), alternating HEAD_ROUNDS (default 2) times, one process each (~3 min)
 # big:     OPT-66B's shape on 2 GPUs, materialized straight into each rank's pinned shards, partitioned only
@@ -138,6 +140,8 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
                grep "^$model |" "$OUT/async_${model}_$depth.log" | sed "s/^/depth $depth: /"
              done
            done ;;
+    link) python3 launch/bench_link.py --out "$OUT/link.json" >"$OUT/link.log" 2>&1 || status=1
+          grep -B2 -A8 "^gpus | mode" "$OUT/link.log" ;;
     head) for round in $(seq "${HEAD_ROUNDS:-2}"); do
             for sh in false auto; do
               $cap python3 launch/bench_offload.py --models "${HEAD_MODEL:-qwen2.5-7b}" --batches "${HEAD_BATCHES:-1x2048}" \
@@ -150,7 +154,7 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
            --batches 1x2048 --no-in-gpu --no-floor --partitioned --partitioned-only --materialize --steps 3 \
            --warmup 1 --out "$OUT/opt-66b_2gpu.json" >"$OUT/opt-66b_2gpu.log" 2>&1 || status=1
          tail -n 4 "$OUT/opt-66b_2gpu.log" ;;
-    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize, scaling, why, depth, async, head, big, full175)"
+    *) echo "STAGES: unknown stage '$stage' (tests, step, offload, graphs, tasks, memory, materialize, scaling, why, depth, async, link, head, big, full175)"
        status=2 ;;
   esac
 done

@@ -9,7 +9,11 @@ tensor) is checked in tests/test_kernels.py, under Triton's interpreter and on C
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +22,7 @@ from test_offload import SCHEDULE, batches, make_config
 import zo2_ds
 from zo2_ds import vocab, zo
 from zo2_ds.engine import resolve_async_step
-from zo2_ds.testing import tiny_causal_lm
+from zo2_ds.testing import free_port, tiny_causal_lm
 
 CASES = [  # (arch, q, grad_accum, weight_decay, schedule, offload)
     ("opt", 3, 2, 0.1, SCHEDULE, {}),
@@ -184,12 +188,7 @@ def test_device_coefs_gate_the_torch_update():
         zo.DeviceCoefs(torch.tensor([1.0]))
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("offload", [{}, {"enabled": True, "write_back_interval": 2}])
-def test_async_step_on_cuda_follows_the_synchronised_step(offload):
-    """On CUDA (the Triton kernels read the coefficients and the gate from the device), fp16: async equals
-    the synchronised step bit for bit, a NaN step included."""
+def _cuda_check(offload):
     data = batches(5, 2, seed=6)
     kw = dict(q=2, grad_accum=2, weight_decay=0.1, dtype="fp16", device="cuda", nan_at=(2,))
     synced, losses_s, params_s = run(False, "opt", data, offload, **kw)
@@ -230,3 +229,19 @@ def test_step_figures_come_one_step_late_and_the_guard_counts_each_once():
     figures = engine.zo_step_figures(since=5)
     assert [f.step for f in figures] == [6] and figures[0].skipped_steps == 4
     engine.destroy()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("offload", [{}, {"enabled": True, "write_back_interval": 2}])
+def test_async_step_on_cuda_follows_the_synchronised_step(offload):
+    """On CUDA (the Triton kernels read the coefficients and the gate from the device), fp16: async equals
+    the synchronised step bit for bit, a NaN step included. In a child process, so that this one stays off
+    the GPU (NVML counts the whole device: test_estimate's check reads it)."""
+    here = os.path.dirname(__file__)
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_async_step as t; t._cuda_check({offload!r})"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cuda", PYTHONPATH=os.pathsep.join([str(Path(here).parent), env.get("PYTHONPATH", "")]))
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -420,8 +420,16 @@ def test_bench_link_names_a_bad_argument_and_needs_cuda(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bench_link_measures_every_mode_on_one_gpu_and_all(tmp_path):
-    bench = _load_launch("bench_link")
-    result = bench.main(["--unit-mib", "16", "--uploads", "4", "--out", str(tmp_path / "link.json")])
+    """In a child process, as check.sh runs it: this process stays off the GPU (NVML counts the whole device,
+    and test_estimate's check reads it next)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    out = tmp_path / "link.json"
+    cmd = [sys.executable, "launch/bench_link.py", "--unit-mib", "16", "--uploads", "4", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
     counts = [1] + ([torch.cuda.device_count()] if torch.cuda.device_count() > 1 else [])
-    assert [(r["gpus"], r["mode"]) for r in result["rows"]] == [(n, m) for n in counts for m in bench.MODES]
-    assert all(0 < v < 1000 for r in result["rows"] for v in r["upload_gbps_per_gpu"])
+    modes = _load_launch("bench_link").MODES
+    assert [(r["gpus"], r["mode"]) for r in rows] == [(n, m) for n in counts for m in modes]
+    assert all(0 < v < 1000 for r in rows for v in r["upload_gbps_per_gpu"])

@@ -979,12 +979,15 @@ def test_cuda_peak_memory_is_flat_and_blocks_never_all_on_gpu():
     before = torch.cuda.memory_allocated()  # what earlier tests in this process left behind
     engine, *_ = zo2_ds.initialize(model=base, config=make_config({"enabled": True}, dtype="fp16"))
     block_bytes = engine.zo_offload_store.sizes[0]
-    data = batches(6, 1, seq=64)
-    train(engine, data[:2], "cuda")
+    data = batches(8, 1, seq=64)
+    # Past write_back_interval (4) steps: with zo2.async_step a step's device coefficients (512 bytes) stay
+    # alive until every block has written its update back, so their number grows over the first 4 steps.
+    warm = engine.zo_runner.write_back_interval
+    train(engine, data[:warm], "cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     peaks = []
-    for step in data[2:]:
+    for step in data[warm:]:
         train(engine, [step], "cuda")
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated())

@@ -9,7 +9,10 @@ What it overrides, and why (everything else is DeepSpeed's own behaviour):
 - ``step``: at the accumulation boundary, averages g over micro-batches and data-parallel ranks
   (one all-reduce of q floats), then lets DeepSpeed's own ``step`` run: it calls our
   :class:`ZOOptimizer`'s ``step`` (the ZO-SGD update), steps the lr scheduler, counts
-  ``global_steps`` / ``global_samples`` and writes the monitor and ``steps_per_print`` output.
+  ``global_steps`` / ``global_samples`` and writes the monitor and ``steps_per_print`` output. With
+  ``zo2.async_step`` (CUDA's default) g never leaves the device before the update: the kernels read it
+  (:class:`zo2_ds.zo.DeviceCoefs`, a skipped step gated to a no-op there), and the host reads each step's
+  figures at the next boundary from a pinned copy (``_read_step``), so it never waits for the device.
 - ``_configure_optimizer``: builds a :class:`ZOOptimizer` (param groups holding lr and weight decay,
   no state) instead of DeepSpeed's optimizer and its fp16/bf16 wrappers, so no fp32 master copies,
   moments or gradients are ever allocated.

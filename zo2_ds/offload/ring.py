@@ -188,7 +188,8 @@ class SlotRing:
         In a training run the order continues into the next step's blocks (position n + k is block k of the
         next step): a slot freed by one of the last blocks of this step takes one of the first of the next
         at once, so the link keeps working through the end of the step and the host's work between steps
-        (the g sync, the update bookkeeping, the next forward's preamble), which otherwise leaves it idle.
+        (the g sync without zo2.async_step, the update bookkeeping, the next forward's preamble), which
+        otherwise leaves it idle.
         By then block k is done for this step, its write-back is ordered before the upload, and the next
         step applies its pending updates at acquire. The last block's release happens inside the run, so
         every free slot is taken before the run returns. Anything but the next training run drops these

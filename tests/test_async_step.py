@@ -21,7 +21,7 @@ from test_offload import SCHEDULE, batches, make_config
 
 import zo2_ds
 from zo2_ds import vocab, zo
-from zo2_ds.engine import resolve_async_step
+from zo2_ds.figures import resolve_async_step
 from zo2_ds.testing import free_port, tiny_causal_lm
 
 CASES = [  # (arch, q, grad_accum, weight_decay, schedule, offload)
@@ -77,9 +77,9 @@ def test_async_step_follows_the_synchronised_step_bit_exactly(arch, q, grad_accu
     assert losses_a == losses_s
     assert_same_params(params_a, params_s)
     # The last step's figures were not read yet; asking reads them, and they are the synchronised ones.
-    assert lagged._unread is not None and synced._unread is None
+    assert lagged.zo_figures.pending and not synced.zo_figures.pending
     assert lagged.last_projected_grad == synced.last_projected_grad
-    assert lagged.last_loss == synced.last_loss and lagged._unread is None
+    assert lagged.last_loss == synced.last_loss and not lagged.zo_figures.pending
     assert lagged.get_lr() == synced.get_lr() and lagged.global_steps == synced.global_steps == 5
     for engine in (synced, lagged):
         engine.destroy()
@@ -129,7 +129,7 @@ def test_async_step_skips_a_non_finite_step_on_the_device(offload):
     with pytest.warns(UserWarning, match=r"non-finite projected gradient .* at step 0; update skipped"):
         engine.backward(engine(**mb).loss)
         engine.step()
-    assert engine._zo_skipped == 1
+    assert engine.zo_figures.skipped == 1
     engine.zo_runner.flush()
     assert any(not torch.equal(p, before[n]) for n, p in engine.module.named_parameters())  # step 1 updated
     engine.destroy()

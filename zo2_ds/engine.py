@@ -12,7 +12,7 @@ What it overrides, and why (everything else is DeepSpeed's own behaviour):
   ``global_steps`` / ``global_samples`` and writes the monitor and ``steps_per_print`` output. With
   ``zo2.async_step`` (CUDA's default) g never leaves the device before the update: the kernels read it
   (:class:`zo2_ds.zo.DeviceCoefs`, a skipped step gated to a no-op there), and the host reads each step's
-  figures at the next boundary from a pinned copy (``_read_step``), so it never waits for the device.
+  figures at the next boundary from a pinned copy (:mod:`zo2_ds.figures`), so it never waits for the device.
 - ``_configure_optimizer``: builds a :class:`ZOOptimizer` (param groups holding lr and weight decay,
   no state) instead of DeepSpeed's optimizer and its fp16/bf16 wrappers, so no fp32 master copies,
   moments or gradients are ever allocated.
@@ -30,18 +30,16 @@ threads (the offloader) is invisible here. The update reaches the runner through
 from __future__ import annotations
 
 import math
-import warnings
-from collections import deque
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from deepspeed import comm as dist
-from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.utils import logger
 
 from zo2_ds import ds_compat, parallel, zo
 from zo2_ds.config import ZO2Config, parse_zo2_config
+from zo2_ds.figures import FigureLog, StepFigures, resolve_async_step
 from zo2_ds.loss import install_lean_loss, uninstall_lean_loss
 from zo2_ds.ops import Ops
 from zo2_ds.optimizer import ZOOptimizer
@@ -89,14 +87,11 @@ class ZOEngine(DeepSpeedEngine):
         self.zo_runner: ZORunner = self._build_runner()
         self.optimizer.bind(self.zo_runner, [tp.param for tp in self.zo_params])
         self._zo_span = ds_compat.ForwardSpan(self)
-        self._zo_skipped = 0
         self._g_sum: torch.Tensor | None = None  # sum over micro-batches of g_i, shape [q], on device
         self._g_count = 0
-        self._last_g: list[float] = []
-        self._last_loss = float("nan")
-        self._read_steps: deque[StepFigures] = deque(maxlen=64)  # the figures the host read last, oldest first
-        self.zo_async_step = resolve_async_step(self.zo_config)
-        self._unread: UnreadStep | None = None  # zo2.async_step: the last step, its figures still on the device
+        # Each step's figures on their way to the host; with zo2.async_step read one step late.
+        self.zo_figures = FigureLog(resolve_async_step(self.zo_config), self._report_zo)
+        self.zo_async_step = self.zo_figures.deferred
 
     # -- construction ----------------------------------------------------------------------------
     def _build_runner(self) -> ZORunner:
@@ -242,12 +237,7 @@ class ZOEngine(DeepSpeedEngine):
         super().step(lr_kwargs)
         if stats is None:
             return
-        host, ready = _copy_to_host(stats)
-        unread = UnreadStep(host, ready, self.global_steps, self.global_samples, self.get_lr())
-        if self.zo_async_step:
-            self._unread = unread  # read at the next boundary, or when asked
-        else:
-            self._read_step(unread)
+        self.zo_figures.record(stats, self.global_steps, self.global_samples, self.get_lr())
 
     def _finalize_projected_grad(self) -> torch.Tensor:
         """The step's [g_0 .. g_{q-1}, loss] averaged over micro-batches and data-parallel ranks, on the device;
@@ -268,7 +258,7 @@ class ZOEngine(DeepSpeedEngine):
             self.zo_groups.check_inputs(differed)  # before any update: every rank raises together
         q = self.zo_config.num_perturbations
         if self.zo_async_step:
-            self._read_step()  # the previous step's figures: on the host since before this step's forward
+            self.zo_figures.read()  # the previous step's figures: on the host since before this step's forward
             self.optimizer.prepare_step(self.global_steps, zo.step_coefs(stats[:q]), True)
         else:  # the one host sync per step: g are kernel arguments, and DeepSpeed's overflow check needs them
             g = stats[:q]
@@ -276,43 +266,21 @@ class ZOEngine(DeepSpeedEngine):
             self.optimizer.prepare_step(self.global_steps, coefs, all(math.isfinite(v) for v in g.tolist()))
         return stats
 
-    def _read_step(self, unread: UnreadStep | None = None) -> None:
-        """Read a finished step's figures on the host (``unread``, else the one zo2.async_step left): the loss and
-        g the properties return, the skip count and warning, the monitor events and the steps_per_print line."""
-        if unread is None:
-            unread, self._unread = self._unread, None
-            if unread is None:
-                return
-        if unread.ready is not None:
-            unread.ready.synchronize()  # that step's copy only, not the work issued after it
-        *g, loss = unread.stats.tolist()
-        self._last_g, self._last_loss = g, loss
-        if not all(math.isfinite(v) for v in g):
-            self._zo_skipped += 1
-            warnings.warn(
-                f"zo2: non-finite projected gradient {g} at step {unread.step - 1}; update skipped "
-                f"(parameters unchanged; {self._zo_skipped} skipped so far)",
-                stacklevel=3,
-            )
-        self._read_steps.append(StepFigures(unread.step, loss, g, self._zo_skipped))
-        self._report_zo(unread)
-
-    def _report_zo(self, unread: UnreadStep) -> None:
-        """The ZO figures next to DeepSpeed's own: monitor events and the steps_per_print line."""
+    def _report_zo(self, figures: StepFigures, samples: int, lr: Any) -> None:
+        """A step's ZO figures next to DeepSpeed's own, once the host has read them: monitor events and the
+        steps_per_print line."""
         if self.global_rank != 0:
             return
-        samples = unread.samples
         if self.monitor.enabled:
-            events = [("Train/Samples/train_loss", self._last_loss, samples)]
-            events += [(f"Train/Samples/zo_projected_grad_{i}", g, samples) for i, g in enumerate(self._last_g)]
-            events.append(("Train/Samples/zo_skipped_steps", self._zo_skipped, samples))
+            events = [("Train/Samples/train_loss", figures.loss, samples)]
+            events += [(f"Train/Samples/zo_projected_grad_{i}", g, samples) for i, g in enumerate(figures.g)]
+            events.append(("Train/Samples/zo_skipped_steps", figures.skipped_steps, samples))
             self.monitor.write_events(events)
         every = self.steps_per_print()
-        if every and unread.step % every == 0:
-            g = ", ".join(f"{v:.4g}" for v in self._last_g)
+        if every and figures.step % every == 0:
+            g = ", ".join(f"{v:.4g}" for v in figures.g)
             logger.info(
-                f"zo2: step={unread.step} loss={self._last_loss:.5g} g=[{g}] lr={unread.lr} "
-                f"zo_skipped={self._zo_skipped}"
+                f"zo2: step={figures.step} loss={figures.loss:.5g} g=[{g}] lr={lr} zo_skipped={figures.skipped_steps}"
             )
 
     @property
@@ -338,14 +306,14 @@ class ZOEngine(DeepSpeedEngine):
     def last_loss(self) -> float:
         """The reported loss of the last completed step, averaged over micro-batches and ranks (with
         zo2.async_step, reading it waits for that step to finish on the device)."""
-        self._read_step()
-        return self._last_loss
+        self.zo_figures.read()
+        return self.zo_figures.last_loss
 
     @property
     def last_projected_grad(self) -> list[float]:
         """The g values (one per perturbation) of the last completed step, averaged over ranks."""
-        self._read_step()
-        return list(self._last_g)
+        self.zo_figures.read()
+        return list(self.zo_figures.last_g)
 
     def zo_step_figures(self, since: int = -1, wait: bool = True) -> list[StepFigures]:
         """The figures the host has read of the steps after ``since`` (a ``global_steps`` value), oldest first (the
@@ -354,26 +322,24 @@ class ZOEngine(DeepSpeedEngine):
         for it on the device if needed. With zo2.async_step the engine reads a step at the next step's
         boundary, so ``wait=False`` brings the steps up to the one before the last without any wait (a training
         loop's progress bar and logs, one step behind); without zo2.async_step, up to the last step."""
-        if wait:
-            self._read_step()
-        return [f for f in self._read_steps if f.step > since]
+        return self.zo_figures.since(since, wait)
 
     @property
     def zo_skipped_steps(self) -> int:
         """Steps whose update was skipped because their g was not finite."""
-        self._read_step()
-        return self._zo_skipped
+        self.zo_figures.read()
+        return self.zo_figures.skipped
 
     @zo_skipped_steps.setter
     def zo_skipped_steps(self, value: int) -> None:
-        self._zo_skipped = int(value)
+        self.zo_figures.skipped = int(value)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: dict | None = None, **kwargs: Any) -> Any:
         from zo2_ds.offload.partition import kept_gathered
 
         self.zo_runner.flush()
-        self._read_step()
+        self.zo_figures.read()
         state = dict(client_state or {})
         state["zo2_state"] = {"zo_skipped_steps": self.zo_skipped_steps, "config": self.zo_config.model_dump()}
         with kept_gathered(ds_compat.writes_module_states(self)):  # partitioned masters: the writer keeps them
@@ -381,7 +347,7 @@ class ZOEngine(DeepSpeedEngine):
 
     def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any) -> Any:
         self.zo_runner.flush()
-        self._read_step()
+        self.zo_figures.read()
         load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
         if client_state is not None:
             zo_state = client_state.pop("zo2_state", None)
@@ -398,60 +364,18 @@ class ZOEngine(DeepSpeedEngine):
 
     def eval(self) -> None:  # noqa: D102
         self.zo_runner.flush()
-        self._read_step()
+        self.zo_figures.read()
         super().eval()
 
     def destroy(self) -> None:  # noqa: D102
-        if getattr(self, "_unread", None) is not None:
-            self._read_step()  # the last step's warning and report
+        if getattr(self, "zo_figures", None) is not None:
+            self.zo_figures.read()  # the last step's warning and report
         runner = getattr(self, "zo_runner", None)
         if runner is not None:
             runner.flush()
             runner.close()
         uninstall_lean_loss(getattr(self, "_lean_loss_models", []))
         super().destroy()
-
-
-class StepFigures(NamedTuple):
-    """What :meth:`ZOEngine.zo_step_figures` returns."""
-
-    step: int
-    loss: float
-    g: list[float]
-    skipped_steps: int
-
-
-class UnreadStep(NamedTuple):
-    """A step's figures on their way to the host: ``stats`` = [g_0 .. g_{q-1}, loss] in host memory once
-    ``ready`` (an event after their copy; None when they are there already), and the step's global_steps,
-    global_samples and lr as DeepSpeed counted them at its end (for the report)."""
-
-    stats: torch.Tensor
-    ready: Any
-    step: int
-    samples: int
-    lr: Any
-
-
-def _copy_to_host(stats: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """``stats`` copied into pinned host memory behind the work issued so far, and an event after the copy:
-    waiting for it later waits for this step's figures only (a ``tolist()`` then would wait for every kernel
-    issued since, the next step's forward included)."""
-    acc = get_accelerator()
-    if stats.device.type == "cpu" or acc.is_synchronized_device():
-        return stats, None
-    host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
-    host.copy_(stats, non_blocking=True)
-    ready = acc.Event()
-    ready.record()
-    return host, ready
-
-
-def resolve_async_step(cfg: ZO2Config) -> bool:
-    """``zo2.async_step``: "auto" is on for a device with streams (CUDA) without perturbation parallelism."""
-    if cfg.async_step != "auto":
-        return bool(cfg.async_step)
-    return cfg.perturbation_parallel == 1 and not get_accelerator().is_synchronized_device()
 
 
 def _check_compatible(config_class: Any) -> None:

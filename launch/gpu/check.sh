@@ -10,8 +10,9 @@
 #   ARCHIVE=1 ...                                  # everything in $OUT packed into $OUT/all.tgz at the end
 #   device tool: run(command="STAGES=tests bash launch/gpu/check.sh", carry=[".whl"])
 #
-# tests:   python3 -m pytest -m cuda (the 2-GPU tests skip on one GPU; about 5 minutes on 2 H200s: CUDA_TESTS
-#          names files to split it over two calls)
+# tests:   python3 -m pytest -m cuda (the 2-GPU tests skip on one GPU; on 2 H200s 6.5 minutes once, over 9 another
+#          time: split it over two calls with CUDA_TESTS, e.g. "tests/test_[a-n]*.py tests/checkpoint tests/tasks"
+#          then "tests/test_[o-z]*.py")
 # step:    launch/bench_step.py, the in-GPU step against two forwards and MeZO's pattern, and the kernels
 # offload: launch/bench_offload.py, in-GPU and offloaded steps, half the blocks resident (13B: no in-GPU)
 # graphs:  launch/bench_offload.py --cuda-graphs --no-in-gpu
@@ -63,7 +64,8 @@ one_gpu() {  # TAG MODEL [more bench_offload options]
 for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
   echo "== $stage $(date -u +%H:%M:%S)"
   case $stage in
-    tests) python3 -m pytest -q -rs -m cuda ${CUDA_TESTS:-tests/} >"$OUT/pytest_cuda.txt" 2>&1 || status=1
+    tests) python3 -m pytest -v -rs -m cuda ${CUDA_TESTS:-tests/} >"$OUT/pytest_cuda.txt" 2>&1 || status=1  # -v: names
+           # each test as it ends, so a call cut short still says which failed
            tail -5 "$OUT/pytest_cuda.txt" ;;
     step) python3 launch/bench_step.py --models "$MODELS" --kernel-micro --out "$OUT/step.json" \
             >"$OUT/step.log" 2>&1 || status=1

@@ -11,12 +11,12 @@ and above one GPU ``offload_partitioned`` and ``offload_pp<P>``. A row's tokens/
 micro-batches per step, over P for perturbation parallelism (a group of P ranks shares one micro-batch).
 ``scaling`` is that over the 1-GPU offloaded row's; ``latency`` the step over the 1-GPU step.
 
-The scaling model (``model`` in the JSON): a rank's step is bound by the larger of its compute (two
-forwards per perturbation, over P with perturbation parallelism) and its host link, which carries its
-1/N shard of every streamed block (partitioned) or all of it (replicated); the all-gather of the other
-(N-1)/N runs on NVLink beside it. Predicted for 1..8 GPUs from the link and NVLink bandwidths measured
-here, and for several nodes (a node holds one copy and gathers inside itself; across nodes only the scalar
-g is all-reduced).
+The scaling model (``model`` in the JSON): a rank's step is bound by the largest of its compute (two
+forwards per perturbation, over P with perturbation parallelism), its host link, which carries its 1/N
+shard of every streamed block (partitioned) or all of it (replicated), and the host itself, which carries
+every rank's uploads and write-backs (``--host-gbs``); the all-gather of the other (N-1)/N runs on NVLink
+beside them. Predicted for 1..8 GPUs from the link and NVLink bandwidths measured here, and for several
+nodes (a node holds one copy and gathers inside itself; across nodes only the scalar g is all-reduced).
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gathers", default="auto", help="comma-separated zo2.offload.gather values, partitioned modes")
     p.add_argument("--timeline", default=None, help="PNG of one step per mode, rank 0, first model at most GPUs")
     p.add_argument("--tiny", action="store_true", help="the tiny model on CPU ranks (gloo): checks the plumbing")
+    p.add_argument(
+        "--host-gbs", type=float, default=117.0,
+        help="GB/s of uploads and write-backs the host carries for all its GPUs at once, for the model (default: "
+        "zo2_ds.estimate.DEFAULT_HOST_GBS, measured for 2 H200s by launch/bench_link.py; 0: leave it out)",
+    )  # fmt: skip
     p.add_argument("--out", default="runs/scaling.json")
     args = p.parse_args(argv)
     try:
@@ -99,6 +104,7 @@ def rows_of(model: str, gpus: int, result: dict[str, Any], perturbation_parallel
             "node_host_rss_bytes": rec.get("ranks_host_rss_bytes"),
             "node_host_rss_peak_bytes": rec.get("ranks_host_rss_peak_bytes"),
             "perturbation_parallel": rec.get("perturbation_parallel", 1),
+            "write_back_interval": rec.get("write_back_interval"),
             "h2d_gbps": result.get("bandwidth", {}).get("h2d_gbps"),
             "allgather_gbps": result.get("bandwidth", {}).get("allgather_gbps"),
         })  # fmt: skip
@@ -120,8 +126,20 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         row["ratio_to_floor"] = row["step_ms"] / row["floor_ms"] if row["floor_ms"] else None
 
 
-def predicted_step_ms(row: dict[str, Any], gpus: int, partitioned: bool, pp: int = 1) -> float | None:
-    """The scaling model's per-rank step for the 1-GPU row's model on ``gpus`` GPUs of one host."""
+def host_bytes_per_step(row: dict[str, Any], gpus: int, partitioned: bool) -> float:
+    """What the host moves per step for all ``gpus`` ranks: their uploads and their write-backs (every streamed
+    byte rewritten once per ``write_back_interval``), from the 1-GPU row."""
+    whole = row["streamed_bytes"]
+    per_rank = whole / gpus if partitioned else whole
+    return gpus * per_rank * (1 + 1 / (row.get("write_back_interval") or 1))
+
+
+def predicted_step_ms(
+    row: dict[str, Any], gpus: int, partitioned: bool, pp: int = 1, host_gbs: float | None = None
+) -> float | None:
+    """The scaling model's per-rank step for the 1-GPU row's model on ``gpus`` GPUs of one host: the largest of
+    the compute, the rank's link, the NVLink gather and (``host_gbs``) the host carrying every rank's uploads
+    and write-backs."""
     if not (row.get("two_forwards_ms") and row.get("h2d_gbps") and row.get("streamed_bytes")):
         return None
     whole = row["streamed_bytes"]  # the 1-GPU row: every streamed byte over one link
@@ -130,17 +148,20 @@ def predicted_step_ms(row: dict[str, Any], gpus: int, partitioned: bool, pp: int
     gather = 0.0
     if partitioned and gpus > 1 and row.get("allgather_gbps"):
         gather = whole * (gpus - 1) / gpus / (row["allgather_gbps"] * 1e9) * 1e3
-    return max(compute, link, gather)
+    host = host_bytes_per_step(row, gpus, partitioned) / (host_gbs * 1e9) * 1e3 if host_gbs else 0.0
+    return max(compute, link, gather, host)
 
 
-def scaling_model(rows: list[dict[str, Any]], allgather_gbps: float | None) -> list[dict[str, Any]]:
+def scaling_model(
+    rows: list[dict[str, Any]], allgather_gbps: float | None, host_gbs: float | None = None
+) -> list[dict[str, Any]]:
     out = []
     for base in (r for r in rows if r["gpus"] == 1 and r["mode"] == "offload"):
         base = {**base, "allgather_gbps": allgather_gbps}
         b, s = (int(v) for v in base["batch"].split("x"))
         for gpus in (1, 2, 4, 8):
             for partitioned in (False, True):
-                step = predicted_step_ms(base, gpus, partitioned)
+                step = predicted_step_ms(base, gpus, partitioned, host_gbs=host_gbs)
                 if step is None:
                     continue
                 measured = next(
@@ -154,6 +175,7 @@ def scaling_model(rows: list[dict[str, Any]], allgather_gbps: float | None) -> l
                     "nvlink_bytes_per_rank": base["streamed_bytes"] * (gpus - 1) / gpus if partitioned else 0,
                     "host_bytes_per_node": base["model_bytes"] * (1 if partitioned else gpus),
                     "host_read_bytes_per_step": base["streamed_bytes"] * (1 if partitioned else gpus),
+                    "host_bytes_per_step": host_bytes_per_step(base, gpus, partitioned),
                     "tokens_per_step": gpus * b * s,
                 })  # fmt: skip
     return out
@@ -174,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["rows"] += rows_of(model, gpus, run, args.perturbation_parallel)
     add_ratios(result["rows"])
     gathers = [r["allgather_gbps"] for r in result["rows"] if r.get("allgather_gbps")]
-    result["model"] = scaling_model(result["rows"], min(gathers) if gathers else None)
+    result["model"] = scaling_model(result["rows"], min(gathers) if gathers else None, args.host_gbs)
     report.write_json(args.out, result)
     columns = "model gpus mode batch step_ms:.1f tokens_per_s:.0f scaling:.2f latency:.2f ratio_to_floor:.2f "
     columns += "back_to_back_ms:.1f back_to_back_scaling:.2f "

@@ -370,6 +370,15 @@ def test_bench_scaling_counts_the_jobs_tokens_and_models_the_links():
     assert model[(2, True)]["predicted_step_ms"] == 50.0 and model[(2, True)]["measured_step_ms"] == 80.0
     assert model[(8, True)]["link_bytes_per_rank"] == 1e9 and model[(8, True)]["nvlink_bytes_per_rank"] == 7e9
     assert model[(8, False)]["host_bytes_per_node"] == 80e9 and model[(8, True)]["host_bytes_per_node"] == 10e9
+    # With the host in the model (100 GB/s for every rank's uploads and write-backs, a quarter of the bytes a step
+    # at write_back_interval 4): one copy's 10 GB per step whatever N when partitioned, N copies' replicated.
+    for row in rows:
+        row["write_back_interval"] = 4
+    hosted = {(m["gpus"], m["partitioned"]): m for m in scaling.scaling_model(rows, 200.0, host_gbs=100.0)}
+    assert hosted[(2, True)]["host_bytes_per_step"] == hosted[(8, True)]["host_bytes_per_step"] == 10e9
+    assert hosted[(1, False)]["predicted_step_ms"] == pytest.approx(100.0)  # the link and the host alike
+    assert hosted[(2, True)]["predicted_step_ms"] == hosted[(8, True)]["predicted_step_ms"] == pytest.approx(100.0)
+    assert hosted[(2, False)]["predicted_step_ms"] == pytest.approx(200.0)
 
 
 @pytest.mark.slow

@@ -545,12 +545,19 @@ def test_partitioned_and_perturbation_parallel_floors():
     assert two.transfer_floor_ms == pytest.approx(one.transfer_floor_ms / 2)
     assert two.nvlink_floor_ms == pytest.approx(units / 2 / 260e9 * 1e3)
     assert two.compute_floor_ms == one.compute_floor_ms and two.tokens_per_step == 2 * one.tokens_per_step == 4096
-    assert two.step_floor_ms == max(two.transfer_floor_ms, two.nvlink_floor_ms, two.compute_floor_ms)
+    # The host's floor: every rank's uploads and write-backs (a quarter of the masters a step at interval 4).
+    assert one.written_back_bytes_per_step == units / 4 and two.written_back_bytes_per_step == units / 8
+    assert two.host_bytes_per_step == one.host_bytes_per_step == pytest.approx(units * 1.25)  # a node's, any N
+    assert two.host_floor_ms == pytest.approx(units * 1.25 / 117e9 * 1e3)
+    assert two.step_floor_ms == max(two.transfer_floor_ms, two.nvlink_floor_ms, two.compute_floor_ms, two.host_floor_ms)
+    assert one.bound == "transfer" and two.bound == "host"  # one link alone, against both links on one host
+    assert estimate("opt-6.7b", **LAYER, num_gpus=2, host_gbs=1000.0).bound == "transfer"
     assert two.device_parts == one.device_parts  # every unit's bytes divide evenly: the slots hold no padding
     assert estimate("opt-6.7b", **LAYER, num_gpus=2, nvlink_gbs=20.0).bound == "nvlink"
     replicated = estimate("opt-6.7b", **LAYER, num_gpus=2, partition="none")
     assert replicated.streamed_bytes_per_step == units and replicated.gathered_bytes_per_step == 0
     assert replicated.host_bytes_per_node == 2 * units and replicated.nvlink_floor_ms == 0
+    assert replicated.host_bytes_per_step == pytest.approx(2 * units * 1.25)
     two_nodes = estimate("opt-6.7b", **LAYER, num_gpus=2, gpus_per_node=1)  # one rank per node
     assert two_nodes.partition == "none" and two_nodes.host_bytes_per_node == units
     pp2 = estimate("opt-6.7b", **LAYER, num_gpus=2, perturbation_parallel=2)

@@ -52,8 +52,12 @@ or its shard of it; with a narrower ``transfer_dtype`` the average over ``write_
 ``bandwidth_gbs``; the NVLink floor the bytes it gathers (N - 1 shards of every streamed unit) over
 ``nvlink_gbs`` (default: the all-gather measured on two H200s, ``launch/results/README.md``, "Offload across
 GPUs"); the compute floor the FLOPs of its 2q / P forwards (2 x parameters x tokens each) over ``tflops``.
-The step's floor is the largest of the three: the gathers run on a stream of their own, beside the uploads and
-the forwards (measured, the forward beside the gathers runs slower: the floor is a bound, not a forecast).
+The host floor is what the node's host moves for all its ranks per step, their uploads and their write-backs
+(every streamed master or shard once per ``write_back_interval``, a streamed head every step), over
+``host_gbs`` (default: measured for 2 H200s of one host, 117 GB/s; one GPU alone does not reach it there, two
+that upload and write back at once do). The step's floor is the largest of the four: the gathers run on a stream
+of their own, beside the uploads and the forwards (measured, the forward beside the gathers runs slower: the
+floor is a bound, not a forecast).
 """
 
 from __future__ import annotations
@@ -97,6 +101,11 @@ NCCL_COMMUNICATOR_BYTES = 1_323_000_000
 DEFAULT_BANDWIDTH_GBS = 55.0  # pinned host -> device, H100 / H200 (REFERENCE.md: 55.2 / 55.5 GB/s)
 DEFAULT_TFLOPS = 500.0  # fp16 forward, effective 2 N tokens / t (H200: 424-572 TFLOP/s for OPT-1.3B..13B)
 DEFAULT_NVLINK_GBS = 260.0  # NCCL all-gather received per rank, 2 x H200 (launch/results/README.md: 257-266 GB/s)
+# Uploads and write-backs together that one host carried for all its GPUs at once: 2 x H200 (one NUMA node)
+# each uploading at 46.8 GB/s beside a write-back of a quarter of those bytes (launch/bench_link.py,
+# launch/results/README.md "The step without a host sync, and the host's links"); one GPU alone never reaches
+# it there (53.0 GB/s x 1.25). Another host's figure is its own (an 8-GPU host's is not measured).
+DEFAULT_HOST_GBS = 117.0
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,8 @@ class Estimate:
     perturbation_parallel: int = 1
     gathered_bytes_per_step: float = 0.0  # the other ranks' shards, all-gathered into this rank's slots
     nvlink_gbs: float = DEFAULT_NVLINK_GBS
+    written_back_bytes_per_step: float = 0.0  # this rank's masters (or shards) rewritten per step, on average
+    host_gbs: float = DEFAULT_HOST_GBS
     communicator_bytes: int = 0  # NCCL's, on a CUDA run of several ranks (NCCL_COMMUNICATOR_BYTES each)
 
     @property
@@ -189,13 +200,24 @@ class Estimate:
         return self.flops_per_step / (self.tflops * 1e12) * 1e3
 
     @property
+    def host_bytes_per_step(self) -> float:
+        """What a node's host moves per step for all its ranks: their uploads and their write-backs."""
+        return self.ranks_per_node * (self.streamed_bytes_per_step + self.written_back_bytes_per_step)
+
+    @property
+    def host_floor_ms(self) -> float:
+        return self.host_bytes_per_step / (self.host_gbs * 1e9) * 1e3
+
+    @property
     def step_floor_ms(self) -> float:
-        return max(self.transfer_floor_ms, self.nvlink_floor_ms, self.compute_floor_ms)
+        return max(self.transfer_floor_ms, self.nvlink_floor_ms, self.compute_floor_ms, self.host_floor_ms)
 
     @property
     def bound(self) -> str:
-        """Which floor bounds the step: "transfer" (the host link), "nvlink" (the gather) or "compute"."""
-        floors = {"compute": self.compute_floor_ms, "nvlink": self.nvlink_floor_ms, "transfer": self.transfer_floor_ms}
+        """Which floor bounds the step: "transfer" (the rank's host link), "host" (the node's host, all its
+        ranks' uploads and write-backs), "nvlink" (the gather) or "compute"."""
+        floors = {"compute": self.compute_floor_ms, "nvlink": self.nvlink_floor_ms, "host": self.host_floor_ms}
+        floors["transfer"] = self.transfer_floor_ms
         return max(floors, key=floors.get)
 
     @property
@@ -208,7 +230,9 @@ class Estimate:
             out[name] = getattr(self, name)
         for name in ("host_bytes_per_rank", "host_bytes_per_node", "passes_per_rank", "tokens_per_step"):
             out[name] = getattr(self, name)
-        for name in ("transfer_floor_ms", "nvlink_floor_ms", "compute_floor_ms", "step_floor_ms", "bound"):
+        for name in ("transfer_floor_ms", "nvlink_floor_ms", "compute_floor_ms", "host_bytes_per_step"):
+            out[name] = getattr(self, name)
+        for name in ("host_floor_ms", "step_floor_ms", "bound"):
             out[name] = getattr(self, name)
         out["tokens_per_s_at_floor"] = self.tokens_per_s_at_floor
         return out
@@ -252,6 +276,7 @@ def estimate(
     perturbation_parallel: int = 1,
     bandwidth_gbs: float = DEFAULT_BANDWIDTH_GBS,
     nvlink_gbs: float = DEFAULT_NVLINK_GBS,
+    host_gbs: float = DEFAULT_HOST_GBS,
     tflops: float = DEFAULT_TFLOPS,
     kernels: str = "auto",
     vocab_chunks: bool | str = "auto",
@@ -273,7 +298,8 @@ def estimate(
     batch_size, seq_len = parse_batch(batch) if isinstance(batch, str) else batch
     gpus_per_node = num_gpus if gpus_per_node is None else gpus_per_node
     positive = {"num_gpus": num_gpus, "gpus_per_node": gpus_per_node, "bandwidth_gbs": bandwidth_gbs}
-    _check_arguments(dtype, device, partition, gather, offload, **positive, nvlink_gbs=nvlink_gbs, tflops=tflops)
+    positive.update(nvlink_gbs=nvlink_gbs, host_gbs=host_gbs, tflops=tflops)
+    _check_arguments(dtype, device, partition, gather, offload, **positive)
     options = {
         "prefetch_depth": prefetch_depth,
         "granularity": granularity,
@@ -296,6 +322,7 @@ def estimate(
         parts, host, streamed, facts = _offloaded(net, config, device == "cuda", ranks)
     else:
         parts, host, streamed, facts = _in_gpu(net, config), dict.fromkeys(_HOST_PARTS, 0), 0.0, {}
+    written_back = facts.pop("written_back_bytes_per_step", 0.0)
     tokens, passes = batch_size * seq_len, 2 * num_perturbations // perturbation_parallel
     granularity, itemsize = facts.get("granularity"), DTYPES[dtype].itemsize
     activations, logits, loss = transient_bytes(net, config, parts, tokens, itemsize, passes, granularity)
@@ -327,6 +354,8 @@ def estimate(
         perturbation_parallel=perturbation_parallel,
         gathered_bytes_per_step=(ranks - 1) * streamed,  # every rank's shard of a unit is the same size
         nvlink_gbs=float(nvlink_gbs),
+        written_back_bytes_per_step=written_back,
+        host_gbs=float(host_gbs),
         communicator_bytes=NCCL_COMMUNICATOR_BYTES
         * _communicators(device, num_gpus, perturbation_parallel, ranks > 1 and gather == "collective"),
     )
@@ -408,5 +437,7 @@ def _offloaded(
         "block_bytes": layout.block_bytes,
         "unit_bytes": layout.unit_bytes,
         "write_back_interval": k,
+        # Every streamed master (or shard) rewritten once per interval, and a streamed head every step.
+        "written_back_bytes_per_step": layout.streamed_exact_bytes / k + layout.head_bytes,
     }
     return parts, host, streamed, facts

@@ -11,6 +11,7 @@ from typing import Any
 from zo2_ds.estimate import (
     CUDA_CONTEXT_BYTES,
     DEFAULT_BANDWIDTH_GBS,
+    DEFAULT_HOST_GBS,
     DEFAULT_NVLINK_GBS,
     DEFAULT_TFLOPS,
     Estimate,
@@ -86,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_NVLINK_GBS,
         help="all-gather GB/s received per rank, partitioned (default: measured on 2 H200s)",
     )
+    p.add_argument(
+        "--host_gbs",
+        type=float,
+        default=DEFAULT_HOST_GBS,
+        help="GB/s of uploads and write-backs one host carries for all its GPUs at once (default: measured for "
+        "2 H200s, launch/bench_link.py)",
+    )
     p.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS, help="effective forward TFLOP/s")
     p.add_argument(
         "--cuda_context_bytes",
@@ -124,6 +132,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "perturbation_parallel": args.perturbation_parallel,
         "bandwidth_gbs": args.bandwidth_gbs,
         "nvlink_gbs": args.nvlink_gbs,
+        "host_gbs": args.host_gbs,
         "tflops": args.tflops,
         "cuda_context_bytes": args.cuda_context_bytes,
     }
@@ -188,8 +197,11 @@ def _floor_lines(est: Estimate) -> list[str]:
     floors = [("transfer", est.streamed_bytes_per_step / 1e9, "GB", est.bandwidth_gbs, "GB/s", est.transfer_floor_ms)]
     if est.partition == "node":
         floors.append(("nvlink", est.gathered_bytes_per_step / 1e9, "GB", est.nvlink_gbs, "GB/s", est.nvlink_floor_ms))
+    if est.offload:
+        floors.append(("host", est.host_bytes_per_step / 1e9, "GB", est.host_gbs, "GB/s", est.host_floor_ms))
     floors.append(("compute", est.flops_per_step / 1e12, "TFLOP", est.tflops, "TFLOP/s", est.compute_floor_ms))
     notes = {"transfer": "this rank's host link", "nvlink": "the other ranks' shards, all-gathered"}
+    notes["host"] = f"uploads and write-backs of the node's {est.ranks_per_node} rank(s)"
     notes["compute"] = f"{est.passes_per_rank} forward{'s' if est.passes_per_rank > 1 else ''}"
     lines = ["Step floors (per rank)"]
     for name, amount, unit, rate, rate_unit, ms in floors:

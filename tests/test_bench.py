@@ -88,6 +88,18 @@ def test_streamed_bytes_count_resident_blocks_and_narrow_copies():
     assert offload.streamed_bytes_per_step(half, {"transfer_dtype": "bf16"}, 4) == 4 * numel * 2
 
 
+def test_every_variant_once_per_async_step_value():
+    base = offload.offload_variants(partitioned=True, perturbation_parallel=2, replicated=False)
+    both = offload.per_async_step(base, ("false", "auto"))
+    assert [m for m, _, _ in both] == ["offload_partitioned_sync", "offload_pp2_sync", "offload_partitioned",
+                                       "offload_pp2"]  # fmt: skip
+    assert both[1][2] == {"perturbation_parallel": 2, "async_step": False}
+    assert both[3][2] == {"perturbation_parallel": 2}  # "auto": the config field left out
+    assert [m for m, _, z in offload.per_async_step(base[:1], ("true",)) if z == {"async_step": True}] == [
+        "offload_partitioned_async"
+    ]
+
+
 def test_offload_variants_and_engine_config():
     variants = offload.offload_variants(
         transfer_dtypes=("auto", "bf16"), cuda_graphs=True, resident_blocks=2, partitioned=True,

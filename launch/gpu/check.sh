@@ -122,6 +122,9 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
              done
            done ;;
     full175) gpus=$(nvidia-smi -L | wc -l)
+             # This host's links and its total under every GPU's uploads and write-backs (the estimator's --host_gbs)
+             python3 launch/bench_link.py --out "$OUT/link_${gpus}gpu.json" >"$OUT/link_${gpus}gpu.log" 2>&1 || status=1
+             grep -A8 "^gpus | mode" "$OUT/link_${gpus}gpu.log"
              args="--models opt-175b --batches 1x2048,16x256 --no-in-gpu --no-floor --materialize"
              args="$args --steps ${FULL175_STEPS:-3} --warmup 1"
              if [ -z "${SKIP_ONE_GPU:-}" ]; then

@@ -260,10 +260,9 @@ class ZOEngine(DeepSpeedEngine):
         if self.zo_async_step:
             self.zo_figures.read()  # the previous step's figures: on the host since before this step's forward
             self.optimizer.prepare_step(self.global_steps, zo.step_coefs(stats[:q]), True)
-        else:  # the one host sync per step: g are kernel arguments, and DeepSpeed's overflow check needs them
-            g = stats[:q]
-            coefs = (g / q).tolist()  # fp32, as zo.step_coefs computes them on the device
-            self.optimizer.prepare_step(self.global_steps, coefs, all(math.isfinite(v) for v in g.tolist()))
+        else:  # the host sync per step: g are kernel arguments, and DeepSpeed's overflow check needs them
+            coefs = (stats[:q] / q).tolist()  # fp32, as zo.step_coefs computes them; finite exactly where g is
+            self.optimizer.prepare_step(self.global_steps, coefs, all(math.isfinite(c) for c in coefs))
         return stats
 
     def _report_zo(self, figures: StepFigures, samples: int, lr: Any) -> None:

@@ -2,11 +2,11 @@
 to the host.
 
 A step ends with ``stats = [g_0 .. g_{q-1}, loss]`` on the device, averaged over micro-batches and ranks.
-:class:`FigureLog` copies them into pinned host memory behind the step's work and records an event after the
-copy. Without ``zo2.async_step`` it reads them at once (the host waits for the step, as DeepSpeed's overflow
-check needs). With it (CUDA's default) the engine reads a step at the next step's boundary, when the copy has
-long landed: waiting on that event costs nothing, where a ``tolist()`` would wait for every kernel issued
-since, the next step's forward included. Reading a step updates the last loss and g, counts a non-finite step
+Without ``zo2.async_step`` :class:`FigureLog` reads them at once (the host has waited for the step already, as
+DeepSpeed's overflow check needs). With it (CUDA's default) it copies them into pinned host memory behind the
+step's work, records an event after the copy, and the engine reads the step at the next step's boundary, when
+the copy has long landed: waiting on that event costs nothing, where a ``tolist()`` would wait for every kernel
+issued since, the next step's forward included. Reading a step updates the last loss and g, counts a non-finite step
 as skipped (with a warning), keeps the step's :class:`StepFigures` for the training loop, and reports it
 (the monitor and the ``steps_per_print`` line, through the engine's callback).
 """
@@ -70,11 +70,12 @@ class FigureLog:
         return self._unread is not None
 
     def record(self, stats: torch.Tensor, step: int, samples: int, lr: Any) -> None:
-        """A finished step's ``stats`` (on the device), with its ``global_steps``, ``global_samples`` and lr."""
+        """A finished step's ``stats`` (on the device), with its ``global_steps``, ``global_samples`` and lr: read at
+        once, or (``deferred``) copied to pinned memory behind the step's work, to be read later."""
         self.read()  # (already read at the step's boundary where deferred)
         acc = get_accelerator()
         ready = None
-        if stats.device.type != "cpu" and not acc.is_synchronized_device():
+        if self.deferred and stats.device.type != "cpu" and not acc.is_synchronized_device():
             host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
             host.copy_(stats, non_blocking=True)
             ready = acc.Event()

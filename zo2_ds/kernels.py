@@ -143,10 +143,9 @@ def apply_update_(
 ) -> torch.Tensor:
     """In place, one pass: ``theta = theta - lr * (sum_i coefs[i] * z(seeds[i]) + weight_decay * theta)``.
 
-    ``coefs``: Python floats (passed as kernel arguments), or a 1-D fp32 device tensor / 0-d device
-    tensors / a :class:`zo2_ds.zo.DeviceCoefs` whose gate scales lr (read by the kernel, no host sync; they
-    must be ready on the current stream). Each distinct
-    ``len(seeds)`` compiles its own kernel (the loop over seeds is unrolled); cost grows with it.
+    ``coefs``: Python floats (passed as kernel arguments), or a 1-D fp32 device tensor / 0-d device tensors / a
+    :class:`zo2_ds.zo.DeviceCoefs` whose gate scales lr (read by the kernel, no host sync; they must be ready on
+    the current stream). Each distinct ``len(seeds)`` compiles its own kernel (the loop over seeds is unrolled).
     """
     if len(seeds) != len(coefs) or len(seeds) == 0:
         raise ValueError(f"need one coefficient per seed, got {len(seeds)} seeds and {len(coefs)} coefs")

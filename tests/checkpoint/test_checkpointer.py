@@ -21,6 +21,7 @@ from zo2_ds.checkpoint import (
     truncate_jsonl,
     write_json_atomic,
 )
+from zo2_ds.figures import StepFigures
 
 
 def listing(path) -> list[str]:
@@ -94,12 +95,15 @@ def test_due_and_limits_are_validated(tmp_path):
 
 def test_non_finite_guard_stops_a_run_whose_steps_are_all_skipped():
     guard = NonFiniteGuard(max_consecutive=3)
-    engine = SimpleNamespace(global_steps=0, last_projected_grad=[], zo_skipped_steps=0)
+    read: list[StepFigures] = []  # the engine's figures as the host has read them
+    engine = SimpleNamespace(
+        zo_skipped_steps=0, zo_step_figures=lambda since, wait: [f for f in read if f.step > since]
+    )  # fmt: skip
     for step, g in enumerate([[1.0], [float("nan")], [float("inf")], [0.5], [float("nan")], [float("nan")]], 1):
-        engine.global_steps, engine.last_projected_grad = step, g
+        read.append(StepFigures(step, 0.0, g, 0))
         guard.check(engine)
         guard.check(engine)  # twice at one step counts once
-    engine.global_steps, engine.last_projected_grad = 7, [float("nan")]
+    read += [StepFigures(7, 0.0, [float("nan")], 0)]
     with pytest.raises(NonFiniteError, match=r"the last 3 steps \(5\.\.7\) were all skipped"):
         guard.check(engine)
 

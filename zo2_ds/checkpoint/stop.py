@@ -140,8 +140,7 @@ class NonFiniteGuard:
     Call :meth:`check` after ``engine.step()`` at the accumulation boundary, and with ``wait=True`` before any
     save of that step. It reads the engine's step figures (``engine.zo_step_figures``): with ``wait=False``
     those the host already has, which with zo2.async_step are the previous step's (no device wait), so each
-    step is counted once, whenever its figures arrive; a second call for the same step is a no-op. An engine
-    without step figures is read through ``last_projected_grad`` and ``global_steps``.
+    step is counted once, whenever its figures arrive; a second call for the same step is a no-op.
     """
 
     def __init__(self, max_consecutive: int = 20):
@@ -153,17 +152,11 @@ class NonFiniteGuard:
 
     def check(self, engine: Any, wait: bool = True) -> None:
         """Raise :class:`NonFiniteError` once ``max_consecutive`` steps in a row were skipped."""
-        if hasattr(engine, "zo_step_figures"):
-            since = -1 if self._last_step is None else self._last_step
-            steps = [(f.step, f.g) for f in engine.zo_step_figures(since=since, wait=wait)]
-        else:
-            steps = [(engine.global_steps, engine.last_projected_grad)]
-        for step, g in steps:
-            self._count(engine, step, g)
+        since = -1 if self._last_step is None else self._last_step
+        for figures in engine.zo_step_figures(since=since, wait=wait):
+            self._count(engine, figures.step, figures.g)
 
     def _count(self, engine: Any, step: int, g: list[float]) -> None:
-        if step == self._last_step:
-            return
         self._last_step = step
         self.consecutive = self.consecutive + 1 if g and not all(math.isfinite(v) for v in g) else 0
         if self.consecutive >= self.max_consecutive:

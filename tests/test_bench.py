@@ -454,3 +454,34 @@ def test_bench_link_measures_every_mode_on_one_gpu_and_all(tmp_path):
     modes = _load_launch("bench_link").MODES
     assert [(r["gpus"], r["mode"]) for r in rows] == [(n, m) for n in counts for m in modes]
     assert all(0 < v < 1000 for r in rows for v in r["upload_gbps_per_gpu"])
+
+
+def test_bench_memory_stages_names_a_bad_argument_and_needs_cuda(monkeypatch):
+    bench = _load_launch("bench_memory_stages")
+    for bad in (["--prefetch-depth", "0"], ["--batch", "2by8"], ["--model", "opt-13b@x"], ["--gather", "nvlink"]):
+        with pytest.raises((SystemExit, ValueError)):
+            bench.parse_args(bad)
+    assert bench.parse_args(["--prefetch-depth", "2"]).prefetch_depth == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        bench.main(["--model", "opt-125m@1"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_memory_stages_records_every_stage(tmp_path):
+    """In a child process (NVML counts the whole device): every stage recorded, NVML above the allocator's
+    reserved bytes (the context alone is outside it), the step's slots inside the allocator on one GPU."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    out = tmp_path / "stages.json"
+    cmd = [sys.executable, "launch/bench_memory_stages.py", "--model", "opt-125m@2", "--batch", "1x64"]
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    stages = result["stages"]
+    assert [s["stage"] for s in stages] == ["context", "init_distributed", "model", "engine", "step_1", "step_5"]
+    assert result["world_size"] == 1 and not result["partitioned"]
+    if stages[0]["nvml_mib"] is not None:  # pynvml present
+        assert all(s["outside_allocator_mib"] > 0 for s in stages)
+    assert stages[-1]["reserved_mib"] > stages[0]["reserved_mib"]

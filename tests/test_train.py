@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 import signal
@@ -547,3 +548,34 @@ def test_two_ranks_partitioned_read_their_shards_and_equal_replicated(tmp_path, 
     assert hf["node"].keys() == hf["none"].keys() and hf["node"]
     for name, value in hf["node"].items():
         assert torch.equal(value, hf["none"][name]), name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cuda_two_gpus_train_partitioned_equals_replicated(tmp_path):
+    """launch/train.py on 2 GPUs (NCCL): the loss window's all-reduce runs on the host (NCCL cannot reduce a CPU
+    tensor: this run failed at its first log record before), and masters partitioned over the two GPUs
+    (gathered over copy engines where they are peers) train as replicated ones: log and final weights."""
+    import copy
+
+    from zo2_ds.job import DEFAULT_DS_CONFIG
+
+    outs = {}
+    for partition in ("none", "node"):
+        config = copy.deepcopy(DEFAULT_DS_CONFIG)
+        config["zo2"]["offload"] = {"enabled": True, "partition": partition}
+        config_path = tmp_path / f"{partition}.json"
+        config_path.write_text(json.dumps(config))
+        outs[partition] = out = tmp_path / partition
+        args = ["--deepspeed_config", str(config_path), "--output_dir", str(out), "--dtype", "fp32"]
+        check(run_train(*args, "--max_steps", "6", "--eval_every", "0", "--log_every", "2", nproc=2, timeout=300))
+    log = read_log(outs["node"])
+    assert [r["step"] for r in log] == [2, 4, 6] and all(math.isfinite(r["train_loss"]) for r in log)
+    assert log == read_log(outs["none"])
+    final = {}
+    for label, out in outs.items():
+        (states,) = glob.glob(str(out / "checkpoint-6" / "**" / "mp_rank_00_model_states.pt"), recursive=True)
+        final[label] = torch.load(states, weights_only=False)["module"]
+    assert final["node"].keys() == final["none"].keys()
+    for name, value in final["node"].items():
+        assert torch.equal(value, final["none"][name]), name

@@ -48,8 +48,9 @@ def configure_offloaded_model(engine: Any, configure: Any, model: Any) -> Any:
         configure(model)
     finally:
         engine.dont_change_device, engine._zo_defer_broadcast = keep_device, False
-    partition = node_partition(engine.zo_config.offload, engine.device)
     source = _broadcast_source(engine)
+    # The ranks agree over the broadcast's group (its communicator is connected anyway, no other one is).
+    partition = node_partition(engine.zo_config.offload, engine.device, None if source is None else source[1])
     if partition is not None:
         from deepspeed import comm as dist
 

@@ -3,7 +3,7 @@
 #
 #   bash launch/gpu/check.sh                       # every stage (more than 10 minutes in all on one H200)
 #   STAGES="tests" bash launch/gpu/check.sh        # one stage per call: tests, step, offload, graphs, tasks, memory,
-#                                                  # materialize, scaling, why, depth, async, big (the last five on
+#                                                  # materialize, stages, scaling, why, depth, async, big (the last five on
 #                                                  # 2 GPUs),
 #                                                  # full175 (issue 13: a 4- or 8-GPU host)
 #   MODELS=opt-1.3b STAGES="step offload" bash launch/gpu/check.sh
@@ -39,6 +39,8 @@
 #          sets the values and their order in each process), each step timed alone and back to back, 1 GPU then
 #          2 GPUs partitioned at each prefetch_depth of ASYNC_DEPTHS (default auto), per model of ASYNC_MODELS
 #          (default opt-6.7b opt-13b; ~3 min per model)
+# stages:  launch/bench_memory_stages.py: a rank's NVML and allocator stage by stage (context, init_distributed,
+#          model, engine, steps), 1 GPU, then 2 ranks, then 2 ranks with NCCL's channels and buffers cut (~2 min)
 # link:    launch/bench_link.py: every GPU's upload GB/s alone and with all GPUs at once, with write-backs beside
 #          (whole or paced) and without (seconds)
 # head:    issue 11's Qwen2.5-7B shape offloaded at 1x2048 with its untied head resident (zo2.offload.stream_head
@@ -145,6 +147,13 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
                grep "^$model |" "$OUT/async_${model}_$depth.log" | sed "s/^/depth $depth: /"
              done
            done ;;
+    stages) for ranks in 1 2 2s; do  # 2s: 2 ranks with NCCL's channels and buffers cut
+              nccl=(); [ "$ranks" = 2s ] && nccl=(NCCL_MAX_NCHANNELS=2 NCCL_BUFFSIZE=1048576)
+              launch="python3"; [ "$ranks" != 1 ] && launch="python3 -m torch.distributed.run --nproc_per_node 2"
+              env "${nccl[@]}" $cap $launch launch/bench_memory_stages.py ${STAGES_ARGS:-} \
+                --out "$OUT/stages_$ranks.json" >"$OUT/stages_$ranks.log" 2>&1 || status=1
+              grep "^rank 0 " "$OUT/stages_$ranks.log"
+            done ;;
     link) python3 launch/bench_link.py --out "$OUT/link.json" >"$OUT/link.log" 2>&1 || status=1
           grep -B2 -A8 "^gpus | mode" "$OUT/link.log" ;;
     head) for round in $(seq "${HEAD_ROUNDS:-2}"); do

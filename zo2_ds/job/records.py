@@ -69,9 +69,11 @@ class LossWindow:
     def _reduced(self) -> torch.Tensor:
         sums = self.sums.clone()
         if self.world_size > 1:
-            import deepspeed
+            import torch.distributed as dist
 
-            deepspeed.comm.all_reduce(sums)  # the loss over all ranks' shards
+            from zo2_ds.checkpoint._dist import cpu_group
+
+            dist.all_reduce(sums, group=cpu_group())  # the loss over all ranks' shards (on the host: NCCL cannot)
         return sums
 
     def take(self) -> float:

@@ -112,11 +112,17 @@ class Partition:
             dst[start - self.rank * shard : end - self.rank * shard].copy_(raw[start - offset : end - offset])
 
 
-def node_partition(cfg, device: torch.device) -> Partition | None:
+def node_partition(cfg, device: torch.device, world_group: Any = None) -> Partition | None:
     """The :class:`Partition` ``zo2.offload.partition`` asks for ("auto" resolved), or None (replicated masters,
     or a node of one rank). On CPU every rank of the world is one node; on an accelerator a node has
     ``device_count()`` ranks (consecutive global ranks, as the launchers number them). Every rank must call
-    it (it makes the groups)."""
+    it (it may make groups).
+
+    ``world_group``: a group over every rank whose communicator the job connects anyway (DeepSpeed's
+    data-parallel group: the weights' broadcast, g's all-reduce), or None. The ranks agree over it, and where one
+    node is the world a copy-engine gather takes it as the node's group: an NCCL communicator costs each GPU
+    memory (2 x H200: 0.46 GiB more once connected), so none is made or connected that a step does not need.
+    The collective gather gets a group of its own (its high-priority stream)."""
     place = _node_place(cfg, device)
     if place is None:
         return None
@@ -125,7 +131,13 @@ def node_partition(cfg, device: torch.device) -> Partition | None:
     from zo2_ds.offload.store import ALIGN_BYTES
 
     world, rank, per_node = dist.get_world_size(), dist.get_rank(), place[1]
-    options = _gather_group_options(dist)
+    if world_group is not None and dist.get_world_size(world_group) != world:
+        world_group = None
+    if per_node == world and world_group is not None:  # one node: its group is the world's
+        copy_engine = _copy_engine(cfg, device, world_group, world_group)
+        group = world_group if copy_engine else dist.new_group(list(range(world)), pg_options=_group_options(dist))
+        return Partition(rank, per_node, group, ALIGN_BYTES, copy_engine)
+    options = _group_options(dist)
     groups = [
         dist.new_group(list(range(n * per_node, (n + 1) * per_node)), pg_options=options)
         for n in range(world // per_node)
@@ -133,12 +145,13 @@ def node_partition(cfg, device: torch.device) -> Partition | None:
     if per_node == 1:
         return None
     group = groups[rank // per_node]
-    return Partition(rank % per_node, per_node, group, ALIGN_BYTES, _copy_engine(cfg, device, group))
+    return Partition(rank % per_node, per_node, group, ALIGN_BYTES, _copy_engine(cfg, device, group, world_group))
 
 
-def _copy_engine(cfg, device: torch.device, group: Any) -> bool:
-    """Whether the node gathers over copy engines (``zo2.offload.gather``; all ranks agree: a collective).
-    An explicit "copy_engine" that some rank cannot do is a ValueError naming the key on every rank."""
+def _copy_engine(cfg, device: torch.device, group: Any, agree_group: Any = None) -> bool:
+    """Whether the node gathers over copy engines (``zo2.offload.gather``; all ranks agree over ``agree_group``,
+    None: the default group; a collective). An explicit "copy_engine" that some rank cannot do is a ValueError
+    naming the key on every rank."""
     if cfg.gather == "collective" or (cfg.gather == "auto" and device.type != "cuda"):
         return False
     import torch.distributed as dist
@@ -147,11 +160,11 @@ def _copy_engine(cfg, device: torch.device, group: Any) -> bool:
 
     reason = copy_engine_unavailable(device, group)
     if device.type == "cuda" and dist.get_backend() == "nccl":
-        # Every rank able locally, then every rank mapped: agreed over the world, whose communicator the
-        # step's g all-reduce needs anyway (the node group's is then made only by a save's gathers).
-        reason = _agreed(reason, device)
+        # Every rank able locally, then every rank mapped: agreed over every rank, on a communicator the step
+        # connects anyway (the g all-reduce's).
+        reason = _agreed(reason, device, agree_group)
         if reason is None:
-            reason = _agreed(rendezvous_fails(device, group), device)
+            reason = _agreed(rendezvous_fails(device, group), device, agree_group)
     if reason is None:
         return True
     if cfg.gather == "copy_engine":
@@ -162,16 +175,17 @@ def _copy_engine(cfg, device: torch.device, group: Any) -> bool:
     return False
 
 
-def _agreed(reason: str | None, device: torch.device) -> str | None:
-    """``reason`` (why this rank cannot), or one for every rank where another rank cannot (a collective)."""
+def _agreed(reason: str | None, device: torch.device, group: Any = None) -> str | None:
+    """``reason`` (why this rank cannot), or one for every rank where another rank cannot (a collective over
+    ``group``, every rank)."""
     import torch.distributed as dist
 
     able = torch.tensor([0 if reason else 1], dtype=torch.int32, device=device)
-    dist.all_reduce(able, op=dist.ReduceOp.MIN)
+    dist.all_reduce(able, op=dist.ReduceOp.MIN, group=group)
     return reason or (None if able.item() else "another rank cannot (its own log or error says why)")
 
 
-def _gather_group_options(dist) -> Any:
+def _group_options(dist) -> Any:
     """NCCL: the node group's kernels on a high-priority stream. The gathers run beside the forward's GEMMs;
     at normal priority their kernels wait for free SMs behind them, and the next unit's compute waits for
     the gather (H200, OPT-6.7B on 2 GPUs: the gathers took 152 ms of a 184 ms step that way)."""

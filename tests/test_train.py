@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -507,19 +508,14 @@ def test_offload_reads_a_safetensors_folder_straight_into_pinned_homes(tmp_path,
         assert torch.equal(value, final["ordinary"][name]), name
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_two_ranks_partitioned_read_their_shards_and_equal_replicated(tmp_path, local_model_and_data):
-    """2 ranks with zo2.offload.partition "node" and a safetensors folder: each rank materializes only its
-    shards (train.py passes the partition); the run equals 2 replicated ranks: log, final weights in the
-    DeepSpeed checkpoints, and the HF copy (gathered by both ranks, written by rank 0)."""
+def partitioned_and_replicated(tmp_path: Path, *args: str, materialized: bool = False, **run: Any) -> dict[str, Path]:
+    """``launch/train.py ARGS`` on 2 ranks twice, the default job's config with offload on and
+    zo2.offload.partition "none", then "node": {partition: output dir}. Each run checked; ``materialized`` (a
+    safetensors folder): a partitioned run says each rank reads its 1/2 shard, a replicated one does not."""
     import copy
-
-    import torch
 
     from zo2_ds.job import DEFAULT_DS_CONFIG
 
-    model_dir, train, validation = local_model_and_data
     outs = {}
     for partition in ("none", "node"):
         config = copy.deepcopy(DEFAULT_DS_CONFIG)
@@ -527,21 +523,40 @@ def test_two_ranks_partitioned_read_their_shards_and_equal_replicated(tmp_path, 
         config_path = tmp_path / f"{partition}.json"
         config_path.write_text(json.dumps(config))
         outs[partition] = out = tmp_path / partition
-        args = ["--model_name_or_path", str(model_dir), "--deepspeed_config", str(config_path)]
-        args += ["--data_files", f"train={train}", f"validation={validation}", "--template", "{review} It was"]
-        args += ["--label_words", "terrible", "great", "--max_eval_examples", "16", "--output_dir", str(out)]
-        args += ["--max_steps", "6", "--eval_every", "0", "--log_every", "2", "--dtype", "fp32"]
-        proc = run_train(*args, nproc=2, cpu=True, timeout=180)
+        proc = run_train("--deepspeed_config", str(config_path), "--output_dir", str(out), *args, nproc=2, **run)
         check(proc)
-        assert ("its 1/2 shard" in proc.stdout) == (partition == "node"), proc.stdout
-    assert read_log(outs["node"]) == read_log(outs["none"])
+        if materialized:
+            assert ("its 1/2 shard" in proc.stdout) == (partition == "node"), proc.stdout
+    return outs
+
+
+def assert_same_final_weights(outs: dict[str, Path], step: int) -> None:
+    """The module states of DeepSpeed's checkpoint at ``step`` are equal, bit for bit, across the runs."""
     final = {}
     for label, out in outs.items():
-        (states,) = glob.glob(str(out / "checkpoint-6" / "**" / "mp_rank_00_model_states.pt"), recursive=True)
+        (states,) = glob.glob(str(out / f"checkpoint-{step}" / "**" / "mp_rank_00_model_states.pt"), recursive=True)
         final[label] = torch.load(states, weights_only=False)["module"]
-    assert final["node"].keys() == final["none"].keys()
-    for name, value in final["node"].items():
-        assert torch.equal(value, final["none"][name]), name
+    first, *others = final.values()
+    for other in others:
+        assert other.keys() == first.keys() and first
+        for name, value in other.items():
+            assert torch.equal(value, first[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_partitioned_read_their_shards_and_equal_replicated(tmp_path, local_model_and_data):
+    """2 ranks with zo2.offload.partition "node" and a safetensors folder: each rank materializes only its
+    shards (train.py passes the partition); the run equals 2 replicated ranks: log, final weights in the
+    DeepSpeed checkpoints, and the HF copy (gathered by both ranks, written by rank 0)."""
+    model_dir, train, validation = local_model_and_data
+    args = ["--model_name_or_path", str(model_dir)]
+    args += ["--data_files", f"train={train}", f"validation={validation}", "--template", "{review} It was"]
+    args += ["--label_words", "terrible", "great", "--max_eval_examples", "16"]
+    args += ["--max_steps", "6", "--eval_every", "0", "--log_every", "2", "--dtype", "fp32"]
+    outs = partitioned_and_replicated(tmp_path, *args, materialized=True, cpu=True, timeout=180)
+    assert read_log(outs["node"]) == read_log(outs["none"])
+    assert_same_final_weights(outs, 6)
     from safetensors.torch import load_file
 
     hf = {label: load_file(str(out / "checkpoint-6" / "model" / "model.safetensors")) for label, out in outs.items()}
@@ -556,26 +571,9 @@ def test_cuda_two_gpus_train_partitioned_equals_replicated(tmp_path):
     """launch/train.py on 2 GPUs (NCCL): the loss window's all-reduce runs on the host (NCCL cannot reduce a CPU
     tensor: this run failed at its first log record before), and masters partitioned over the two GPUs
     (gathered over copy engines where they are peers) train as replicated ones: log and final weights."""
-    import copy
-
-    from zo2_ds.job import DEFAULT_DS_CONFIG
-
-    outs = {}
-    for partition in ("none", "node"):
-        config = copy.deepcopy(DEFAULT_DS_CONFIG)
-        config["zo2"]["offload"] = {"enabled": True, "partition": partition}
-        config_path = tmp_path / f"{partition}.json"
-        config_path.write_text(json.dumps(config))
-        outs[partition] = out = tmp_path / partition
-        args = ["--deepspeed_config", str(config_path), "--output_dir", str(out), "--dtype", "fp32"]
-        check(run_train(*args, "--max_steps", "6", "--eval_every", "0", "--log_every", "2", nproc=2, timeout=300))
+    args = ("--dtype", "fp32", "--max_steps", "6", "--eval_every", "0", "--log_every", "2")
+    outs = partitioned_and_replicated(tmp_path, *args, timeout=300)
     log = read_log(outs["node"])
     assert [r["step"] for r in log] == [2, 4, 6] and all(math.isfinite(r["train_loss"]) for r in log)
     assert log == read_log(outs["none"])
-    final = {}
-    for label, out in outs.items():
-        (states,) = glob.glob(str(out / "checkpoint-6" / "**" / "mp_rank_00_model_states.pt"), recursive=True)
-        final[label] = torch.load(states, weights_only=False)["module"]
-    assert final["node"].keys() == final["none"].keys()
-    for name, value in final["node"].items():
-        assert torch.equal(value, final["none"][name]), name
+    assert_same_final_weights(outs, 6)

@@ -26,7 +26,9 @@ CUDA_CONTEXT_BYTES = 1263337472
 ALLOCATOR_SLACK_BYTES = _GIB // 4
 # NVML bytes of one NCCL communicator a rank uses in training, 2 ranks on 2 H200s (NVLink): 2 replicated ranks
 # used 4.31 GB per GPU against 2.99 GB for one GPU alone (OPT-6.7B offloaded, 1x2048,
-# launch/results/copy_engine_gather_h200x2.json): the world group's, which the step's scalar all-reduce needs.
+# launch/results/copy_engine_gather_h200x2.json). "One" is DeepSpeed's pair: the world's (made by init_distributed)
+# and its data-parallel clone's (connected by the weights' broadcast and g's all-reduce); partitioned with copy
+# engines the pair measured 1.02 GB (launch/results/memory_stages_h200x2.json), so this figure is an upper one.
 # A perturbation group adds its own (measured +1.00 GB) and so does the collective gather's node group
 # (+1.60 GB); the copy-engine gather needs none. One figure for each: not measured for more ranks.
 NCCL_COMMUNICATOR_BYTES = 1_323_000_000

@@ -499,12 +499,12 @@ def test_auto_falls_back_without_torch_distributed(monkeypatch, caplog):
     says so, without asking torch.distributed for a rank."""
     import torch.distributed as dist
 
-    import zo2_ds.offload.partition as partition
+    import zo2_ds.offload.node as partition
 
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "get_rank", lambda *a, **k: pytest.fail("get_rank without a process group"))
     monkeypatch.setattr(partition, "_WARNED", set())
-    with caplog.at_level("WARNING", logger="zo2_ds.offload.partition"):
+    with caplog.at_level("WARNING", logger="zo2_ds.offload.node"):
         est = estimate("tiny", batch="1x16", partition="auto", num_gpus=3, gpus_per_node=2)
     assert est.partition == "none"
     assert any("not whole nodes of 2 ranks" in r.getMessage() for r in caplog.records)

@@ -41,7 +41,7 @@ def _model(arch: str, source: str, folder: str, granularity: str, partitioned: b
 
     from zo2_ds.config import parse_zo2_config
     from zo2_ds.offload.materialize import materialize
-    from zo2_ds.offload.partition import materialize_partition
+    from zo2_ds.offload.node import materialize_partition
 
     src = folder if source == "folder" else tiny_causal_lm(arch, layers=3).config
     torch.manual_seed(SEED)

@@ -343,7 +343,7 @@ def _place(monkeypatch, partition: str, enabled: bool, world: int, rank: int, gp
     import deepspeed.accelerator
     import torch.distributed as dist
 
-    from zo2_ds.offload.partition import materialize_partition
+    from zo2_ds.offload.node import materialize_partition
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: world)
@@ -355,7 +355,7 @@ def _place(monkeypatch, partition: str, enabled: bool, world: int, rank: int, gp
 
 
 def test_auto_partitions_a_node_of_several_ranks_and_falls_back_where_node_is_refused(monkeypatch, caplog):
-    import zo2_ds.offload.partition as partition
+    import zo2_ds.offload.node as partition
 
     monkeypatch.setattr(partition, "_WARNED", set())  # said once per process: maybe already, by another test
     part = _place(monkeypatch, "auto", True, world=4, rank=3, gpus_per_node=2)  # 2 nodes of 2
@@ -366,7 +366,7 @@ def test_auto_partitions_a_node_of_several_ranks_and_falls_back_where_node_is_re
     # 3 ranks on nodes of 2 GPUs: "node" is refused naming the key, "auto" replicates and says so once.
     with pytest.raises(ValueError, match=r'zo2\.offload\.partition="node": the world of 3 ranks is not whole'):
         _place(monkeypatch, "node", True, world=3, rank=0, gpus_per_node=2)
-    with caplog.at_level("WARNING", logger="zo2_ds.offload.partition"):
+    with caplog.at_level("WARNING", logger="zo2_ds.offload.node"):
         for rank in (1, 0, 0):  # said by rank 0 alone, once
             assert _place(monkeypatch, "auto", True, world=3, rank=rank, gpus_per_node=2) is None
     warned = [r.getMessage() for r in caplog.records if "replicated masters" in r.getMessage()]
@@ -384,7 +384,7 @@ def test_partition_on_one_rank_is_replicated(partition):
 
 
 def test_copy_engine_gather_is_refused_where_it_cannot_run_and_auto_falls_back():
-    from zo2_ds.offload.partition import _copy_engine
+    from zo2_ds.offload.node import _copy_engine
 
     cpu = torch.device("cpu")
     cfg = parse_zo2_config({"zo2": {"enabled": True, "offload": {"enabled": True, "gather": "copy_engine"}}}).offload

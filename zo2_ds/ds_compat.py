@@ -40,7 +40,7 @@ def configure_offloaded_model(engine: Any, configure: Any, model: Any) -> Any:
     DeepSpeed was asked not to) and rank 0's weights are broadcast (before the store is built, with
     ``zo2.offload.partition``: each rank then keeps its shard of them). Returns the block store."""
     from zo2_ds.offload import broadcast_module, build_store
-    from zo2_ds.offload.partition import cannot_partition, node_partition
+    from zo2_ds.offload.node import cannot_partition, node_partition
 
     keep_device, engine.dont_change_device = engine.dont_change_device, True
     engine._zo_defer_broadcast = True  # DeepSpeed broadcasts at the end of configure(); blocks are not placed yet

@@ -53,7 +53,7 @@ def partitioned_rank(source, out_dir):
     import zo2_ds
     from zo2_ds import hygiene
     from zo2_ds.config import parse_zo2_config
-    from zo2_ds.offload.partition import materialize_partition
+    from zo2_ds.offload.node import materialize_partition
     from zo2_ds.testing import ds_config
 
     hygiene.init_distributed()

@@ -39,7 +39,7 @@ The rules come from where they live: ``zo2_ds.offload.store.plan_store`` (the la
 
 Several GPUs (``num_gpus``, ``gpus_per_node``): every figure is per GPU, with the batch per GPU, except the
 host memory, given per rank and per node. ``partition`` resolves as the engine resolves
-``zo2.offload.partition`` (:func:`zo2_ds.offload.partition.node_size`: "auto" is "node" with offload on and
+``zo2.offload.partition`` (:func:`zo2_ds.offload.node.node_size`: "auto" is "node" with offload on and
 more than one rank per node). Partitioned, each rank pins its shard of every streamed unit and of its
 ``transfer_dtype`` copy (``Partition.shard_nbytes``: 1/N, rounded up to 256 bytes), uploads it and gathers
 the other N - 1 shards from the node's ranks over NVLink; resident units are whole on every GPU, the slots
@@ -82,7 +82,7 @@ from zo2_ds.estimate.result import (
     Estimate,
 )
 from zo2_ds.estimate.transient import transient_bytes
-from zo2_ds.offload.partition import node_size
+from zo2_ds.offload.node import node_size
 from zo2_ds.offload.store import parse_bytes
 from zo2_ds.parallel import check_sizes
 

@@ -69,7 +69,7 @@ def materialize(
     memory). ``device``: where the parts outside the blocks and all buffers go, and where blocks are
     initialized from a config (default: the accelerator's current device, else the CPU).
     ``blocks_attr``: as ``zo2.offload.blocks_attr``. ``progress``: a progress bar over the blocks.
-    ``partition``: this rank's place in its node (:func:`~zo2_ds.offload.partition.materialize_partition`)
+    ``partition``: this rank's place in its node (:func:`~zo2_ds.offload.node.materialize_partition`)
     for an engine with ``zo2.offload.partition = "node"``: each rank pins only its shard of every streamed unit
     (the units as ``granularity`` and ``cuda_graphs``, the engine's ``zo2.offload`` settings, cut them), the
     units' parameters point at placeholders, and the engine adopts the shards. From a config, seed every rank
@@ -129,7 +129,7 @@ def materialize_layout(offload: dict) -> dict:
     from deepspeed.accelerator import get_accelerator
 
     from zo2_ds.config import parse_zo2_config
-    from zo2_ds.offload.partition import materialize_partition
+    from zo2_ds.offload.node import materialize_partition
 
     cfg = parse_zo2_config({"zo2": {"offload": offload}}).offload
     device = torch.device(get_accelerator().device_name())

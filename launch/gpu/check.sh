@@ -34,7 +34,8 @@
 # full175: issue 13, OPT-175B's shape (all 96 blocks, ~350 GB fp16) materialized straight into pinned memory
 #          and trained offloaded on one GPU (1x2048 and 16x256), then partitioned on every GPU of the host
 #          (4 or 8; needs 512+ GiB of host memory): FULL175_STEPS steps (default 3) after one warm-up;
-#          SKIP_ONE_GPU=1 leaves out the one-GPU run (each run alone may take several minutes)
+#          SKIP_ONE_GPU=1 leaves out the one-GPU run (each run alone may take several minutes); FULL175_MODEL=opt-175b@N
+#          its first N blocks where the host cannot pin all 96 (2 x H200 kind, 256 GiB: N up to ~56)
 # async:   issue 12: zo2.async_step false against "auto" (g on the device, no host sync per step; ASYNC_STEPS
 #          sets the values and their order in each process), each step timed alone and back to back, 1 GPU then
 #          2 GPUs partitioned at each prefetch_depth of ASYNC_DEPTHS (default auto), per model of ASYNC_MODELS
@@ -127,17 +128,18 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
              # This host's links and its total under every GPU's uploads and write-backs (the estimator's --host_gbs)
              python3 launch/bench_link.py --out "$OUT/link_${gpus}gpu.json" >"$OUT/link_${gpus}gpu.log" 2>&1 || status=1
              grep -A8 "^gpus | mode" "$OUT/link_${gpus}gpu.log"
-             args="--models opt-175b --batches 1x2048,16x256 --no-in-gpu --no-floor --materialize"
+             m175=${FULL175_MODEL:-opt-175b}  # opt-175b@N: its first N blocks, for a host that cannot pin all 96
+             args="--models $m175 --batches 1x2048,16x256 --no-in-gpu --no-floor --materialize"
              args="$args --steps ${FULL175_STEPS:-3} --warmup 1"
              if [ -z "${SKIP_ONE_GPU:-}" ]; then
-               python3 launch/bench_offload.py $args --out "$OUT/opt-175b_1gpu.json" >"$OUT/opt-175b_1gpu.log" 2>&1 \
+               python3 launch/bench_offload.py $args --out "$OUT/${m175}_1gpu.json" >"$OUT/${m175}_1gpu.log" 2>&1 \
                  || status=1
-               tail -n 4 "$OUT/opt-175b_1gpu.log"
+               tail -n 4 "$OUT/${m175}_1gpu.log"
              fi
              if [ "$gpus" -gt 1 ]; then
                python3 -m torch.distributed.run --nproc_per_node "$gpus" launch/bench_offload.py $args --partitioned \
-                 --partitioned-only --out "$OUT/opt-175b_${gpus}gpu.json" >"$OUT/opt-175b_${gpus}gpu.log" 2>&1 || status=1
-               tail -n 4 "$OUT/opt-175b_${gpus}gpu.log"
+                 --partitioned-only --out "$OUT/${m175}_${gpus}gpu.json" >"$OUT/${m175}_${gpus}gpu.log" 2>&1 || status=1
+               tail -n 4 "$OUT/${m175}_${gpus}gpu.log"
              fi ;;
     async) for model in ${ASYNC_MODELS:-opt-6.7b opt-13b}; do  # issue 12: zo2.async_step against a sync per step
              one_gpu async "$model" --async-steps "${ASYNC_STEPS:-false,auto}"

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     p.add_argument("--gather", default="auto", choices=["auto", "copy_engine", "collective"])
     p.add_argument("--prefetch-depth", default="auto", help='zo2.offload.prefetch_depth ("auto" or an integer)')
-    p.add_argument("--out", default=None, help="results JSON (each rank adds _rank<R> before .json)")
+    p.add_argument("--out", default=None, help="results JSON (rank 0's stages)")
     args = p.parse_args(argv)
     register_truncated(args.model)
     (args.batch,) = parse_batches(args.batch)
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"rank {rank} of {world} | {r['stage']:<16} | NVML {r['nvml_mib']:8.0f} MiB | reserved "
             f"{r['reserved_mib']:8.0f} MiB | outside the allocator {r['outside_allocator_mib']:8.0f} MiB"
         )
-    if args.out:
-        write_json(args.out.replace(".json", f"_rank{rank}.json") if world > 1 else args.out, result)
+    write_json(args.out, result)
     return result
 
 

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeline", default=None, help="PNG of one step per mode, rank 0, first model at most GPUs")
     p.add_argument("--tiny", action="store_true", help="the tiny model on CPU ranks (gloo): checks the plumbing")
     p.add_argument(
-        "--host-gbs", type=float, default=117.0,
+        "--host-gbs", type=float, default=None,
         help="GB/s of uploads and write-backs the host carries for all its GPUs at once, for the model (default: "
         "zo2_ds.estimate.DEFAULT_HOST_GBS, measured for 2 H200s by launch/bench_link.py; 0: leave it out)",
     )  # fmt: skip
@@ -196,7 +196,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["rows"] += rows_of(model, gpus, run, args.perturbation_parallel)
     add_ratios(result["rows"])
     gathers = [r["allgather_gbps"] for r in result["rows"] if r.get("allgather_gbps")]
-    result["model"] = scaling_model(result["rows"], min(gathers) if gathers else None, args.host_gbs)
+    if args.host_gbs is None:
+        from zo2_ds.estimate.result import DEFAULT_HOST_GBS as host_gbs
+    else:
+        host_gbs = args.host_gbs
+    result["model"] = scaling_model(result["rows"], min(gathers) if gathers else None, host_gbs)
     report.write_json(args.out, result)
     columns = "model gpus mode batch step_ms:.1f tokens_per_s:.0f scaling:.2f latency:.2f ratio_to_floor:.2f "
     columns += "back_to_back_ms:.1f back_to_back_scaling:.2f "

@@ -73,7 +73,7 @@ def coef_args(coefs: Sequence[float] | torch.Tensor, q: int, device: torch.devic
         values = torch.cat([values.to(torch.float32), values.new_ones(1, dtype=torch.float32)])
     if values.device != device:
         raise ValueError(f"coefs on {values.device}, theta on {device}")
-    return (0.0,) * q, values.to(torch.float32).contiguous()
+    return (0.0,) * q, values  # fp32 and contiguous: made so above, or a DeviceCoefs
 
 
 def kernel_args(

@@ -209,8 +209,8 @@ class DeviceCoefs:
     __slots__ = ("values",)
 
     def __init__(self, values: torch.Tensor):
-        if values.dim() != 1 or values.numel() < 2 or values.dtype != torch.float32:
-            raise ValueError(f"DeviceCoefs: expected a 1-D fp32 tensor of q + 1 values, got {values!r}")
+        if values.dim() != 1 or values.numel() < 2 or values.dtype != torch.float32 or not values.is_contiguous():
+            raise ValueError(f"DeviceCoefs: expected a contiguous 1-D fp32 tensor of q + 1 values, got {values!r}")
         self.values = values
 
     def __len__(self) -> int:

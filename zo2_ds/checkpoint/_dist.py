@@ -63,6 +63,14 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (a CPU tensor) summed over every rank, in place (one all-reduce on the CPU group: NCCL cannot
+    reduce a host tensor)."""
+    if world_size() > 1:
+        tdist.all_reduce(values, group=cpu_group())
+    return values
+
+
 def on_rank0(fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 only and give every rank its result, or raise its exception on every rank.
 

@@ -69,11 +69,9 @@ class LossWindow:
     def _reduced(self) -> torch.Tensor:
         sums = self.sums.clone()
         if self.world_size > 1:
-            import torch.distributed as dist
+            from zo2_ds.checkpoint._dist import sum_over_ranks
 
-            from zo2_ds.checkpoint._dist import cpu_group
-
-            dist.all_reduce(sums, group=cpu_group())  # the loss over all ranks' shards (on the host: NCCL cannot)
+            sum_over_ranks(sums)  # the loss over all ranks' shards
         return sums
 
     def take(self) -> float:

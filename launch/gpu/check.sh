@@ -35,7 +35,9 @@
 #          and trained offloaded on one GPU (1x2048 and 16x256), then partitioned on every GPU of the host
 #          (4 or 8; needs 512+ GiB of host memory): FULL175_STEPS steps (default 3) after one warm-up;
 #          SKIP_ONE_GPU=1 leaves out the one-GPU run (each run alone may take several minutes); FULL175_MODEL=opt-175b@N
-#          its first N blocks where the host cannot pin all 96 (2 x H200 kind, 256 GiB: N up to ~56)
+#          its first N blocks where the host cannot pin all 96 (2 x H200 kind, 256 GiB: N up to ~56), FULL175_MODEL=fit
+#          as many as MemAvailable holds less 20 GiB (1 x H200 kind, 128 GiB: 31); FULL175_MORE=1 first also
+#          materializes against page-locking alone (bench_materialize) and 6 blocks with their two forwards on the GPU
 # async:   issue 12: zo2.async_step false against "auto" (g on the device, no host sync per step; ASYNC_STEPS
 #          sets the values and their order in each process), each step timed alone and back to back, 1 GPU then
 #          2 GPUs partitioned at each prefetch_depth of ASYNC_DEPTHS (default auto), per model of ASYNC_MODELS
@@ -129,8 +131,24 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
              python3 launch/bench_link.py --out "$OUT/link_${gpus}gpu.json" >"$OUT/link_${gpus}gpu.log" 2>&1 || status=1
              grep -A8 "^gpus | mode" "$OUT/link_${gpus}gpu.log"
              m175=${FULL175_MODEL:-opt-175b}  # opt-175b@N: its first N blocks, for a host that cannot pin all 96
+             if [ "$m175" = fit ]; then  # as many blocks (3.624 GB each) as MemAvailable holds less 20 GiB
+               m175=opt-175b@$(awk '/MemAvailable/{n=int(($2*1024-20*2^30)/3624198144); print (n>96?96:n)}' /proc/meminfo)
+             fi
+             echo "$m175"
              args="--models $m175 --batches 1x2048,16x256 --no-in-gpu --no-floor --materialize"
              args="$args --steps ${FULL175_STEPS:-3} --warmup 1"
+             if [ -n "${FULL175_MORE:-}" ]; then  # the same call's comparators, one process each
+               # materializing against page-locking the same bytes alone, and the peak host RSS of each
+               layers=${m175#opt-175b}; layers=${layers#@}
+               python3 launch/bench_materialize.py --model opt-175b ${layers:+--layers $layers} \
+                 --out "$OUT/materialize_$m175.json" >"$OUT/materialize_$m175.log" 2>&1 || status=1
+               tail -n 3 "$OUT/materialize_$m175.log"
+               # 6 blocks: two forwards on the GPU (the compute floor per block) and the offloaded step per block
+               python3 launch/bench_offload.py --models opt-175b@6 --batches 1x2048,16x256 --no-in-gpu \
+                 --steps "${FULL175_STEPS:-3}" --warmup 1 --out "$OUT/opt-175b@6_1gpu.json" \
+                 >"$OUT/opt-175b@6_1gpu.log" 2>&1 || status=1
+               tail -n 3 "$OUT/opt-175b@6_1gpu.log"
+             fi
              if [ -z "${SKIP_ONE_GPU:-}" ]; then
                python3 launch/bench_offload.py $args --out "$OUT/${m175}_1gpu.json" >"$OUT/${m175}_1gpu.log" 2>&1 \
                  || status=1

@@ -2,6 +2,7 @@
 
     python launch/bench_materialize.py --model opt-30b --out $OUT/materialize_opt-30b.json   # H200: ~1-2 min
     python launch/bench_materialize.py --model opt-175b --layers 12 --out $OUT/materialize_opt-175b.json
+    python launch/bench_materialize.py --model opt-175b --layers 12 --no-huge-pages   # 4 KiB pages, to compare
     python launch/bench_materialize.py --model tiny                                           # CPU, seconds
 
 One process (why: :mod:`zo2_ds.bench.materialize`): the floor (one pinned buffer per block of the block
@@ -17,9 +18,10 @@ import argparse
 import json
 
 from zo2_ds.bench import DTYPES, SHAPES, materialize, report
+from zo2_ds.offload import hostmem
 
 COLUMNS = "model num_layers dtype device model_bytes:gib floor_s:.2f materialize_s:.2f time_ratio:.2f "
-COLUMNS += "peak_rss_growth_bytes:gib rss_ratio:.3f meets_targets"
+COLUMNS += "peak_rss_growth_bytes:gib rss_ratio:.3f huge_pages meets_targets"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     p.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--out", default=None, help="results JSON")
+    p.add_argument("--no-huge-pages", action="store_true", help="page-lock 4 KiB pages (no MADV_HUGEPAGE), to compare")
     args = p.parse_args(argv)
     if args.layers is not None and args.layers < 1:
         p.error(f"--layers: {args.layers} must be at least 1")
@@ -38,7 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     env = report.environment()
-    record = materialize.materialize_record(args.model, args.dtype, args.device, args.layers)
+    advise, hostmem.ADVISE_HUGE_PAGES = hostmem.ADVISE_HUGE_PAGES, not args.no_huge_pages
+    try:
+        record = materialize.materialize_record(args.model, args.dtype, args.device, args.layers)
+    finally:
+        hostmem.ADVISE_HUGE_PAGES = advise
+    record["huge_pages"] = not args.no_huge_pages
     result = {"env": env, "args": vars(args), "records": [record]}
     report.write_json(args.out, result)
     print(json.dumps(record), flush=True)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 _GIB = 1024**3
+ADVISE_HUGE_PAGES = True  # see pinned_host_buffer; launch/bench_materialize.py --no-huge-pages turns it off
 
 __all__ = ["available_host_bytes", "check_host_memory", "pinned_host_buffer"]
 
@@ -61,7 +62,7 @@ def pinned_host_buffer(acc, nbytes: int) -> tuple[torch.Tensor, bool]:
 def _advise_huge_pages(pages: mmap.mmap) -> None:
     """MADV_HUGEPAGE on an untouched mapping; a no-op where the platform or the kernel has no such advice."""
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None:
+    if advice is None or not ADVISE_HUGE_PAGES:
         return
     try:
         pages.madvise(advice)

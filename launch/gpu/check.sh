@@ -134,6 +134,7 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
              if [ "$m175" = fit ]; then  # as many blocks (3.624 GB each) as MemAvailable holds less 20 GiB
                m175=opt-175b@$(awk '/MemAvailable/{n=int(($2*1024-20*2^30)/3624198144); print (n>96?96:n)}' /proc/meminfo)
              fi
+             tag=${m175/@/_}  # file names without '@' (the device tool returns none with it)
              echo "$m175"
              args="--models $m175 --batches 1x2048,16x256 --no-in-gpu --no-floor --materialize"
              args="$args --steps ${FULL175_STEPS:-3} --warmup 1"
@@ -141,23 +142,23 @@ for stage in ${STAGES:-tests step offload graphs tasks materialize}; do
                # materializing against page-locking the same bytes alone, and the peak host RSS of each
                layers=${m175#opt-175b}; layers=${layers#@}
                python3 launch/bench_materialize.py --model opt-175b ${layers:+--layers $layers} \
-                 --out "$OUT/materialize_$m175.json" >"$OUT/materialize_$m175.log" 2>&1 || status=1
-               tail -n 3 "$OUT/materialize_$m175.log"
+                 --out "$OUT/materialize_$tag.json" >"$OUT/materialize_$tag.log" 2>&1 || status=1
+               tail -n 3 "$OUT/materialize_$tag.log"
                # 6 blocks: two forwards on the GPU (the compute floor per block) and the offloaded step per block
                python3 launch/bench_offload.py --models opt-175b@6 --batches 1x2048,16x256 --no-in-gpu \
-                 --steps "${FULL175_STEPS:-3}" --warmup 1 --out "$OUT/opt-175b@6_1gpu.json" \
-                 >"$OUT/opt-175b@6_1gpu.log" 2>&1 || status=1
-               tail -n 3 "$OUT/opt-175b@6_1gpu.log"
+                 --steps "${FULL175_STEPS:-3}" --warmup 1 --out "$OUT/opt-175b_6_1gpu.json" \
+                 >"$OUT/opt-175b_6_1gpu.log" 2>&1 || status=1
+               tail -n 3 "$OUT/opt-175b_6_1gpu.log"
              fi
              if [ -z "${SKIP_ONE_GPU:-}" ]; then
-               python3 launch/bench_offload.py $args --out "$OUT/${m175}_1gpu.json" >"$OUT/${m175}_1gpu.log" 2>&1 \
+               python3 launch/bench_offload.py $args --out "$OUT/${tag}_1gpu.json" >"$OUT/${tag}_1gpu.log" 2>&1 \
                  || status=1
-               tail -n 4 "$OUT/${m175}_1gpu.log"
+               tail -n 4 "$OUT/${tag}_1gpu.log"
              fi
              if [ "$gpus" -gt 1 ]; then
                python3 -m torch.distributed.run --nproc_per_node "$gpus" launch/bench_offload.py $args --partitioned \
-                 --partitioned-only --out "$OUT/${m175}_${gpus}gpu.json" >"$OUT/${m175}_${gpus}gpu.log" 2>&1 || status=1
-               tail -n 4 "$OUT/${m175}_${gpus}gpu.log"
+                 --partitioned-only --out "$OUT/${tag}_${gpus}gpu.json" >"$OUT/${tag}_${gpus}gpu.log" 2>&1 || status=1
+               tail -n 4 "$OUT/${tag}_${gpus}gpu.log"
              fi ;;
     async) for model in ${ASYNC_MODELS:-opt-6.7b opt-13b}; do  # issue 12: zo2.async_step against a sync per step
              one_gpu async "$model" --async-steps "${ASYNC_STEPS:-false,auto}"

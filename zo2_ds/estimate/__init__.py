@@ -25,7 +25,14 @@ allocated there):
 - the CUDA context with a cuBLAS handle and the allocator's slack (:data:`ALLOCATOR_SLACK_BYTES`, measured
   in fresh processes with ``expandable_segments``): NVML shows the peak allocated plus both. A process that
   used the GPU for something else first (the benchmark's in-GPU baseline) shows 0.4-0.5 GiB more in NVML:
-  the allocator keeps part of that cache.
+  the allocator keeps part of that cache;
+- the driver's mappings of the pinned masters (:data:`HOST_MAPPING_BYTES_PER_HOST_BYTE`: 8 bytes of GPU
+  memory per 4 KiB registered, measured on the H200 host): 0.68 GB for OPT-175B's 96 blocks.
+
+Measured against the OPT-175B shape at the defaults (30 blocks, H200, launch/results/README.md "OPT-175B's
+shape on one GPU"), the peak allocated comes out under the run's: 0.92x at 1 x 2048 and 0.87x at 16 x 256
+(about 0.5 and 0.8 GiB short). The sub-block table (6 blocks) had 0.965x with the estimate of that time; what
+the activations of this shape hold beyond the terms above is not identified.
 
 The CUDA context depends on the card, the driver and the CUDA version: :data:`CUDA_CONTEXT_BYTES` was
 measured on an H100 (1.18 GiB); an H200 with a newer driver showed 1.31 GiB. ``cuda_context_bytes`` (CLI:
@@ -78,6 +85,7 @@ from zo2_ds.estimate.result import (
     DEFAULT_HOST_GBS,
     DEFAULT_NVLINK_GBS,
     DEFAULT_TFLOPS,
+    HOST_MAPPING_BYTES_PER_HOST_BYTE,  # noqa: F401 (exported: result.__all__)
     NCCL_COMMUNICATOR_BYTES,
     Estimate,
 )

@@ -161,6 +161,8 @@ def format_estimate(est: Estimate) -> str:
     lines.append(f"  {'allocator slack':<24}{_gib(est.slack_bytes)}")
     if est.communicator_bytes:
         lines.append(f"  {'NCCL communicators':<24}{_gib(est.communicator_bytes)}  (measured on 2 H200 ranks)")
+    if est.host_mapping_bytes:
+        lines.append(f"  {'pinned memory mappings':<24}{_gib(est.host_mapping_bytes)}  (8 bytes per 4 KiB pinned)")
     lines.append(f"  {'= NVML':<24}{_gib(est.nvml_bytes)}  ({est.nvml_bytes / 1e9:.2f} GB)")
     return "\n".join(lines + _host_lines(est) + _floor_lines(est))
 

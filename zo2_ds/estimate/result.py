@@ -12,6 +12,7 @@ __all__ = [
     "CUDA_CONTEXT_BYTES",
     "ALLOCATOR_SLACK_BYTES",
     "NCCL_COMMUNICATOR_BYTES",
+    "HOST_MAPPING_BYTES_PER_HOST_BYTE",
     "DEFAULT_BANDWIDTH_GBS",
     "DEFAULT_TFLOPS",
     "DEFAULT_NVLINK_GBS",
@@ -32,6 +33,11 @@ ALLOCATOR_SLACK_BYTES = _GIB // 4
 # A perturbation group adds its own (measured +1.00 GB) and so does the collective gather's node group
 # (+1.60 GB); the copy-engine gather needs none. One figure for each: not measured for more ranks.
 NCCL_COMMUNICATOR_BYTES = 1_323_000_000
+# GPU memory the driver keeps for host memory registered with cudaHostRegister (the pinned masters): 8 bytes per
+# 4 KiB page, with 4 KiB or 2 MiB host pages alike (+16 MiB per 8 GiB, +64 MiB per 32 GiB on the H200 host; OPT-175B's
+# shape from 6 to 30 blocks: NVML +213.9 MB, this and the allocator's growth predict 215.2 MB; launch/results/README.md
+# "OPT-175B's shape on one GPU").
+HOST_MAPPING_BYTES_PER_HOST_BYTE = 8 / 4096
 DEFAULT_BANDWIDTH_GBS = 55.0  # pinned host -> device, H100 / H200 (REFERENCE.md: 55.2 / 55.5 GB/s)
 DEFAULT_TFLOPS = 500.0  # fp16 forward, effective 2 N tokens / t (H200: 424-572 TFLOP/s for OPT-1.3B..13B)
 DEFAULT_NVLINK_GBS = 260.0  # NCCL all-gather received per rank, 2 x H200 (launch/results/README.md: 257-266 GB/s)
@@ -89,10 +95,18 @@ class Estimate:
         return self.exact_bytes + self.activation_bytes + self.logits_bytes + self.loss_chunk_bytes
 
     @property
+    def host_mapping_bytes(self) -> int:
+        """GPU memory the driver keeps to map this rank's registered host memory (none on a CPU run)."""
+        if self.context_source == "none":
+            return 0
+        return int(self.host_bytes_per_rank * HOST_MAPPING_BYTES_PER_HOST_BYTE)
+
+    @property
     def nvml_bytes(self) -> int:
         """What NVML (``nvidia-smi``) would show for the process: peak allocated + context + slack + NCCL's
-        communicators."""
-        return self.peak_allocated_bytes + self.context_bytes + self.slack_bytes + self.communicator_bytes
+        communicators + the driver's mappings of the pinned host memory."""
+        parts = self.context_bytes + self.slack_bytes + self.communicator_bytes + self.host_mapping_bytes
+        return self.peak_allocated_bytes + parts
 
     @property
     def ranks_per_node(self) -> int:
@@ -160,7 +174,7 @@ class Estimate:
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for name in ("exact_bytes", "peak_allocated_bytes", "nvml_bytes", "ranks_per_node"):
+        for name in ("exact_bytes", "peak_allocated_bytes", "nvml_bytes", "host_mapping_bytes", "ranks_per_node"):
             out[name] = getattr(self, name)
         for name in ("host_bytes_per_rank", "host_bytes_per_node", "passes_per_rank", "tokens_per_step"):
             out[name] = getattr(self, name)

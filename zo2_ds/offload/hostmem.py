@@ -45,9 +45,10 @@ def pinned_host_buffer(acc, nbytes: int) -> tuple[torch.Tensor, bool]:
 
     The mapping is advised to use transparent huge pages (where the kernel offers them: "madvise" or
     "always" in /sys/kernel/mm/transparent_hugepage/enabled): page-locking then faults 2 MiB pages instead
-    of 4 KiB ones, which registered 32 GiB at 5.3-6.2 GB/s instead of 3.0-3.3 GB/s on the H200 host
-    (launch/results/README.md, "OPT-175B's shape on one GPU"). The upload bandwidth and the GPU memory
-    the driver keeps per registered byte (8 bytes per 4 KiB either way) do not change.
+    of 4 KiB ones, and materializing 12 of OPT-175B's blocks ran 1.64-1.87x faster on the H200 host
+    (launch/results/README.md, "Huge pages for the pinned homes"; ``bench_materialize --no-huge-pages``).
+    The upload bandwidth and the GPU memory the driver keeps per registered byte (8 bytes per 4 KiB
+    either way) do not change.
     """
     pages = _LockedPages(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE)  # private, as malloc's: copied on fork
     _advise_huge_pages(pages)

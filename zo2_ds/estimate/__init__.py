@@ -31,8 +31,9 @@ allocated there):
 
 Measured against the OPT-175B shape at the defaults (30 blocks, H200, launch/results/README.md "OPT-175B's
 shape on one GPU"), the peak allocated comes out under the run's: 0.92x at 1 x 2048 and 0.87x at 16 x 256
-(about 0.5 and 0.8 GiB short). The sub-block table (6 blocks) had 0.965x with the estimate of that time; what
-the activations of this shape hold beyond the terms above is not identified.
+(about 0.5 and 0.8 GiB short). The sub-block table (6 blocks) had 0.965x with the estimate of that time, whose
+logits term (removed since by vocabulary chunks; the measured peak did not drop) covered part of it: the peak
+is in the blocks, and what their activations hold beyond the terms above is not identified.
 
 The CUDA context depends on the card, the driver and the CUDA version: :data:`CUDA_CONTEXT_BYTES` was
 measured on an H100 (1.18 GiB); an H200 with a newer driver showed 1.31 GiB. ``cuda_context_bytes`` (CLI:

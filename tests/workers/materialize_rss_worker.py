@@ -74,6 +74,7 @@ def partitioned_rank(source, out_dir):
     out["block_bytes"] = block_bytes
     with open(os.path.join(out_dir, f"rss{os.environ['RANK']}.json"), "w") as f:
         json.dump(out, f)
+    torch.distributed.destroy_process_group()  # as launch/train.py: gloo can abort an exit without it
 
 
 def main():

@@ -36,6 +36,7 @@ def main() -> None:
         time.sleep(300)
     if args.fail and deepspeed.comm.get_rank() == 1:
         raise RuntimeError("rank 1 fails on purpose")
+    deepspeed.comm.destroy_process_group()  # as launch/train.py: gloo can abort an exit without it
 
 
 if __name__ == "__main__":

@@ -129,6 +129,7 @@ def main() -> None:
                 ckpt.save({"note": f"step {engine.global_steps}"})
             if stopping:
                 print(stop.message(), flush=True)
+                deepspeed.comm.destroy_process_group()  # every rank stops here: should_stop agrees over them
                 sys.exit(130)
     ckpt.save({"note": "final"})
     if rank == 0:
@@ -136,6 +137,7 @@ def main() -> None:
         params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         torch.save({"params": params, "step": engine.global_steps}, args.result)
     run_dir.close()
+    deepspeed.comm.destroy_process_group()  # as launch/train.py: gloo can abort an exit without it
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ def main() -> None:
         gs.append(engine.last_projected_grad)
     state = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     torch.save({"params": state, "losses": losses, "g": gs, "world": world}, os.path.join(args.out, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()  # as launch/train.py: gloo can abort an exit without it
 
 
 if __name__ == "__main__":
     main()
+    # As launch/train.py: gloo can abort an exit without it. Not in main(): test_dp runs main() in its own process.
+    torch.distributed.destroy_process_group()

@@ -328,23 +328,22 @@ def test_bench_materialize_main_records_the_floor_and_the_peak_rss(tmp_path):
     assert rec["floor_rss_growth_bytes"] >= 0.9 * rec["pinned_bytes"]  # every page of the floor was touched
     assert 0.9 <= rec["rss_ratio"] <= 1.1  # the blocks' homes and the rest (on the CPU here), no second copy
     assert rec["meets_targets"] == (rec["rss_ratio"] <= 1.1 and rec["time_ratio"] <= 1.5)
+    assert rec["huge_pages"] is True
     with pytest.raises(SystemExit):
         bench.parse_args(["--model", "opt-1.3b", "--layers", "0"])
-    assert rec["huge_pages"] is True
 
 
-def test_bench_materialize_no_huge_pages_is_recorded_and_undone(tmp_path):
+def test_bench_materialize_no_huge_pages_is_recorded_and_undone(monkeypatch):
     """--no-huge-pages page-locks 4 KiB pages for this bench only: the switch is back on after it."""
     from zo2_ds.offload import hostmem
 
     bench = _load_launch("bench_materialize")
     seen = []
     real = hostmem._advise_huge_pages
-    hostmem._advise_huge_pages = lambda pages: seen.append(hostmem.ADVISE_HUGE_PAGES) or real(pages)
-    try:
-        result = bench.main(["--model", "tiny", "--device", "cpu", "--no-huge-pages"])
-    finally:
-        hostmem._advise_huge_pages = real
+    monkeypatch.setattr(
+        hostmem, "_advise_huge_pages", lambda pages: seen.append(hostmem.ADVISE_HUGE_PAGES) or real(pages)
+    )
+    result = bench.main(["--model", "tiny", "--device", "cpu", "--no-huge-pages"])
     assert result["records"][0]["huge_pages"] is False
     assert seen and not any(seen)  # every buffer of the run was made with the advice off
     assert hostmem.ADVISE_HUGE_PAGES is True

@@ -48,5 +48,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # As launch/train.py: gloo can abort an exit without it. Not in main(): test_dp runs main() in its own process.
+    # As launch/train.py: gloo can abort an exit without it. Not in main(): test_dp calls main() inside pytest.
     torch.distributed.destroy_process_group()
